@@ -1,0 +1,39 @@
+# Two entry points for a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# CPU build, pinned for reproducible installs; an existing torch (e.g. CUDA) is left alone.
+TORCH_PIN ?= torch==2.13.0
+RUN_ARGS ?=
+
+.PHONY: run test venv venv-test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# torch first, and only where none is importable, so pip never swaps a CUDA build out.
+$(VENV)/.torch: $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH_PIN)"
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.torch pyproject.toml
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.installed
+venv-test: $(VENV)/.installed-test
+
+run: venv
+	$(BIN)/bknbench run --out results/default $(RUN_ARGS)
+	$(BIN)/bknbench plot results/default --out results/default/plots
+
+test: venv-test
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) results .pytest_cache

@@ -1,0 +1,285 @@
+"""Batch Kalman Normalization (arXiv 1802.03133): the pure update, the transitions, the layer.
+
+A BKN layer observes per-group statistics (m, s) of its input, predicts them from the
+posterior of the preceding normalization layer pushed through the operations between the
+two (the transition), and fuses both as a two-component mixture. The model builder wires
+each layer's `prior` (see `wire_chain` in models.py); a layer without one uses (m, s) alone.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .norms import (Option, StatsNorm, _EPS, _MOMENTUM, check_defined, group_moments,
+                    normalize, register, values_per_stat)
+
+
+# ---------------------------------------------------------------- the update (pure)
+def kalman_update(m, s, mu_hat, var_hat, p, guard: float = 100.0):
+    """Fuse a prediction with an observation (mean and variance of a 2-component mixture).
+
+        mu  = p * mu_hat  + (1 - p) * m
+        var = p * var_hat + (1 - p) * s + p * (1 - p) * (m - mu_hat)^2
+
+    m, s: observed mean and biased variance, (G, C). mu_hat, var_hat: prediction, (G, C).
+    p: weight on the prediction (the Kalman gain is q = 1 - p), a float or a tensor
+    broadcastable to (G, C). Guard (from the authors' code): when the average over all groups
+    and channels of var_hat / s is ``guard`` or more (or undefined), the prediction is not
+    trusted and (m, s) are returned. The decision stays on the device (no host sync).
+    Returns mu, var: (G, C).
+    """
+    trusted = (var_hat / s).mean() < guard  # NaN (0/0) compares False: not trusted
+    p = torch.where(trusted, torch.as_tensor(p, dtype=m.dtype, device=m.device), 0.0)
+    d = m - mu_hat
+    mu = m - p * d
+    var = s + p * (var_hat - s) + p * (1 - p) * d * d
+    return mu, var
+
+
+# ---------------------------------------------------------------- analytic transitions
+def relu_moments(mean, var):
+    """Mean and variance of ReLU(z), z ~ N(mean, var), elementwise. With sd = sqrt(var),
+    a = mean / sd: E[y] = mean Phi(a) + sd phi(a); E[y^2] = (mean^2 + var) Phi(a) + mean sd phi(a).
+    """
+    sd = var.clamp_min(1e-12).sqrt()
+    a = mean / sd
+    cdf = 0.5 * (1.0 + torch.erf(a * (1.0 / math.sqrt(2.0))))
+    pdf = torch.exp(-0.5 * a * a) * (1.0 / math.sqrt(2.0 * math.pi))
+    m1 = mean * cdf + sd * pdf
+    m2 = (mean * mean + var) * cdf + mean * sd * pdf
+    return m1, (m2 - m1 * m1).clamp_min(0.0)
+
+
+def affine_moments(mean, var, weight, bias=None):
+    """Per-channel moments after a convolution or linear layer.
+
+    mean, var: (G, C_in). weight: (C_out, C_in, *kernel) for a convolution, or
+    (C_out, C_in * P) for a linear layer fed by a flattened (C_in, P) map.
+    mean_out = (W summed over kernel positions) @ mean + b; var_out = (W^2 summed) @ var.
+    Approximations: inputs independent across channels and positions, identically
+    distributed over positions, and zero padding at the borders ignored.
+    Returns (G, C_out), (G, C_out).
+    """
+    w = weight.reshape(weight.shape[0], mean.shape[1], -1)
+    out_mean = mean @ w.sum(-1).t()
+    if bias is not None:
+        out_mean = out_mean + bias
+    return out_mean, var @ (w * w).sum(-1).t()
+
+
+def _pool_moments(op, mean, var):
+    # non-overlapping windows of independent values: the variance shrinks by the area
+    k = op.kernel_size
+    if isinstance(k, int):
+        k = (k, k) if isinstance(op, nn.AvgPool2d) else (k,)
+    return mean, var / math.prod(k)
+
+
+def analytic_rule(op: nn.Module):
+    """The moment rule for one module, or None. A module may define ``moments(mean, var)``
+    itself (the ResNet shortcut does)."""
+    if hasattr(op, "moments"):
+        return op.moments
+    if isinstance(op, nn.ReLU):
+        return relu_moments
+    if isinstance(op, nn.Linear) or (
+            isinstance(op, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and op.groups == 1):
+        return lambda mean, var: affine_moments(mean, var, op.weight, op.bias)
+    if isinstance(op, (nn.AvgPool1d, nn.AvgPool2d)):
+        return lambda mean, var: _pool_moments(op, mean, var)
+    if isinstance(op, (nn.Flatten, nn.Identity, nn.Dropout)):
+        return lambda mean, var: (mean, var)
+    return None
+
+
+def op_moments(op: nn.Module, mean, var):
+    """Push per-channel moments (G, C) through one module analytically."""
+    rule = analytic_rule(op)
+    if rule is None:
+        raise TypeError(f"no analytic moments for {op}; use transition=sampled")
+    return rule(mean, var)
+
+
+# ---------------------------------------------------------------- priors: what feeds a layer
+@dataclass(eq=False)
+class Path:
+    """The distribution reaching a layer from ``source`` through ``ops``.
+
+    tap="input": the statistics of the source's own (pre-normalization) input, used by
+    identity shortcuts. tap="output": what the source hands on; paper-faithful layers use the
+    source's raw posterior here (as the authors' code does), ``propagate=output`` layers use
+    the moments of the source's normalized output.
+    """
+
+    source: "BatchKalmanNorm"
+    ops: tuple[nn.Module, ...] = ()
+    tap: str = "output"
+
+    def start(self, propagate: str):
+        post = self.source.posterior
+        if post is None:
+            raise RuntimeError("BKN chain: a predecessor did not run in this forward pass")
+        if self.tap == "output" and propagate == "output":
+            return post.output_moments(self.source)
+        return post.mu, post.var
+
+    def predict(self, propagate: str, transition: str, draws: int):
+        mean, var = self.start(propagate)
+        if transition == "analytic":
+            for op in self.ops:
+                mean, var = op_moments(op, mean, var)
+            return mean, var
+        return sampled_moments(mean, var, self.ops, self.source.in_shape, draws)
+
+
+@dataclass(eq=False)
+class SumPrior:
+    """A sum of independent branches (residual block): means add, variances add."""
+
+    terms: tuple[Path, ...]
+
+    def predict(self, propagate, transition, draws):
+        parts = [t.predict(propagate, transition, draws) for t in self.terms]
+        return sum(p[0] for p in parts), sum(p[1] for p in parts)
+
+
+def sampled_moments(mean, var, ops, in_shape, draws: int):
+    """Monte-Carlo transition (the authors' estimator): draw ``draws`` inputs per group of
+    shape (C, *spatial) from N(mean, var), apply the ops with their current weights
+    (gradients flow), return the per-channel mean and biased variance of the result over
+    draws and positions. mean, var: (G, C) -> (G, C_out), (G, C_out)."""
+    g, c = mean.shape
+    spatial = tuple(in_shape)
+    view = (g, 1, c) + (1,) * len(spatial)
+    noise = torch.randn((g, draws, c) + spatial, dtype=mean.dtype, device=mean.device)
+    z = mean.view(view) + var.clamp_min(0).sqrt().view(view) * noise
+    z = z.reshape((g * draws, c) + spatial)
+    for op in ops:
+        z = op(z)
+    z = z.reshape(g, draws, z.shape[1], -1)
+    v, m = torch.var_mean(z, dim=(1, 3), correction=0)
+    return m, v
+
+
+@dataclass
+class Posterior:
+    m: torch.Tensor  # observed mean (G, C)
+    s: torch.Tensor  # observed biased variance (G, C)
+    mu: torch.Tensor  # posterior mean (G, C)
+    var: torch.Tensor  # posterior variance (G, C)
+
+    def output_moments(self, layer: "BatchKalmanNorm"):
+        """Per-group moments of the layer's normalized output y = w (x - mu) / sqrt(var+eps) + b."""
+        scale = layer.weight * torch.rsqrt(self.var + layer.eps)
+        return (self.m - self.mu) * scale + layer.bias, self.s * scale * scale
+
+
+# ---------------------------------------------------------------- the layer
+class BatchKalmanNorm(StatsNorm):
+    """Batch Kalman Normalization.
+
+    Training, per group g of ``norm_batch`` samples and channel c:
+      1. observe (m, s): mean and biased variance over the group's samples and positions;
+      2. predict (mu_hat, var_hat) = T(posterior of the preceding layer) via ``prior``;
+      3. fuse with ``kalman_update`` (weight p on the prediction, guard);
+      4. y = weight * (x - mu) / sqrt(var + eps) + bias;
+      5. running statistics: EMA (momentum) of (mu, var * n / (n - 1)), n values per
+         statistic, the torch.nn.BatchNorm convention, so p = 0 is BN in both modes.
+    Eval: running statistics, as BatchNorm. Without a prior (first layer): BN per group.
+
+    Args: num_features C; norm_batch samples per statistic; p weight on the prediction;
+    gain "fixed" | "learnable" (q = sigmoid(theta), initialised at 1 - p) | "adaptive"
+    (p = n0 / (n0 + n): the prediction counts as n0 observed values, so a large group trusts
+    itself); transition "analytic" | "sampled"; draws samples per group for "sampled"
+    (0: 1 when the output has positions, else 16); propagate "raw" (paper-faithful: the
+    predecessor's pre-normalization posterior) | "output" (its normalized output's moments);
+    guard (see kalman_update).
+    Input (N, C) or (N, C, *spatial); output the same shape.
+    """
+
+    def __init__(self, num_features, norm_batch, p=0.9, gain="fixed", n0=64.0,
+                 transition="analytic", draws=0, propagate="raw", guard=100.0,
+                 eps=1e-5, momentum=0.1):
+        super().__init__(num_features, norm_batch, eps=eps, momentum=momentum)
+        self.p, self.gain, self.n0 = p, gain, n0
+        self.transition, self.draws, self.propagate, self.guard = (
+            transition, draws, propagate, guard)
+        if gain == "learnable":
+            q = min(max(1.0 - p, 1e-4), 1 - 1e-4)
+            self.gain_logit = nn.Parameter(torch.tensor(math.log(q / (1 - q))))
+        self.prior: Path | SumPrior | None = None  # set by the model builder
+        self.posterior: Posterior | None = None  # this forward's, for successors
+        self.in_shape: tuple[int, ...] = ()  # spatial shape of the input, for sampling
+
+    def weight_on_prediction(self, n_values: int):
+        if self.gain == "learnable":
+            return 1.0 - torch.sigmoid(self.gain_logit)
+        if self.gain == "adaptive":
+            return self.n0 / (self.n0 + n_values)
+        return self.p
+
+    def draws_for(self) -> int:
+        if self.draws:
+            return self.draws
+        flat = any(isinstance(op, (nn.Linear, nn.Flatten)) for op in _ops_of(self.prior))
+        return 16 if flat or not self.in_shape else 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.posterior = None
+        if not self.training:
+            return self.eval_forward(x)
+        g = self.groups_of(x)
+        n_values = values_per_stat(x, g)
+        check_defined(n_values, "BKN")
+        self.in_shape = tuple(x.shape[2:])
+        m, s = group_moments(x, g)
+        if self.prior is None:
+            mu, var = m, s
+        else:
+            mu_hat, var_hat = self.prior.predict(self.propagate, self.transition,
+                                                 self.draws_for())
+            mu, var = kalman_update(m, s, mu_hat, var_hat,
+                                    self.weight_on_prediction(n_values), self.guard)
+        self.update_running(mu.detach(), var.detach(), n_values)
+        self.posterior = Posterior(m, s, mu, var)
+        return normalize(x, mu, var, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", p={self.p}, gain={self.gain}, "
+                f"transition={self.transition}, propagate={self.propagate}, "
+                f"chained={self.prior is not None}")
+
+
+def _ops_of(prior) -> list[nn.Module]:
+    if prior is None:
+        return []
+    if isinstance(prior, SumPrior):
+        return [op for t in prior.terms for op in t.ops]
+    return list(prior.ops)
+
+
+_BKN_OPTIONS = {
+    "p": Option(float, 0.9, lambda v: 0.0 <= v <= 1.0, "in [0, 1]",
+                "weight on the prediction (Kalman gain q = 1 - p)"),
+    "gain": Option(("fixed", "learnable", "adaptive"), "fixed", help="how p is set"),
+    "n0": Option(float, 64.0, lambda v: v > 0, "> 0",
+                 "adaptive gain: the prediction counts as n0 observed values"),
+    "transition": Option(("analytic", "sampled"), "analytic",
+                         help="closed-form moments or the authors' Monte-Carlo estimate"),
+    "draws": Option(int, 0, lambda v: v >= 0, ">= 0", "samples per group for sampled (0: auto)"),
+    "propagate": Option(("raw", "output"), "raw",
+                        help="raw: predecessor's pre-norm posterior (paper); output: its output"),
+    "guard": Option(float, 100.0, lambda v: v > 0, "> 0",
+                    "distrust the prediction when mean(var_hat / s) reaches this"),
+    "eps": _EPS,
+    "momentum": _MOMENTUM,
+}
+
+
+@register("bkn", "Batch Kalman Normalization: micro-batch statistics fused with a "
+          "prediction from the preceding layers", _BKN_OPTIONS, chained=True)
+def _bkn(num_features, norm_batch, **options):
+    return BatchKalmanNorm(num_features, norm_batch, **options)

@@ -1,0 +1,47 @@
+"""The CSV schema, in one place. Accuracies are percentages; times are seconds."""
+from __future__ import annotations
+
+# One row per run (runs.csv).
+RUN_COLUMNS = (
+    "run_id",  # hash of the resolved configuration (stable across resumes)
+    "spec",  # normalizer spec string, the row label everywhere
+    "norm",  # registry name of the normalizer
+    "dataset",
+    "model",
+    "norm_batch",  # samples behind each normalization statistic (micro-batch)
+    "sgd_batch",  # samples per optimizer step
+    "seed",
+    "epochs",
+    "lr",  # peak learning rate after linear scaling
+    "status",  # ok | failed | diverged | oom
+    "reason",  # why a run is not ok; empty otherwise
+    "final_val_acc",  # validation accuracy after the last epoch, %
+    "best_val_acc",  # best validation accuracy over epochs, %
+    "final_train_loss",
+    "train_time_s",  # seconds in training steps (evaluation excluded)
+    "samples_per_s",  # training samples per second
+    "peak_mem_mb",  # peak accelerator memory, MiB (empty on CPU)
+    "device",
+    "amp",
+    "compile",
+    "deterministic",
+    "torch_version",
+    "versions",  # JSON: python, numpy, bknbench
+    "git_commit",
+    "config",  # JSON: the fully resolved RunConfig
+)
+
+# One row per run and epoch (metrics.csv).
+METRIC_COLUMNS = (
+    "run_id",
+    "epoch",  # 1-based
+    "samples_seen",  # training samples processed so far
+    "train_loss",  # mean over the epoch's training steps
+    "train_acc",  # %, in training mode
+    "val_loss",
+    "val_acc",  # %, in eval mode on the held-out split
+    "lr",  # learning rate at the end of the epoch
+    "wall_s",  # seconds since the run started
+)
+
+STATUSES = ("ok", "failed", "diverged", "oom")
