@@ -131,3 +131,7 @@ def synthetic(data_dir=None) -> Dataset:
     x = templates[y] + 0.8 * g.normal(size=(768, 16))
     x = (3.0 * x + 1.0)[:, None, :]  # an offset and scale for the normalizers to remove
     return as_dataset("synthetic", x[:512], y[:512], x[512:], y[512:], 4)
+
+
+# Local-copy datasets register themselves; imported last because they build on the above.
+from . import cifar  # noqa: E402,F401

@@ -108,3 +108,7 @@ def cnn(spec, norm_batch, in_shape, num_classes, width=32):
     layers += [pool(1), nn.Flatten(), nn.Linear(2 * width, num_classes)]
     wire_sequence(layers)
     return nn.Sequential(*layers)
+
+
+# The CIFAR ResNets register themselves; imported last because they use register_model.
+from . import resnet  # noqa: E402,F401

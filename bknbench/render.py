@@ -1,0 +1,88 @@
+"""Terminal rendering for the CLI: progress on stderr (rich on a terminal, plain lines
+otherwise, nothing with --quiet) and the closing messages."""
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+
+from .config import RunConfig
+from .sweep import SweepEvents
+
+stderr = Console(stderr=True)
+stdout = Console(soft_wrap=True)
+
+
+def label(cfg: RunConfig) -> str:
+    sgd = f" (sgd {cfg.sgd_batch})" if cfg.sgd_batch != cfg.norm_batch else ""
+    return f"{cfg.spec} b={cfg.norm_batch}{sgd} seed={cfg.seed}"
+
+
+def finish_text(row: dict) -> str:
+    if row["status"] == "ok":
+        return f"val acc {row['final_val_acc']:.2f}%  {row['samples_per_s']:.0f} samples/s"
+    return f"{row['status']}: {row['reason']}"
+
+
+class Progress:
+    """A context manager giving SweepEvents that draw a sweep bar and the current run's
+    epochs (rich), print one line per event (plain), or stay silent (quiet)."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.rich = not quiet and sys.stderr.isatty()
+        self.bar = None
+
+    def __enter__(self) -> SweepEvents:
+        if self.quiet:
+            return SweepEvents()
+        if self.rich:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as Bar,
+                                       TextColumn, TimeElapsedColumn)
+
+            self.bar = Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                           TimeElapsedColumn(), console=stderr, transient=False)
+            self.bar.start()
+            self.sweep_task = None
+            self.runs: dict[str, int] = {}
+        return SweepEvents(on_plan=self.on_plan, on_start=self.on_start,
+                           on_epoch=self.on_epoch, on_finish=self.on_finish)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def on_plan(self, total: int, todo: int) -> None:
+        done = total - todo
+        if self.rich:
+            self.sweep_task = self.bar.add_task("sweep", total=total, completed=done)
+        else:
+            stderr.print(f"sweep: {total} runs, {done} already finished, {todo} to run",
+                         highlight=False)
+
+    def on_start(self, cfg: RunConfig) -> None:
+        if self.rich:
+            self.runs[cfg.run_id] = self.bar.add_task(f"  {label(cfg)}", total=cfg.epochs)
+        else:
+            stderr.print(f"start  {label(cfg)}", highlight=False)
+
+    def on_epoch(self, cfg: RunConfig, row: dict) -> None:
+        if self.rich:
+            task = self.runs.get(cfg.run_id)
+            if task is not None:
+                self.bar.update(task, completed=row["epoch"],
+                                description=f"  {label(cfg)}  val {row['val_acc']:.1f}%")
+        else:
+            stderr.print(f"  epoch {row['epoch']}/{cfg.epochs} {label(cfg)}: "
+                         f"train loss {row['train_loss']:.3f}, val acc {row['val_acc']:.2f}%",
+                         highlight=False)
+
+    def on_finish(self, cfg: RunConfig, row: dict) -> None:
+        if self.rich:
+            task = self.runs.pop(cfg.run_id, None)
+            if task is not None:
+                self.bar.remove_task(task)
+            self.bar.advance(self.sweep_task)
+            stderr.print(f"  {label(cfg)}: {finish_text(row)}", highlight=False)
+        else:
+            stderr.print(f"done   {label(cfg)}: {finish_text(row)}", highlight=False)

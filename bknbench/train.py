@@ -1,0 +1,224 @@
+"""One run: build, train, evaluate in eval mode every epoch. Prints nothing.
+
+Metrics are accumulated on the device and read once per epoch, so a step never waits for
+the host. A run checkpoints after every epoch when given a path, and continues from it.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .config import ConfigError, RunConfig
+from .data import Dataset, load_dataset
+from .models import make_model
+from .norms import parse_spec
+
+
+@dataclass
+class RunOutcome:
+    """What a run produced: status, per-epoch metrics, timing. `reason` explains a non-ok
+    status. Metric dicts use the keys of schema.METRIC_COLUMNS (without run_id)."""
+
+    status: str = "ok"
+    reason: str = ""
+    epochs: list[dict] = field(default_factory=list)
+    train_time_s: float = 0.0
+    samples: int = 0
+    peak_mem_mb: float | None = None
+
+
+def resolve_device(name: str) -> str:
+    """auto -> cuda when present, else mps, else cpu. An unavailable device is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    kind = name.split(":")[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available")
+    if kind == "mps" and not (getattr(torch.backends, "mps", None)
+                              and torch.backends.mps.is_available()):
+        raise ConfigError("--device mps: MPS is not available")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or mps")
+    return name
+
+
+def lr_factor(cfg: RunConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """Multiplier of the peak lr at optimizer step t: linear warm-up, then cosine to zero
+    over the remaining steps, or x0.1 at each milestone epoch ("step")."""
+    total = cfg.epochs * steps_per_epoch
+    warm = int(cfg.warmup_epochs * steps_per_epoch)
+    bounds = [m * steps_per_epoch for m in cfg.milestones]
+
+    def factor(t: int) -> float:
+        if t < warm:
+            return (t + 1) / warm
+        if cfg.schedule == "step":
+            return 0.1 ** sum(t >= b for b in bounds)
+        return 0.5 * (1.0 + math.cos(math.pi * (t - warm) / max(1, total - warm)))
+
+    return factor
+
+
+def make_optimizer(model, cfg: RunConfig) -> torch.optim.SGD:
+    """SGD with momentum; weight decay on weight matrices and kernels only (not on norm
+    affine parameters, biases or BKN's gain), the usual practice for normalizer studies."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    rest = [p for p in model.parameters() if p.ndim <= 1]
+    return torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
+                            {"params": rest, "weight_decay": 0.0}],
+                           lr=cfg.lr, momentum=cfg.momentum)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+@torch.no_grad()
+def evaluate(model, x, y, batch: int) -> tuple[float, float]:
+    """Mean loss and accuracy (%) in eval mode. x: (N, C, *S), y: (N,)."""
+    was_training = model.training
+    model.eval()
+    loss = torch.zeros((), device=x.device)
+    correct = torch.zeros((), device=x.device, dtype=torch.long)
+    for i in range(0, len(x), batch):
+        out = model(x[i:i + batch]).float()
+        loss += F.cross_entropy(out, y[i:i + batch], reduction="sum")
+        correct += (out.argmax(1) == y[i:i + batch]).sum()
+    model.train(was_training)
+    return loss.item() / len(x), 100.0 * correct.item() / len(x)
+
+
+def configure_determinism(cfg: RunConfig) -> None:
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def train_run(cfg: RunConfig, data: Dataset | None = None,
+              on_epoch: Callable[[dict], None] | None = None,
+              checkpoint: Path | None = None) -> RunOutcome:
+    """Train one configuration; returns its outcome. Configuration errors (ConfigError)
+    propagate; errors of the run itself (an undefined normalization, divergence, out of
+    memory) become a non-ok status, so a sweep goes on."""
+    t0 = time.perf_counter()
+    if data is None:
+        data = load_dataset(cfg.dataset, cfg.data_dir)  # before seeding: mnist1d reseeds
+    n_train = len(data.x_train)
+    if cfg.sgd_batch > n_train:
+        raise ConfigError(f"batch {cfg.sgd_batch} is larger than the {n_train} training "
+                          f"samples of {cfg.dataset}")
+    configure_determinism(cfg)
+    device = torch.device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = make_model(cfg.model, parse_spec(cfg.spec), cfg.norm_batch, data.sample_shape,
+                       data.num_classes).to(device)
+    if device.type == "cuda" and len(data.sample_shape) == 3:
+        model = model.to(memory_format=torch.channels_last)
+    data = data.to(device)
+    steps = n_train // cfg.sgd_batch  # drop the last partial batch: every statistic sees
+    # exactly norm_batch samples
+    opt = make_optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, steps))
+    order = torch.Generator().manual_seed(cfg.seed)  # data order, independent of init
+    out = RunOutcome()
+    start_epoch = 0
+    if checkpoint is not None and checkpoint.exists():
+        start_epoch = load_checkpoint(checkpoint, model, opt, sched, order, out)
+    step_fn = model
+    if cfg.compile:
+        step_fn = torch.compile(model)
+    augment = None
+    if cfg.augment and data.image:
+        from .augment import crop_flip
+        augment = crop_flip
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            t_epoch = time.perf_counter()
+            model.train()
+            perm = torch.randperm(n_train, generator=order)[: steps * cfg.sgd_batch]
+            perm = perm.to(device).view(steps, cfg.sgd_batch)
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), device=device, dtype=torch.long)
+            for idx in perm:
+                x, y = data.x_train[idx], data.y_train[idx]
+                if augment is not None:
+                    x = augment(x)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+                    logits = step_fn(x)
+                    loss = F.cross_entropy(logits.float(), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                loss_sum += loss.detach()
+                correct += (logits.detach().argmax(1) == y).sum()
+            sync(device)
+            out.train_time_s += time.perf_counter() - t_epoch
+            out.samples += steps * cfg.sgd_batch
+            train_loss = loss_sum.item() / steps
+            if not math.isfinite(train_loss):
+                out.status, out.reason = "diverged", f"training loss became {train_loss} in epoch {epoch + 1}"
+                break
+            val_loss, val_acc = evaluate(model, data.x_test, data.y_test, cfg.eval_batch)
+            row = {"epoch": epoch + 1, "samples_seen": out.samples, "train_loss": train_loss,
+                   "train_acc": 100.0 * correct.item() / (steps * cfg.sgd_batch),
+                   "val_loss": val_loss, "val_acc": val_acc,
+                   "lr": opt.param_groups[0]["lr"], "wall_s": time.perf_counter() - t0}
+            out.epochs.append(row)
+            if on_epoch is not None:
+                on_epoch(row)
+            if checkpoint is not None and epoch + 1 < cfg.epochs:
+                save_checkpoint(checkpoint, epoch + 1, model, opt, sched, order, out)
+    except ValueError as e:  # an undefined normalization (one value per channel)
+        if "undefined" not in str(e):
+            raise
+        out.status, out.reason = "failed", str(e).splitlines()[0]
+    except torch.OutOfMemoryError as e:
+        out.status, out.reason = "oom", str(e).splitlines()[0]
+    if device.type == "cuda":
+        out.peak_mem_mb = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def save_checkpoint(path: Path, epoch, model, opt, sched, order, out: RunOutcome) -> None:
+    """Everything needed to continue bitwise: weights, optimizer, schedule, both RNGs."""
+    state = {"epoch": epoch, "model": model.state_dict(), "opt": opt.state_dict(),
+             "sched": sched.state_dict(), "order": order.get_state(),
+             "rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+             "epochs": out.epochs, "train_time_s": out.train_time_s, "samples": out.samples}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a kill leaves the old checkpoint or the new one, never half
+
+
+def load_checkpoint(path: Path, model, opt, sched, order, out: RunOutcome) -> int:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    order.set_state(state["order"])
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    out.epochs, out.train_time_s, out.samples = (state["epochs"], state["train_time_s"],
+                                                 state["samples"])
+    return state["epoch"]
