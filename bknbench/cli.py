@@ -1,0 +1,183 @@
+"""The command line: parse, call one library function, render. Data on stdout; progress
+and messages on stderr. Heavy imports (torch, pandas, matplotlib) happen inside commands
+so `bknbench --help` stays fast."""
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .config import DEFAULT_BATCH_SIZES, ConfigError, RunConfig
+from .presets import PRESETS
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  pretty_exceptions_enable=False,
+                  help="Benchmark normalization layers (BN, GN, Batch Kalman Normalization, ...) "
+                       "across micro-batch sizes.")
+
+_RUN_DEFAULTS = RunConfig(spec="")
+
+
+def _preset_note(field: str) -> str:
+    values = {p.name: p.run.get(field) for p in PRESETS.values() if field in p.run}
+    if not values:
+        return ""
+    shown = sorted({str(v) for v in values.values()})
+    return f" Presets: {', '.join(f'{k}={v}' for k, v in values.items())}." if len(
+        shown) > 1 else f" Presets: {shown[0]}."
+
+
+def _default(field: str) -> str:
+    return f"[default: {getattr(_RUN_DEFAULTS, field)}]{_preset_note(field)}"
+
+
+Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")]
+
+
+@contextlib.contextmanager
+def errors(debug: bool):
+    """Bad input: one line on stderr, exit 2. Anything else: one line, exit 1 (--debug:
+    the traceback)."""
+    try:
+        yield
+    except ConfigError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        raise typer.Exit(2)
+    except (typer.Exit, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        if debug:
+            raise
+        print(f"error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        raise typer.Exit(1)
+
+
+def _flags(**given) -> dict:
+    return {k: v for k, v in given.items() if v is not None}
+
+
+@app.command()
+def run(
+    norms: Annotated[Optional[str], typer.Option(help="Comma-separated normalizer specs, e.g. "
+        "bn,bkn:p=0.5,transition=sampled,gn:groups=4 (see `bknbench norms`). "
+        "[default: bn,bn-accum,gn,bkn]")] = None,
+    batch_sizes: Annotated[Optional[str], typer.Option(help="Micro-batch sizes: samples behind "
+        f"each statistic. [default: {','.join(map(str, DEFAULT_BATCH_SIZES))}]")] = None,
+    seeds: Annotated[Optional[str], typer.Option(help="Comma-separated seeds. [default: 0,1]")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="mnist1d, digits, synthetic, cifar10, "
+        f"cifar100. {_default('dataset')}")] = None,
+    model: Annotated[Optional[str], typer.Option(help="cnn, mlp, resnet20/32/56/110. "
+        f"{_default('model')}")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help=_default("epochs"))] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate per 128 samples of SGD "
+        f"batch (linear scaling). {_default('base_lr')}")] = None,
+    momentum: Annotated[Optional[float], typer.Option(help=_default("momentum"))] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help=_default("weight_decay"))] = None,
+    schedule: Annotated[Optional[str], typer.Option(help=f"cosine or step. {_default('schedule')}")] = None,
+    milestones: Annotated[Optional[str], typer.Option(help="Epochs at which `step` divides the "
+        f"lr by 10, comma-separated. {_default('milestones')}")] = None,
+    warmup_epochs: Annotated[Optional[float], typer.Option(help=_default("warmup_epochs"))] = None,
+    augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment",
+        help=f"Random crop + flip (image datasets). {_default('augment')}")] = None,
+    accumulate_to: Annotated[Optional[int], typer.Option(help="SGD batch: micro-batches "
+        "accumulate to this many samples per step. Unset: 128 for accumulating specs "
+        "(bn-accum), one step per micro-batch for the others. Presets: 128.")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="A published setup: "
+        f"{', '.join(PRESETS)}; every value can be overridden by its flag.")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help="Local copy of a dataset (CIFAR).")] = None,
+    verify: Annotated[bool, typer.Option(help="Check the dataset files' MD5 sums first.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    amp: Annotated[bool, typer.Option(help="bf16 autocast.")] = False,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
+    deterministic: Annotated[bool, typer.Option(help="Bitwise repeatable runs.")] = False,
+    workers: Annotated[Optional[int], typer.Option(help="Parallel runs. [default: one per GPU, "
+        "else one per two CPU cores]")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder; rerunning on it skips "
+        "finished runs. [default: results/<timestamp>]")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the sweep in this folder.")] = None,
+    retry_failed: Annotated[bool, typer.Option(help="On resume, rerun failed runs too.")] = False,
+    fail_fast: Annotated[bool, typer.Option(help="Stop at the first failed run.")] = False,
+    strict: Annotated[bool, typer.Option(help="Exit with status 1 when any run failed.")] = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+):
+    """Train the sweep norms x micro-batch sizes x seeds; write runs.csv and metrics.csv;
+    print the comparison table."""
+    with errors(debug):
+        from .request import RunRequest, build_sweep, int_list
+
+        run_flags = _flags(dataset=dataset, model=model, epochs=epochs, base_lr=lr,
+                           momentum=momentum, weight_decay=weight_decay, schedule=schedule,
+                           warmup_epochs=warmup_epochs, augment=augment,
+                           data_dir=str(data_dir) if data_dir else None,
+                           milestones=int_list(milestones, "--milestones") if milestones else None)
+        run_flags.update(device=device, amp=amp, compile=compile, deterministic=deterministic)
+        req = RunRequest(norms=norms, batch_sizes=batch_sizes, seeds=seeds, preset=preset,
+                         accumulate_to=accumulate_to, out=out, resume=resume, run=run_flags)
+        if verify:
+            from .cifar import verify_cifar
+
+            verify_cifar((preset or "").removeprefix("paper-") or dataset or "", str(data_dir))
+        sweep, out_dir = build_sweep(req)
+        from .commands import run_command
+
+        raise typer.Exit(run_command(sweep, out_dir, workers, fail_fast, retry_failed, strict,
+                                     quiet))
+
+
+@app.command()
+def compare(
+    results: Annotated[Path, typer.Argument(help="A results folder written by `bknbench run`.")],
+    format: Annotated[str, typer.Option("--format", "-f", help="table, csv, json or markdown.")] = "table",
+    reference: Annotated[Optional[str], typer.Option(help="SPEC@BATCH to compare against. "
+        "[default: bn at its largest batch]")] = None,
+    norms: Annotated[Optional[str], typer.Option(help="Only these specs.")] = None,
+    batch_sizes: Annotated[Optional[str], typer.Option(help="Only these micro-batch sizes.")] = None,
+    debug: Debug = False,
+):
+    """Final validation accuracy per spec x micro-batch: mean, 95% CI over seeds, n, and the
+    difference to a reference."""
+    with errors(debug):
+        from .commands import compare_command
+
+        compare_command(results, format, reference, norms, batch_sizes)
+
+
+@app.command()
+def plot(
+    results: Annotated[Path, typer.Argument(help="A results folder written by `bknbench run`.")],
+    out: Annotated[Optional[Path], typer.Option(help="Figure folder. [default: RESULTS/plots]")] = None,
+    format: Annotated[str, typer.Option("--format", "-f", help="Comma-separated: png, svg, pdf.")] = "png",
+    norms: Annotated[Optional[str], typer.Option(help="Only these specs.")] = None,
+    batch_sizes: Annotated[Optional[str], typer.Option(help="Only these micro-batch sizes.")] = None,
+    debug: Debug = False,
+):
+    """Error vs micro-batch size, and convergence (validation error vs epoch)."""
+    with errors(debug):
+        from .commands import plot_command
+
+        plot_command(results, out, format, norms, batch_sizes)
+
+
+@app.command("norms")
+def list_norms():
+    """The normalizers of the registry, with their options."""
+    from .norms import REGISTRY
+
+    for name in sorted(REGISTRY):
+        entry = REGISTRY[name]
+        print(f"{name:10s} {entry.help}")
+        for key, opt in entry.options.items():
+            kind = "|".join(opt.kind) if isinstance(opt.kind, tuple) else opt.kind.__name__
+            print(f"    {key}={opt.default!s:<10} {kind:28s} {opt.help}")
+
+
+def main() -> None:
+    app(prog_name="bknbench")

@@ -1,0 +1,92 @@
+"""The work behind each CLI command, once its options are parsed: one library call and
+the rendering of its result. Returns exit codes; raises ConfigError for bad input."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import ConfigError, SweepConfig
+
+
+def make_executor(workers: int | None, device: str):
+    from .executors import ProcessExecutor, default_workers
+    from .sweep import SerialExecutor
+
+    n = default_workers() if workers is None else workers
+    if n < 1:
+        raise ConfigError(f"--workers must be at least 1, got {n}")
+    if n > 1 and device.startswith(("cuda", "mps")) and workers is None:
+        n = 1  # several processes on one default GPU device would contend; see --workers
+    return SerialExecutor() if n == 1 else ProcessExecutor(n)
+
+
+def run_command(sweep: SweepConfig, out: Path, workers, fail_fast, retry_failed, strict,
+                quiet) -> int:
+    from .render import Progress, stderr
+    from .sweep import run_sweep
+
+    executor = make_executor(workers, sweep.base.device)
+    with Progress(quiet) as events:
+        report = run_sweep(sweep, out, executor, events, fail_fast=fail_fast,
+                           retry_failed=retry_failed)
+    if report.failed and not quiet:
+        stderr.print(f"{len(report.failed)} run(s) did not finish ok:", highlight=False)
+        for row in report.failed:
+            stderr.print(f"  {row['spec']} b={row['norm_batch']} seed={row['seed']}: "
+                         f"{row['status']}: {row['reason']}", highlight=False)
+    if report.interrupted:
+        stderr.print(f"interrupted: {len(report.finished) + report.skipped} finished run(s) "
+                     f"kept in {out}; resume with: bknbench run --resume {out}", highlight=False)
+        return 130
+    if report.stopped_early:
+        stderr.print(f"stopped at the first failure (--fail-fast); resume with: "
+                     f"bknbench run --resume {out}", highlight=False)
+    if not quiet:
+        stderr.print(f"results in {out}/runs.csv and {out}/metrics.csv", highlight=False)
+    _print_table(out, None, None, None)
+    if report.stopped_early or (strict and report.failed):
+        return 1
+    return 0
+
+
+def _load(results: Path, norms, batch_sizes):
+    from .norms import split_specs
+    from .request import int_list
+    from .results import load_results, select
+
+    res = load_results(results)
+    if norms or batch_sizes:
+        res = select(res, specs=split_specs(norms) if norms else None,
+                     batch_sizes=int_list(batch_sizes, "--batch-sizes") if batch_sizes else None)
+    return res
+
+
+def _print_table(results: Path, reference, norms, batch_sizes) -> None:
+    from .render import stdout
+    from .results import summarize, summary_table
+
+    res = _load(results, norms, batch_sizes)
+    if (res.runs["status"] == "ok").any():
+        stdout.print(summary_table(summarize(res.runs, reference), f"{results}"))
+
+
+def compare_command(results: Path, fmt: str, reference, norms, batch_sizes) -> None:
+    from .results import SUMMARY_FORMATS, format_summary, summarize
+
+    if fmt == "table":
+        _print_table(results, reference, norms, batch_sizes)
+        return
+    if fmt not in SUMMARY_FORMATS:
+        raise ConfigError(f"--format must be table, {', '.join(SUMMARY_FORMATS)}; got {fmt!r}")
+    res = _load(results, norms, batch_sizes)
+    print(format_summary(summarize(res.runs, reference), fmt), end="")
+
+
+def plot_command(results: Path, out, fmt: str, norms, batch_sizes) -> None:
+    from .plots import plot_results
+    from .render import stderr
+
+    res = _load(results, norms, batch_sizes)
+    formats = tuple(f.strip() for f in fmt.split(",") if f.strip())
+    paths = plot_results(res, out if out is not None else Path(results) / "plots", formats)
+    for p in paths:
+        stderr.print(f"wrote {p}", highlight=False)

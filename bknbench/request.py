@@ -1,0 +1,128 @@
+"""From what the user asked for to a validated SweepConfig.
+
+Precedence for every run setting: an explicit flag, then the preset, then RunConfig's
+default. Everything that can be wrong with the input is found here, before any run
+starts, and raised as ConfigError (one line, exit status 2).
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import DEFAULT_BATCH_SIZES, ConfigError, RunConfig, SweepConfig
+
+DEFAULT_NORMS = "bn,bn-accum,gn,bkn"
+DEFAULT_SEEDS = (0, 1)
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    norms: str | None = None  # comma-separated specs
+    batch_sizes: str | None = None  # comma-separated micro-batch sizes
+    seeds: str | None = None  # comma-separated seeds, or a count "n:3"
+    preset: str | None = None
+    accumulate_to: int | None = None
+    out: Path | None = None
+    resume: Path | None = None
+    run: dict = field(default_factory=dict)  # RunConfig fields given as flags (not None)
+
+
+def int_list(text: str, what: str) -> tuple[int, ...]:
+    values = []
+    for piece in (p.strip() for p in text.split(",")):
+        if not piece:
+            continue
+        try:
+            values.append(int(piece))
+        except ValueError:
+            raise ConfigError(f"{what}: {piece!r} is not an integer") from None
+    if not values:
+        raise ConfigError(f"{what}: no value given")
+    if len(set(values)) != len(values):
+        raise ConfigError(f"{what}: {text!r} repeats a value")
+    return tuple(values)
+
+
+def default_out() -> Path:
+    return Path("results") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def build_sweep(req: RunRequest) -> tuple[SweepConfig, Path]:
+    """Resolve and validate; returns the sweep and its output folder."""
+    from .norms import split_specs
+    from .presets import get_preset
+    from .sweep import sweep_from_dict
+    from .store import Store
+
+    if req.resume is not None:
+        if req.out is not None and Path(req.out) != Path(req.resume):
+            raise ConfigError("give either --resume DIR or --out DIR, not two different folders")
+        sweep = sweep_from_dict(Store(req.resume).load_sweep())
+        validate(sweep)
+        return sweep, Path(req.resume)
+    preset = get_preset(req.preset) if req.preset else None
+    run = dict(preset.run) if preset else {}
+    run.update(req.run)
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    unknown = set(run) - names
+    if unknown:
+        raise ConfigError(f"unknown run setting(s): {', '.join(sorted(unknown))}")
+    if "device" in run:
+        from .train import resolve_device
+
+        run["device"] = resolve_device(run["device"])
+    base = RunConfig(spec="", **run)
+    specs = split_specs(req.norms) if req.norms else list(
+        preset.specs if preset else split_specs(DEFAULT_NORMS))
+    batches = (int_list(req.batch_sizes, "--batch-sizes") if req.batch_sizes
+               else (preset.batch_sizes if preset else DEFAULT_BATCH_SIZES))
+    seeds = int_list(req.seeds, "--seeds") if req.seeds else DEFAULT_SEEDS
+    accumulate_to = req.accumulate_to if req.accumulate_to is not None else (
+        preset.accumulate_to if preset else None)
+    if len(set(specs)) != len(specs):
+        raise ConfigError("--norms names the same spec twice")
+    sweep = SweepConfig(specs=tuple(specs), batch_sizes=batches, seeds=seeds, base=base,
+                        accumulate_to=accumulate_to)
+    validate(sweep)
+    return sweep, Path(req.out) if req.out is not None else default_out()
+
+
+def validate(sweep: SweepConfig) -> None:
+    """Check every value a run would trip over later, and that each spec builds on the
+    model (an analytic transition the model has no rule for fails here)."""
+    from .data import load_dataset
+    from .models import make_model
+    from .norms import parse_spec
+    from .train import resolve_device
+
+    base = sweep.base
+    if base.epochs <= 0:
+        raise ConfigError(f"--epochs must be positive, got {base.epochs}")
+    if base.base_lr <= 0:
+        raise ConfigError(f"--lr must be positive, got {base.base_lr}")
+    if base.schedule not in ("cosine", "step"):
+        raise ConfigError(f"--schedule must be cosine or step, got {base.schedule!r}")
+    if not 0 <= base.momentum < 1:
+        raise ConfigError(f"--momentum must be in [0, 1), got {base.momentum}")
+    if base.weight_decay < 0:
+        raise ConfigError(f"--weight-decay must be >= 0, got {base.weight_decay}")
+    if sweep.accumulate_to is not None and sweep.accumulate_to <= 0:
+        raise ConfigError(f"--accumulate-to must be positive, got {sweep.accumulate_to}")
+    if any(s < 0 for s in sweep.seeds):
+        raise ConfigError("--seeds must be non-negative")
+    for b in sweep.batch_sizes:
+        if b <= 0:
+            raise ConfigError(f"--batch-sizes: {b} is not a positive batch size")
+    resolve_device(base.device)
+    data = load_dataset(base.dataset, base.data_dir)
+    n_train = len(data.x_train)
+    runs = sweep.expand()  # also checks --accumulate-to against each batch
+    for cfg in runs:
+        if cfg.sgd_batch > n_train:
+            raise ConfigError(f"batch {cfg.sgd_batch} is larger than the {n_train} training "
+                              f"samples of {base.dataset}")
+    for spec in sweep.specs:
+        make_model(base.model, parse_spec(spec), min(sweep.batch_sizes), data.sample_shape,
+                   data.num_classes)
