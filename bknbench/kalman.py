@@ -283,3 +283,7 @@ _BKN_OPTIONS = {
           "prediction from the preceding layers", _BKN_OPTIONS, chained=True)
 def _bkn(num_features, norm_batch, **options):
     return BatchKalmanNorm(num_features, norm_batch, **options)
+
+
+# The group variant registers itself; imported last because it builds on the above.
+from . import gkn  # noqa: E402,F401

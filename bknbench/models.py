@@ -52,7 +52,7 @@ def check_chain(model: nn.Module) -> None:
     if not layers:
         return
     for layer in layers:
-        if layer.transition == "analytic":
+        if layer.transition == "analytic" or getattr(layer, "analytic_in_eval", False):
             bad = [op for op in _ops_of(layer.prior) if analytic_rule(op) is None]
             if bad:
                 raise ConfigError(f"analytic transition has no rule for {bad[0]}; "
