@@ -45,6 +45,12 @@ class RunConfig:
     deterministic: bool = False  # bitwise repeatable kernels
     eval_batch: int = 1024  # samples per evaluation forward (eval mode: no effect on results)
 
+    def __post_init__(self):
+        if self.norm_batch <= 0 or self.sgd_batch % self.norm_batch or (
+                self.sgd_batch < self.norm_batch):
+            raise ConfigError(f"SGD batch {self.sgd_batch} must be a positive multiple of the "
+                              f"micro-batch (norm_batch) {self.norm_batch}")
+
     @property
     def lr(self) -> float:
         """Peak learning rate after the linear scaling rule."""

@@ -228,6 +228,12 @@ class NormSpec:
         return self.entry.factory(num_features, norm_batch, **self.options)
 
 
+def _text(value) -> str:
+    """Shortest faithful text of an option value: 0.50 -> 0.5, 0.0 -> 0."""
+    text = repr(value) if isinstance(value, float) else str(value)
+    return text[:-2] if text.endswith(".0") else text
+
+
 def parse_spec(text: str) -> NormSpec:
     """``"bkn:p=0.5,transition=sampled"`` -> NormSpec; unknown names or options raise
     ConfigError naming what is allowed."""
@@ -248,9 +254,13 @@ def parse_spec(text: str) -> NormSpec:
         if key not in entry.options:
             known = ", ".join(sorted(entry.options)) or "none"
             raise ConfigError(f"unknown option {key!r} for {name}; options: {known}")
+        if key in given:
+            raise ConfigError(f"option {key!r} given twice in {text!r}")
         options[key] = entry.options[key].parse(key, value)
-        given.append(f"{key}={value}")
-    canonical = name + (":" + ",".join(given) if given else "")
+        given.append(key)
+    # one label per configuration: options in registry order, values as parsed (0.50 -> 0.5)
+    canonical = name + (":" + ",".join(f"{k}={_text(options[k])}" for k in entry.options
+                                       if k in given) if given else "")
     return NormSpec(canonical, entry, options)
 
 

@@ -1,0 +1,154 @@
+"""One training run on the tiny synthetic dataset: it learns, it resumes from a checkpoint
+bit for bit, bad runs become statuses, and the learning-rate schedule and scaling rule."""
+import pytest
+import torch
+
+from bknbench.config import ConfigError, RunConfig
+from bknbench.data import load_dataset
+from bknbench.models import make_model
+from bknbench.norms import parse_spec
+from bknbench.train import lr_factor, make_optimizer, train_run
+
+
+
+METRICS = ("epoch", "samples_seen", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset("synthetic")
+
+
+def _cfg(**kw):
+    base = dict(spec="bn", dataset="synthetic", model="mlp", norm_batch=32, sgd_batch=32,
+                epochs=2, base_lr=0.2)
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def test_bn_learns_synthetic(data):
+    cfg = _cfg()
+    rows = []
+    out = train_run(cfg, data, on_epoch=rows.append)
+    assert out.status == "ok" and out.reason == ""
+    assert len(out.epochs) == 2 and rows == out.epochs
+    assert [r["epoch"] for r in out.epochs] == [1, 2]
+    assert [r["samples_seen"] for r in out.epochs] == [512, 1024]  # 16 steps of 32
+    assert out.samples == 1024
+    # ~99% after one epoch on this machine; 90% leaves a wide margin
+    assert out.epochs[-1]["val_acc"] >= 90.0
+    assert out.epochs[-1]["train_loss"] < out.epochs[0]["train_loss"]
+    # the logged lr is the schedule after each epoch's steps: cosine(16 / 32), then 0
+    assert out.epochs[0]["lr"] == pytest.approx(cfg.lr * 0.5, rel=1e-9)
+    assert out.epochs[1]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_bkn_learns_synthetic_at_micro_batch(data):
+    out = train_run(_cfg(spec="bkn", norm_batch=4, sgd_batch=4, epochs=1), data)
+    assert out.status == "ok"
+    assert out.epochs[-1]["val_acc"] >= 80.0  # ~97% observed
+
+
+def test_same_config_same_numbers(data):
+    a = train_run(_cfg(epochs=1), data)
+    b = train_run(_cfg(epochs=1), data)
+    assert [[r[k] for k in METRICS] for r in a.epochs] == [[r[k] for k in METRICS]
+                                                           for r in b.epochs]
+
+
+@pytest.mark.parametrize("stop_at", [2, 3])
+def test_checkpoint_resume_is_exact(data, tmp_path, stop_at):
+    """Interrupt a 3-epoch run (KeyboardInterrupt from the epoch callback of epoch
+    `stop_at`), call train_run again with the same checkpoint: every metric equals the
+    uninterrupted run's. A sampled transition makes the global torch RNG matter too."""
+    cfg = _cfg(spec="bkn:transition=sampled", norm_batch=8, sgd_batch=16, epochs=3)
+    full = train_run(cfg, data)
+    assert full.status == "ok"
+
+    ckpt = tmp_path / "run.pt"
+
+    def interrupt(row):
+        if row["epoch"] == stop_at:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_run(cfg, data, on_epoch=interrupt, checkpoint=ckpt)
+    assert ckpt.exists()
+    # the callback runs before the epoch's checkpoint is written: resume from stop_at - 1
+    assert torch.load(ckpt, weights_only=True)["epoch"] == stop_at - 1
+    resumed = train_run(cfg, data, checkpoint=ckpt)
+    assert resumed.status == "ok"
+    assert len(resumed.epochs) == 3
+    for a, b in zip(full.epochs, resumed.epochs):
+        assert [a[k] for k in METRICS] == [b[k] for k in METRICS]
+    assert resumed.samples == full.samples
+
+
+def test_undefined_configuration_fails_with_a_reason(data):
+    out = train_run(_cfg(norm_batch=1, sgd_batch=1, epochs=1), data)
+    assert out.status == "failed"
+    assert "undefined" in out.reason
+    assert out.epochs == []
+
+
+def test_huge_learning_rate_diverges(data):
+    out = train_run(_cfg(base_lr=1e6, epochs=2), data)
+    assert out.status == "diverged"
+    assert "epoch 1" in out.reason
+    assert out.epochs == []
+
+
+# ---------------------------------------------------------------- schedule and lr
+def test_cosine_schedule():
+    f = lr_factor(RunConfig(spec="bn", epochs=10), steps_per_epoch=5)
+    values = [f(t) for t in range(50)]
+    assert values[0] == 1.0
+    assert values[-1] < 0.005
+    assert f(50) == pytest.approx(0.0, abs=1e-15)
+    assert f(25) == pytest.approx(0.5, abs=1e-12)
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_warmup_then_cosine():
+    f = lr_factor(RunConfig(spec="bn", epochs=10, warmup_epochs=1.0), steps_per_epoch=5)
+    assert [f(t) for t in range(5)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert f(5) == 1.0
+    assert f(5 + 45 // 2) < 0.55
+
+
+def test_step_schedule_divides_by_ten_at_milestones():
+    cfg = RunConfig(spec="bn", epochs=10, schedule="step", milestones=(3, 6))
+    f = lr_factor(cfg, steps_per_epoch=5)
+    assert f(0) == 1.0 and f(14) == 1.0
+    assert f(15) == pytest.approx(0.1) and f(29) == pytest.approx(0.1)
+    assert f(30) == pytest.approx(0.01) and f(49) == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("base_lr, sgd_batch, lr", [(0.2, 128, 0.2), (0.2, 32, 0.05),
+                                                     (0.1, 2, 0.1 / 64), (0.4, 256, 0.8)])
+
+def test_linear_scaling_rule(base_lr, sgd_batch, lr):
+    cfg = RunConfig(spec="bn", base_lr=base_lr, sgd_batch=sgd_batch)
+    assert cfg.lr == pytest.approx(lr, rel=1e-12)
+    model = make_model("mlp", parse_spec("bkn:gain=learnable"), 2, (1, 16), 4)
+    opt = make_optimizer(model, cfg)
+    assert all(g["lr"] == pytest.approx(lr, rel=1e-12) for g in opt.param_groups)
+    decay, rest = opt.param_groups
+    assert decay["weight_decay"] == cfg.weight_decay and rest["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decay["params"])
+    assert all(p.ndim <= 1 for p in rest["params"])  # norm affine, biases, BKN gains
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(
+        p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------- inconsistent batches
+# A RunConfig built directly (or read back with from_dict) must not train with statistics
+# that disagree with its recorded norm_batch.
+def test_sgd_batch_below_norm_batch_is_a_config_error(data):
+    with pytest.raises(ConfigError, match="norm_batch|micro-batch"):
+        train_run(_cfg(norm_batch=8, sgd_batch=4, epochs=1), data)
+
+
+def test_sgd_batch_not_a_multiple_of_norm_batch_is_a_config_error(data):
+    with pytest.raises(ConfigError):
+        train_run(_cfg(norm_batch=4, sgd_batch=6, epochs=1), data)
