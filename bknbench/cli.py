@@ -40,8 +40,8 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stder
 
 @contextlib.contextmanager
 def errors(debug: bool):
-    """Bad input: one line on stderr, exit 2. Anything else: one line, exit 1 (--debug:
-    the traceback)."""
+    """Bad input: one line on stderr, exit 2. Ctrl-C: exit 130. Anything else: one line,
+    exit 1 (--debug: the traceback)."""
     try:
         yield
     except ConfigError as e:
@@ -49,8 +49,11 @@ def errors(debug: bool):
             raise
         print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(2)
-    except (typer.Exit, KeyboardInterrupt):
+    except typer.Exit:
         raise
+    except KeyboardInterrupt:  # outside a sweep, which reports its own interruption
+        print("interrupted", file=sys.stderr)
+        raise typer.Exit(130)
     except Exception as e:
         if debug:
             raise
@@ -99,6 +102,15 @@ def run(
     deterministic: Annotated[bool, typer.Option(help="Bitwise repeatable runs.")] = False,
     workers: Annotated[Optional[int], typer.Option(help="Parallel runs. [default: one per GPU, "
         "else one per two CPU cores]")] = None,
+    executor: Annotated[str, typer.Option(help="local (this machine) or ray (each run a Ray "
+        "task; needs pip install 'bknbench[ray]').")] = "local",
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster to use, e.g. HEAD:6379. "
+        "[default: $RAY_ADDRESS, else a local Ray]")] = None,
+    cpus_per_run: Annotated[int, typer.Option(help="Ray: CPUs (and torch threads) per run.")] = 1,
+    gpus_per_run: Annotated[float, typer.Option(help="Ray: GPUs per run; a fraction lets runs "
+        "share a GPU.")] = 0.0,
+    retries: Annotated[int, typer.Option(help="Ray: times a run is retried when its worker "
+        "dies; then it is recorded as failed.")] = 0,
     out: Annotated[Optional[Path], typer.Option(help="Output folder; rerunning on it skips "
         "finished runs. [default: results/<timestamp>]")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the sweep in this folder.")] = None,
@@ -128,8 +140,10 @@ def run(
         sweep, out_dir = build_sweep(req)
         from .commands import run_command
 
-        raise typer.Exit(run_command(sweep, out_dir, workers, fail_fast, retry_failed, strict,
-                                     quiet))
+        raise typer.Exit(run_command(
+            sweep, out_dir, workers, fail_fast, retry_failed, strict, quiet,
+            dict(executor=executor, address=address, cpus_per_run=cpus_per_run,
+                 gpus_per_run=gpus_per_run, retries=retries)))
 
 
 @app.command()

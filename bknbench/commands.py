@@ -7,10 +7,26 @@ from pathlib import Path
 from .config import ConfigError, SweepConfig
 
 
-def make_executor(workers: int | None, device: str):
+def make_executor(workers: int | None, device: str, executor: str = "local",
+                  address: str | None = None, cpus_per_run: int = 1,
+                  gpus_per_run: float = 0.0, retries: int = 0):
     from .executors import ProcessExecutor, default_workers
     from .sweep import SerialExecutor
 
+    if executor not in ("local", "ray"):
+        raise ConfigError(f"--executor must be local or ray, got {executor!r}")
+    if executor == "ray":
+        if workers is not None:
+            raise ConfigError("--workers is for --executor local; on Ray, runs in parallel "
+                              "follow the cluster's size and --cpus-per-run/--gpus-per-run")
+        if device.startswith("cuda") != (gpus_per_run > 0):
+            raise ConfigError(f"--device {device} with --gpus-per-run {gpus_per_run:g}: "
+                              "runs on cuda need --gpus-per-run > 0, and only they")
+        from .ray_executor import RayExecutor
+
+        return RayExecutor(address, cpus_per_run, gpus_per_run, retries)
+    if address is not None:
+        raise ConfigError("--address is for --executor ray")
     n = default_workers() if workers is None else workers
     if n < 1:
         raise ConfigError(f"--workers must be at least 1, got {n}")
@@ -20,28 +36,32 @@ def make_executor(workers: int | None, device: str):
 
 
 def run_command(sweep: SweepConfig, out: Path, workers, fail_fast, retry_failed, strict,
-                quiet) -> int:
+                quiet, executor_opts: dict | None = None) -> int:
     from .render import Progress, stderr
     from .sweep import run_sweep
 
-    executor = make_executor(workers, sweep.base.device)
+    executor = make_executor(workers, sweep.base.device, **(executor_opts or {}))
     with Progress(quiet) as events:
         report = run_sweep(sweep, out, executor, events, fail_fast=fail_fast,
                            retry_failed=retry_failed)
+
+    def say(text: str) -> None:  # one line each, unwrapped: a resume command must paste whole
+        stderr.print(text, highlight=False, soft_wrap=True)
+
     if report.failed and not quiet:
-        stderr.print(f"{len(report.failed)} run(s) did not finish ok:", highlight=False)
+        say(f"{len(report.failed)} run(s) did not finish ok:")
         for row in report.failed:
-            stderr.print(f"  {row['spec']} b={row['norm_batch']} seed={row['seed']}: "
-                         f"{row['status']}: {row['reason']}", highlight=False)
+            say(f"  {row['spec']} b={row['norm_batch']} seed={row['seed']}: "
+                f"{row['status']}: {row['reason']}")
     if report.interrupted:
-        stderr.print(f"interrupted: {len(report.finished) + report.skipped} finished run(s) "
-                     f"kept in {out}; resume with: bknbench run --resume {out}", highlight=False)
+        say(f"interrupted: {len(report.finished) + report.skipped} finished run(s) kept in "
+            f"{out}; resume with: bknbench run --resume {out}")
         return 130
     if report.stopped_early:
-        stderr.print(f"stopped at the first failure (--fail-fast); resume with: "
-                     f"bknbench run --resume {out}", highlight=False)
+        say(f"stopped at the first failure (--fail-fast); resume with: "
+            f"bknbench run --resume {out}")
     if not quiet:
-        stderr.print(f"results in {out}/runs.csv and {out}/metrics.csv", highlight=False)
+        say(f"results in {out}/runs.csv and {out}/metrics.csv")
     _print_table(out, None, None, None)
     if report.stopped_early or (strict and report.failed):
         return 1
@@ -89,4 +109,4 @@ def plot_command(results: Path, out, fmt: str, norms, batch_sizes) -> None:
     formats = tuple(f.strip() for f in fmt.split(",") if f.strip())
     paths = plot_results(res, out if out is not None else Path(results) / "plots", formats)
     for p in paths:
-        stderr.print(f"wrote {p}", highlight=False)
+        stderr.print(f"wrote {p}", highlight=False, soft_wrap=True)

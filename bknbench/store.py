@@ -8,7 +8,8 @@ Layout of an output folder:
 
 A record is written to a temporary file and renamed, so a kill at any instant leaves
 either no record or a whole one; the CSVs are rebuilt the same way, from records only,
-so they never hold a partial or a duplicate row.
+so they never hold a partial or a duplicate row. A kill can leave a temporary file
+behind or the index one record behind; `prepare` removes the first and rebuilds the second.
 """
 from __future__ import annotations
 
@@ -40,14 +41,19 @@ class Store:
         self.root = Path(root)
 
     def prepare(self) -> None:
-        """Create the folder, or fail with one line when it cannot be written."""
+        """Create the folder, or fail with one line when it cannot be written; then
+        clear what a killed sweep may have left (temporary files, a stale index)."""
         try:
             (self.root / "runs").mkdir(parents=True, exist_ok=True)
             probe = self.root / ".write-probe"
             probe.write_text("")
             probe.unlink()
+            for tmp in [*self.root.glob("*.tmp"), *self.root.glob("runs/*/*.tmp")]:
+                tmp.unlink(missing_ok=True)
         except OSError as e:
             raise ConfigError(f"cannot write to output folder {self.root}: {e.strerror}") from None
+        if any(self.root.glob("runs/*/record.json")):
+            self.rebuild_index()
 
     def run_dir(self, run_id: str) -> Path:
         return self.root / "runs" / run_id

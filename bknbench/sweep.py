@@ -117,13 +117,15 @@ class SweepReport:
     out: Path
     planned: int = 0
     skipped: int = 0  # finished before this invocation
+    earlier: list[dict] = field(default_factory=list)  # their rows
     finished: list[dict] = field(default_factory=list)  # rows finished now
     interrupted: bool = False
     stopped_early: bool = False  # --fail-fast
 
     @property
     def failed(self) -> list[dict]:
-        return [r for r in self.finished if r["status"] != "ok"]
+        """Every run of the sweep that is not ok, whether it failed now or before."""
+        return [r for r in self.earlier + self.finished if r["status"] != "ok"]
 
 
 @dataclass
@@ -173,15 +175,19 @@ def run_sweep(sweep: SweepConfig, out: Path, executor: Executor | None = None,
     executor = executor or SerialExecutor()
     store = Store(out)
     store.prepare()
-    store.save_sweep(sweep_to_dict(sweep))
-    runs, todo = plan(sweep, store, retry_failed)
-    report = SweepReport(out=Path(out), planned=len(runs), skipped=len(runs) - len(todo))
-    events.on_plan(len(runs), len(todo))
-    if not todo:
-        store.rebuild_index()
-        return report
-    results = executor.map(todo, store, events)
+    report = SweepReport(out=Path(out))
+    results = None
     try:
+        store.save_sweep(sweep_to_dict(sweep))
+        runs, todo = plan(sweep, store, retry_failed)
+        report.planned, report.skipped = len(runs), len(runs) - len(todo)
+        redo = {cfg.run_id for cfg in todo}
+        report.earlier = [store.load_record(cfg.run_id)["row"] for cfg in runs
+                          if cfg.run_id not in redo]
+        events.on_plan(len(runs), len(todo))
+        if not todo:
+            return report
+        results = executor.map(todo, store, events)
         for cfg, record in results:
             store.commit(record)
             report.finished.append(record["row"])
@@ -196,4 +202,3 @@ def run_sweep(sweep: SweepConfig, out: Path, executor: Executor | None = None,
         if close:
             close()
     return report
-

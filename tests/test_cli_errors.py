@@ -1,0 +1,176 @@
+"""Bad input through the CLI: exit status 2 and one line on stderr starting with "error:",
+never a traceback (--debug shows it)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from bknbench.cli import app
+
+runner = CliRunner()
+RUN = ["run", "--dataset", "synthetic", "--epochs", "1", "--seeds", "0", "--workers", "1",
+       "--quiet"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread is fastest, and far faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def assert_one_line_error(result, *words):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def results_dir(tmp_path_factory):
+    """A finished one-run sweep: gn at micro-batch 16."""
+    out = tmp_path_factory.mktemp("results")
+    result = runner.invoke(app, RUN + ["--norms", "gn", "--batch-sizes", "16", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--norms", "foo"], ["unknown normalizer 'foo'"]),
+    (["--norms", "bkn:p=2"], ["p=2", "[0, 1]"]),
+    (["--norms", "bkn:p=abc"], ["p=abc"]),
+    (["--norms", "bkn:foo=1"], ["unknown option 'foo'"]),
+    (["--norms", "bn:p=abc"], ["unknown option 'p'"]),
+    (["--norms", "gn", "--batch-sizes", "0"], ["--batch-sizes", "0"]),
+    (["--norms", "gn", "--batch-sizes", "-2"], ["--batch-sizes", "-2"]),
+    (["--norms", "gn", "--batch-sizes", "x"], ["'x' is not an integer"]),
+    (["--norms", "gn", "--batch-sizes", "2.5"], ["'2.5' is not an integer"]),
+    (["--norms", "gn", "--batch-sizes", "100000"], ["100000", "512 training samples"]),
+    (["--norms", "gn", "--epochs", "0"], ["--epochs"]),
+    (["--norms", "gn", "--epochs", "-1"], ["--epochs"]),
+    (["--norms", "gn", "--dataset", "nope"], ["unknown dataset 'nope'"]),
+    (["--norms", "gn", "--model", "nope"], ["unknown model 'nope'"]),
+    (["--norms", "gn", "--workers", "0"], ["--workers"]),
+])
+def test_bad_run_input(tmp_path, args, words):
+    out = tmp_path / "out"
+    result = runner.invoke(app, RUN + ["--out", str(out)] + args)
+    assert_one_line_error(result, *words)
+    assert not (out / "runs.csv").exists()
+
+
+@pytest.mark.parametrize("layout", ["missing", "empty", "partial", "garbage"])
+def test_bad_data_dir(tmp_path, layout):
+    data = tmp_path / "data"
+    if layout != "missing":
+        (data / "cifar-10-batches-py").mkdir(parents=True)
+    names = {"partial": ["data_batch_1"], "garbage": [f"data_batch_{i}" for i in range(1, 6)]
+             + ["test_batch", "batches.meta"]}.get(layout, [])
+    for name in names:
+        (data / "cifar-10-batches-py" / name).write_bytes(b"not a pickle\n")
+    result = runner.invoke(app, ["run", "--dataset", "cifar10", "--data-dir", str(data),
+                                 "--out", str(tmp_path / "out"), "--quiet"])
+    assert_one_line_error(result, "CIFAR-10" if layout != "garbage" else "not a CIFAR pickle")
+
+
+def test_unwritable_out(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")  # a folder under a regular file cannot be made, even by root
+    result = runner.invoke(app, RUN + ["--norms", "gn", "--batch-sizes", "16",
+                                       "--out", str(blocker / "out")])
+    assert_one_line_error(result, "cannot write to output folder")
+
+
+def test_resume_without_sweep(tmp_path):
+    assert_one_line_error(runner.invoke(app, ["run", "--resume", str(tmp_path)]),
+                          "nothing to resume")
+
+
+def test_usage_error_exits_2():
+    result = runner.invoke(app, ["run", "--epochs", "abc"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "Invalid value for '--epochs'" in result.stderr
+
+
+def corrupt(folder, how):
+    runs = folder / "runs.csv"
+    text = runs.read_text()
+    if how == "truncated":  # cut inside the last row, as a kill during a plain write would
+        runs.write_text(text[: len(text) - len(text.splitlines()[-1]) // 2])
+    elif how == "malformed":
+        runs.write_text("run_id,spec\nabc,bn,extra\n")
+    elif how == "bad-number":
+        header, row = text.splitlines()[:2]
+        fields = row.split(",")
+        fields[header.split(",").index("norm_batch")] = "sixteen"
+        runs.write_text(header + "\n" + ",".join(fields) + "\n")
+    elif how == "header-only":
+        runs.write_text(text.splitlines()[0] + "\n")
+    elif how == "metrics-truncated":
+        metrics = folder / "metrics.csv"
+        text = metrics.read_text()
+        metrics.write_text(text[: len(text) - len(text.splitlines()[-1]) // 2])
+
+
+@pytest.mark.parametrize("command", ["compare", "plot"])
+@pytest.mark.parametrize("how, words", [
+    ("nonexistent", ["does not exist"]),
+    ("empty", ["no results"]),
+    ("truncated", ["runs.csv"]),
+    ("malformed", ["runs.csv"]),
+    ("bad-number", ["norm_batch='sixteen'"]),
+    ("header-only", ["no runs"]),
+])
+def test_bad_results_folder(tmp_path, results_dir, command, how, words):
+    folder = tmp_path / "res"
+    if how != "nonexistent":
+        folder.mkdir()
+    if how not in ("nonexistent", "empty"):
+        for name in ("runs.csv", "metrics.csv"):
+            (folder / name).write_bytes((results_dir / name).read_bytes())
+        corrupt(folder, how)
+    result = runner.invoke(app, [command, str(folder)])
+    assert_one_line_error(result, *words)
+
+
+def test_plot_truncated_metrics(tmp_path, results_dir):
+    for name in ("runs.csv", "metrics.csv"):
+        (tmp_path / name).write_bytes((results_dir / name).read_bytes())
+    corrupt(tmp_path, "metrics-truncated")
+    assert_one_line_error(runner.invoke(app, ["plot", str(tmp_path)]), "metrics.csv")
+
+
+@pytest.mark.parametrize("command", ["compare", "plot"])
+@pytest.mark.parametrize("flt, words", [
+    (["--norms", "zzz"], ["unknown normalizer 'zzz'"]),
+    (["--norms", "bn"], ["the filter selected no runs", "specs present: gn"]),
+    (["--batch-sizes", "999"], ["the filter selected no runs", "batch sizes: 16"]),
+])
+def test_filter_selecting_nothing(tmp_path, results_dir, command, flt, words):
+    extra = ["--out", str(tmp_path)] if command == "plot" else []
+    result = runner.invoke(app, [command, str(results_dir), *flt, *extra])
+    assert_one_line_error(result, *words)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_real_process_traceback_only_with_debug(tmp_path, debug):
+    cmd = [sys.executable, "-m", "bknbench", *RUN, "--norms", "foo", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd + ["--debug"] * debug, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if debug:
+        assert proc.returncode != 0
+        assert "Traceback" in proc.stderr and "ConfigError: unknown normalizer" in proc.stderr
+    else:
+        assert proc.returncode == 2 and proc.stdout == ""
+        assert proc.stderr.splitlines() == [
+            "error: unknown normalizer 'foo'; known: " + proc.stderr.split("known: ")[1].strip()]
