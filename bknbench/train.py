@@ -103,10 +103,25 @@ def evaluate(model, x, y, batch: int) -> tuple[float, float]:
 
 
 def configure_determinism(cfg: RunConfig) -> None:
+    """Set per run, both ways, so a deterministic run never leaks into the next one in
+    the same process."""
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(cfg.deterministic)
+    torch.backends.cudnn.benchmark = False
+
+
+def fresh_state(cfg: RunConfig, data: Dataset, device: torch.device, steps: int):
+    """Model, optimizer, schedule and data-order generator at step 0, from the seed."""
+    torch.manual_seed(cfg.seed)
+    model = make_model(cfg.model, parse_spec(cfg.spec), cfg.norm_batch, data.sample_shape,
+                       data.num_classes).to(device)
+    if device.type == "cuda" and len(data.sample_shape) == 3:
+        model = model.to(memory_format=torch.channels_last)
+    opt = make_optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, steps))
+    order = torch.Generator().manual_seed(cfg.seed)  # data order, independent of init
+    return model, opt, sched, order
 
 
 def train_run(cfg: RunConfig, data: Dataset | None = None,
@@ -124,21 +139,19 @@ def train_run(cfg: RunConfig, data: Dataset | None = None,
                           f"samples of {cfg.dataset}")
     configure_determinism(cfg)
     device = torch.device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    model = make_model(cfg.model, parse_spec(cfg.spec), cfg.norm_batch, data.sample_shape,
-                       data.num_classes).to(device)
-    if device.type == "cuda" and len(data.sample_shape) == 3:
-        model = model.to(memory_format=torch.channels_last)
-    data = data.to(device)
     steps = n_train // cfg.sgd_batch  # drop the last partial batch: every statistic sees
     # exactly norm_batch samples
-    opt = make_optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, steps))
-    order = torch.Generator().manual_seed(cfg.seed)  # data order, independent of init
+    model, opt, sched, order = fresh_state(cfg, data, device, steps)
+    data = data.to(device)
     out = RunOutcome()
     start_epoch = 0
     if checkpoint is not None and checkpoint.exists():
-        start_epoch = load_checkpoint(checkpoint, model, opt, sched, order, out)
+        try:
+            start_epoch = load_checkpoint(checkpoint, model, opt, sched, order, out)
+        except (OSError, RuntimeError, KeyError, ValueError, EOFError):
+            # unreadable (e.g. written by another version): start over, never fail the run
+            model, opt, sched, order = fresh_state(cfg, data, device, steps)
+            out = RunOutcome()
     step_fn = model
     if cfg.compile:
         step_fn = torch.compile(model)
@@ -205,7 +218,7 @@ def save_checkpoint(path: Path, epoch, model, opt, sched, order, out: RunOutcome
              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
              "epochs": out.epochs, "train_time_s": out.train_time_s, "samples": out.samples}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)  # a kill leaves the old checkpoint or the new one, never half
 
