@@ -327,3 +327,75 @@ def test_eval_clears_posterior_and_uses_running_stats():
     rm, rv = second.running_mean[:, None], second.running_var[:, None]
     expected = (h - rm) / torch.sqrt(rv + second.eps)
     torch.testing.assert_close(y, expected * second.weight[:, None] + second.bias[:, None])
+
+
+# ---------------------------------------------------------------- the fused layer's backward
+def _reference_chain(first, lin, second, x):
+    """The layer pair computed from the reference pieces (group_moments, kalman_update,
+    normalize) with plain autograd: what the fused node must equal, gradients included."""
+    g = x.shape[0] // 2
+    m1, s1 = group_moments(x, g)
+    h = lin(torch.relu(normalize(x, m1, s1, first.weight, first.bias, first.eps)))
+    m2, s2 = group_moments(h, g)
+    first.posterior = Posterior(m1, s1, m1, s1)  # no prior: the posterior is the observation
+    mu_hat, var_hat = second.prior.predict(second.propagate, "analytic", 0)
+    mu, var = kalman_update(m2, s2, mu_hat, var_hat, second.weight_on_prediction(12),
+                            second.guard)
+    return normalize(h, mu, var, second.weight, second.bias, second.eps)
+
+
+@pytest.mark.parametrize("spec", ["bkn", "bkn:p=0.5,propagate=output",
+                                  "bkn:gain=learnable,p=0.7", "bkn:guard=1e-6"])
+def test_fused_layer_gradients_equal_the_reference_composition(spec):
+    """The hand-written backward of the fused BKN node (x, prediction, gain, affine, and the
+    posterior handed to the next layer) against autograd through the reference functions.
+    guard=1e-6 rejects every prediction: the gain then gets no gradient."""
+    torch.manual_seed(11)
+    first, lin, second = _chain(spec)
+    with torch.no_grad():
+        for layer in (first, second):
+            layer.weight.uniform_(0.5, 1.5)
+            layer.bias.uniform_(-0.5, 0.5)
+    params = [first.weight, first.bias, lin.weight, second.weight, second.bias] + (
+        [second.gain_logit] if second.gain == "learnable" else [])
+    x = (torch.randn(8, 4, 6, dtype=D) * 2 + 1).requires_grad_()
+    w = torch.randn(8, 5, 6, dtype=D)  # a loss that weighs every output differently
+
+    def grads(forward):
+        for t in params + [x]:
+            t.grad = None
+        (forward() * w).sum().backward()
+        return [t.grad.clone() if t.grad is not None else torch.zeros_like(t)
+                for t in params + [x]]
+
+    fused = grads(lambda: second(lin(torch.relu(first(x)))))
+    reference = grads(lambda: _reference_chain(first, lin, second, x))
+    for name, a, b in zip(["w1", "b1", "conv", "w2", "b2", "gain", "x"][:len(params)]
+                          + ["x"], fused, reference):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=name)
+    assert fused[2].abs().sum() > 0  # gradient reached the transition's weights
+
+
+def test_fused_node_passes_gradcheck():
+    """Numerical vs analytic Jacobian of the fused node, all five outputs, tensor gain."""
+    from bknbench.kalman import _KalmanNorm
+
+    g = _gen(3)
+    x = torch.randn(6, 3, 4, generator=g, dtype=D, requires_grad=True)
+    mu_hat = torch.randn(3, 3, generator=g, dtype=D, requires_grad=True)
+    var_hat = (torch.rand(3, 3, generator=g, dtype=D) + 0.5).requires_grad_()
+    p = torch.tensor(0.6, dtype=D, requires_grad=True)
+    weight = (torch.rand(3, generator=g, dtype=D) + 0.5).requires_grad_()
+    bias = torch.randn(3, generator=g, dtype=D, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda *a: _KalmanNorm.apply(*a, 3, 100.0, 1e-5), (x, mu_hat, var_hat, p, weight, bias))
+    # without a prior: per-group BN
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: _KalmanNorm.apply(x, None, None, None, w, b, 3, 100.0, 1e-5),
+        (x, weight, bias))
+
+
+def test_group_moments_passes_gradcheck():
+    x = torch.randn(6, 3, 5, generator=_gen(4), dtype=D, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: group_moments(x, 3), (x,))
+    assert torch.autograd.gradcheck(lambda x: group_moments(x, 3)[0], (x,))  # mean alone

@@ -24,8 +24,10 @@ from bknbench.cli import app
 from bknbench.config import RunConfig, SweepConfig
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-GRID = ["--dataset", "synthetic", "--norms", "gn,ln", "--batch-sizes", "4,8",
-        "--seeds", "0,1", "--epochs", "2", "--quiet"]  # 8 runs of about half a second
+# 8 runs of 0.3-1 s each on one core: long enough that the three kills below (each at most
+# 0.6 s after a run finished) cannot let the whole sweep finish
+GRID = ["--dataset", "synthetic", "--norms", "gn,ln", "--batch-sizes", "2,4",
+        "--seeds", "0,1", "--epochs", "3", "--quiet"]
 TIMING = {"train_time_s", "samples_per_s", "wall_s"}  # the only columns allowed to differ
 runner = CliRunner()
 
@@ -129,8 +131,8 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
     check_consistent(out, seen_rows, seen_csv)
     index = rows(out / "runs.csv")
     assert sorted((r["spec"], r["norm_batch"], r["seed"]) for r in index) == sorted(
-        (s, b, seed) for s in ("gn", "ln") for b in ("4", "8") for seed in ("0", "1"))
-    assert len(rows(out / "metrics.csv")) == 8 * 2
+        (s, b, seed) for s in ("gn", "ln") for b in ("2", "4") for seed in ("0", "1"))
+    assert len(rows(out / "metrics.csv")) == 8 * 3
     assert all(r["status"] == "ok" for r in index)
     from bknbench.results import load_results
 
