@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cached_property, partial
+from functools import cached_property
 
 import torch
 from torch import nn
 
 from .norms import (Option, StatsNorm, _EPS, _MOMENTUM, check_defined, group_affine,
-                    group_moments, register, values_per_stat)
+                    register, values_per_stat)
+from .transitions import chain_rules, sampled_moments
 
 
 # ---------------------------------------------------------------- the update (pure)
@@ -129,74 +130,6 @@ class _KalmanNorm(torch.autograd.Function):
                 None, None, None)
 
 
-# ---------------------------------------------------------------- analytic transitions
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-
-
-def relu_moments(mean, var):
-    """Mean and variance of ReLU(z), z ~ N(mean, var), elementwise. With sd = sqrt(var),
-    a = mean / sd: E[y] = mean Phi(a) + sd phi(a); E[y^2] = (mean^2 + var) Phi(a) + mean sd phi(a).
-    """
-    sd = var.clamp_min(1e-12).sqrt()
-    a = mean / sd
-    cdf = torch.special.ndtr(a)
-    sd_pdf = sd * torch.exp(a.square().mul(-0.5)).mul(_INV_SQRT_2PI)  # sd phi(a)
-    m1 = torch.addcmul(sd_pdf, mean, cdf)
-    # E[y^2] = (mean^2 + var) Phi + mean sd phi = mean (mean Phi + sd phi) + var Phi
-    m2 = torch.addcmul(var * cdf, mean, m1)
-    return m1, torch.addcmul(m2, m1, m1, value=-1.0).clamp_min(0.0)
-
-
-def affine_moments(mean, var, weight, bias=None):
-    """Per-channel moments after a convolution or linear layer.
-
-    mean, var: (G, C_in). weight: (C_out, C_in, *kernel) for a convolution, or
-    (C_out, C_in * P) for a linear layer fed by a flattened (C_in, P) map.
-    mean_out = (W summed over kernel positions) @ mean + b; var_out = (W^2 summed) @ var.
-    Approximations: inputs independent across channels and positions, identically
-    distributed over positions, and zero padding at the borders ignored.
-    Returns (G, C_out), (G, C_out).
-    """
-    w = weight.reshape(weight.shape[0], mean.shape[1], -1)
-    out_mean = mean @ w.sum(-1).t()
-    if bias is not None:
-        out_mean = out_mean + bias
-    return out_mean, var @ (w * w).sum(-1).t()
-
-
-def _pool_moments(op, mean, var):
-    # non-overlapping windows of independent values: the variance shrinks by the area
-    k = op.kernel_size
-    if isinstance(k, int):
-        k = (k, k) if isinstance(op, nn.AvgPool2d) else (k,)
-    return mean, var / math.prod(k)
-
-
-def analytic_rule(op: nn.Module):
-    """The moment rule for one module, or None. A module may define ``moments(mean, var)``
-    itself (the ResNet shortcut does)."""
-    if hasattr(op, "moments"):
-        return op.moments
-    if isinstance(op, nn.ReLU):
-        return relu_moments
-    if isinstance(op, nn.Linear) or (
-            isinstance(op, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and op.groups == 1):
-        return lambda mean, var: affine_moments(mean, var, op.weight, op.bias)
-    if isinstance(op, (nn.AvgPool1d, nn.AvgPool2d)):
-        return lambda mean, var: _pool_moments(op, mean, var)
-    if isinstance(op, (nn.Flatten, nn.Identity, nn.Dropout)):
-        return lambda mean, var: (mean, var)
-    return None
-
-
-def op_moments(op: nn.Module, mean, var):
-    """Push per-channel moments (G, C) through one module analytically."""
-    rule = analytic_rule(op)
-    if rule is None:
-        raise TypeError(f"no analytic moments for {op}; use transition=sampled")
-    return rule(mean, var)
-
-
 # ---------------------------------------------------------------- priors: what feeds a layer
 @dataclass(eq=False)
 class Path:
@@ -222,9 +155,8 @@ class Path:
 
     @cached_property
     def rules(self) -> list:
-        """The analytic moment rule of each op, looked up once (the ops never change)."""
-        return [analytic_rule(op) or partial(op_moments, op) for op in self.ops]  # the
-        # fallback raises op_moments' TypeError when used
+        """The analytic moment rules of the ops, looked up once (the ops never change)."""
+        return chain_rules(self.ops)
 
     def predict(self, propagate: str, transition: str, draws: int):
         mean, var = self.start(propagate)
@@ -244,22 +176,6 @@ class SumPrior:
     def predict(self, propagate, transition, draws):
         parts = [t.predict(propagate, transition, draws) for t in self.terms]
         return sum(p[0] for p in parts), sum(p[1] for p in parts)
-
-
-def sampled_moments(mean, var, ops, in_shape, draws: int):
-    """Monte-Carlo transition (the authors' estimator): draw ``draws`` inputs per group of
-    shape (C, *spatial) from N(mean, var), apply the ops with their current weights
-    (gradients flow), return the per-channel mean and biased variance of the result over
-    draws and positions. mean, var: (G, C) -> (G, C_out), (G, C_out)."""
-    g, c = mean.shape
-    spatial = tuple(in_shape)
-    view = (g, 1, c) + (1,) * len(spatial)
-    noise = torch.randn((g, draws, c) + spatial, dtype=mean.dtype, device=mean.device)
-    z = torch.addcmul(mean.view(view), var.clamp_min(0).sqrt().view(view), noise)
-    z = z.reshape((g * draws, c) + spatial)
-    for op in ops:
-        z = op(z)
-    return group_moments(z, g)
 
 
 @dataclass

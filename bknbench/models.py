@@ -10,7 +10,8 @@ from typing import Callable
 from torch import nn
 
 from .config import ConfigError
-from .kalman import BatchKalmanNorm, Path, analytic_rule, _ops_of
+from .kalman import BatchKalmanNorm, Path, _ops_of
+from .transitions import analytic_rule
 from .norms import NormSpec
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}

@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from bknbench.kalman import (BatchKalmanNorm, Path, Posterior, SumPrior, affine_moments,
-                             kalman_update, op_moments, relu_moments, sampled_moments)
+from bknbench.kalman import BatchKalmanNorm, Path, Posterior, SumPrior, kalman_update
+from bknbench.transitions import (affine_moments, op_moments, relu_affine_moments,
+                                  relu_moments, sampled_moments)
 from bknbench.norms import GroupedBatchNorm, group_moments, normalize, parse_spec
 
 
@@ -337,8 +338,10 @@ def _reference_chain(first, lin, second, x):
     m1, s1 = group_moments(x, g)
     h = lin(torch.relu(normalize(x, m1, s1, first.weight, first.bias, first.eps)))
     m2, s2 = group_moments(h, g)
-    first.posterior = Posterior(m1, s1, m1, s1)  # no prior: the posterior is the observation
-    mu_hat, var_hat = second.prior.predict(second.propagate, "analytic", 0)
+    start = (m1, s1)  # no prior: the first layer's posterior is its observation
+    if second.propagate == "output":
+        start = Posterior(m1, s1, m1, s1).output_moments(first)
+    mu_hat, var_hat = affine_moments(*relu_moments(*start), lin.weight)
     mu, var = kalman_update(m2, s2, mu_hat, var_hat, second.weight_on_prediction(12),
                             second.guard)
     return normalize(h, mu, var, second.weight, second.bias, second.eps)
@@ -399,3 +402,44 @@ def test_group_moments_passes_gradcheck():
     x = torch.randn(6, 3, 5, generator=_gen(4), dtype=D, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: group_moments(x, 3), (x,))
     assert torch.autograd.gradcheck(lambda x: group_moments(x, 3)[0], (x,))  # mean alone
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d", "conv2d-bias"])
+def test_fused_relu_affine_equals_the_reference_rules(kind):
+    """relu_affine_moments: the values of relu_moments then affine_moments, and their
+    autograd gradients (inputs, weight, bias), including a channel near zero variance."""
+    g = _gen(5)
+    op = {"linear": nn.Linear(12, 5, bias=False), "conv1d": nn.Conv1d(3, 5, 3, bias=False),
+          "conv2d": nn.Conv2d(3, 5, 3, bias=False), "conv2d-bias": nn.Conv2d(3, 5, 3)}[kind]
+    op = op.double()
+    c_in = 12 if kind == "linear" else 3
+    mean = torch.randn(4, c_in, generator=g, dtype=D)
+    var = torch.rand(4, c_in, generator=g, dtype=D) + 0.1
+    var[0, 0] = 1e-14  # below the floor: a constant input
+    weights = torch.randn(4, 5, generator=g, dtype=D)
+
+    def run(fn):
+        m, v = mean.clone().requires_grad_(), var.clone().requires_grad_()
+        op.zero_grad()
+        out_m, out_v = fn(m, v)
+        (out_m * weights + out_v * weights.flip(0)).sum().backward()
+        grads = [m.grad, v.grad, op.weight.grad] + ([op.bias.grad] if op.bias is not None
+                                                     else [])
+        return [out_m.detach(), out_v.detach()] + grads
+
+    fused = run(lambda m, v: relu_affine_moments(m, v, op.weight, op.bias))
+    reference = run(lambda m, v: affine_moments(*relu_moments(m, v), op.weight, op.bias))
+    for name, a, b in zip(["mean", "var", "g_mean", "g_var", "g_weight", "g_bias"], fused,
+                          reference):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_fused_relu_affine_passes_gradcheck():
+    g = _gen(6)
+    mean = torch.randn(2, 3, generator=g, dtype=D, requires_grad=True)
+    var = (torch.rand(2, 3, generator=g, dtype=D) + 0.2).requires_grad_()
+    w = torch.randn(4, 3, 2, generator=g, dtype=D, requires_grad=True)
+    b = torch.randn(4, generator=g, dtype=D, requires_grad=True)
+    assert torch.autograd.gradcheck(relu_affine_moments, (mean, var, w, b))
+    assert torch.autograd.gradcheck(lambda m, v, w: relu_affine_moments(m, v, w)[1],
+                                    (mean, var, w))  # one output unused
