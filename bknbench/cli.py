@@ -12,6 +12,7 @@ import typer
 
 from .config import DEFAULT_BATCH_SIZES, ConfigError, RunConfig
 from .presets import PRESETS
+from .request import DEFAULT_NORMS, DEFAULT_SEEDS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   pretty_exceptions_enable=False,
@@ -70,10 +71,11 @@ def _flags(**given) -> dict:
 def run(
     norms: Annotated[Optional[str], typer.Option(help="Comma-separated normalizer specs, e.g. "
         "bn,bkn:p=0.5,transition=sampled,gn:groups=4 (see `bknbench norms`). "
-        "[default: bn,bn-accum,gn,bkn]")] = None,
+        f"[default: {DEFAULT_NORMS}]")] = None,
     batch_sizes: Annotated[Optional[str], typer.Option(help="Micro-batch sizes: samples behind "
         f"each statistic. [default: {','.join(map(str, DEFAULT_BATCH_SIZES))}]")] = None,
-    seeds: Annotated[Optional[str], typer.Option(help="Comma-separated seeds. [default: 0,1]")] = None,
+    seeds: Annotated[Optional[str], typer.Option(help="Comma-separated seeds. [default: "
+        f"{','.join(map(str, DEFAULT_SEEDS))}]")] = None,
     dataset: Annotated[Optional[str], typer.Option(help="mnist1d, digits, synthetic, cifar10, "
         f"cifar100. {_default('dataset')}")] = None,
     model: Annotated[Optional[str], typer.Option(help="cnn, mlp, resnet20/32/56/110. "

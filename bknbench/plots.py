@@ -3,7 +3,9 @@
 Error is 100 - accuracy, in %. Bands are the 95% Student-t CI of the mean over seeds,
     mean -+ t(0.975, n - 1) * std / sqrt(n)        (results.mean_ci; no band when n = 1),
 and only runs with status ok enter a line. A spec has one colour in every figure
-(spec_colors), so the figures can be read side by side.
+(spec_colors), so the figures can be read side by side. When the mean errors of a figure
+span a factor of 10 or more (a collapse at micro-batch 1 beside 2% elsewhere), its error axis
+is logarithmic, so that differences of a point between good runs stay visible.
 
 matplotlib is imported inside functions: `import bknbench.plots` stays fast. Figures are
 built with matplotlib.figure.Figure rather than pyplot, so nothing needs a display, no global
@@ -39,6 +41,17 @@ def spec_colors(specs: Iterable[str]) -> dict[str, str]:
     return {s: to_hex(palette[i % len(palette)]) for i, s in enumerate(dict.fromkeys(specs))}
 
 
+def _error_scale(axes, errors: list[float]) -> str:
+    """Log error axes when the plotted mean errors (%) span a factor of 10 or more and are
+    all positive; returns the label suffix."""
+    errors = [e for e in errors if pd.notna(e)]
+    if not errors or min(errors) <= 0 or max(errors) / min(errors) < 10:
+        return ""
+    for ax in axes:
+        ax.set_yscale("log")
+    return ", log scale"
+
+
 def _groups(runs: pd.DataFrame) -> list[tuple[tuple[str, str], pd.DataFrame]]:
     """(dataset, model) and its runs, in order of first appearance."""
     keys = list(dict.fromkeys(zip(runs["dataset"], runs["model"])))
@@ -53,6 +66,7 @@ def _error_vs_batch_figure(runs: pd.DataFrame, colors: dict[str, str]) -> "Figur
     groups = _groups(runs)
     fig = Figure(figsize=(6.4 * len(groups), 4.6), layout="constrained")
     axes = fig.subplots(1, len(groups), squeeze=False)[0]
+    errors = []
     for ax, ((dataset, model), part) in zip(axes, groups):
         summary = summarize(part)
         for spec in colors:
@@ -60,6 +74,7 @@ def _error_vs_batch_figure(runs: pd.DataFrame, colors: dict[str, str]) -> "Figur
             if line.empty:
                 continue
             x = line["norm_batch"].to_numpy()
+            errors += list(100 - line["mean"])
             ax.plot(x, 100 - line["mean"], marker="o", color=colors[spec], label=spec)
             # NaN bounds (n = 1) leave a gap in the band rather than a fake zero-width one.
             ax.fill_between(x, 100 - line["ci_high"], 100 - line["ci_low"],
@@ -69,11 +84,13 @@ def _error_vs_batch_figure(runs: pd.DataFrame, colors: dict[str, str]) -> "Figur
         ax.set_xticks(batches, labels=[str(b) for b in batches])
         ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xlabel("micro-batch size (samples per normalization statistic)")
-        ax.set_ylabel("validation error after training (%)")
         ax.set_title(f"{dataset} / {model}")
-        ax.grid(alpha=0.3)
+        ax.grid(alpha=0.3, which="both")
         if ax.lines:
             ax.legend(title="spec")
+    scale = _error_scale(axes, errors)
+    for ax in axes:
+        ax.set_ylabel(f"validation error after training (%{scale})")
     n_failed = int((runs["status"] != "ok").sum())
     excluded = f"; {n_failed} failed run(s) excluded" if n_failed else ""
     fig.suptitle(f"Validation error vs micro-batch size\n"
@@ -105,7 +122,7 @@ def _convergence_figure(runs: pd.DataFrame, metrics: pd.DataFrame,
     nrows = max(r for r, _ in places) + 1
     fig = Figure(figsize=(3.6 * ncols + 1.6, 3.0 * nrows + 0.6), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True if len(groups) == 1 else "row")
-    handles = {}
+    handles, errors = {}, []
     for (r, c), ((dataset, model), b, cell) in zip(places, panels):
         ax = axes[r][c]
         for spec in colors:
@@ -114,17 +131,19 @@ def _convergence_figure(runs: pd.DataFrame, metrics: pd.DataFrame,
                 continue
             stats = [(e, *mean_ci(g["val_acc"])) for e, g in of_spec.groupby("epoch")]
             epoch, mean, _, half = (pd.Series(v, dtype="float64") for v in zip(*stats))
+            errors += list(100 - mean)
             (handles[spec],) = ax.plot(epoch, 100 - mean, color=colors[spec], label=spec)
             ax.fill_between(epoch, 100 - mean - half, 100 - mean + half,
                             color=colors[spec], alpha=0.2, linewidth=0)
         where = f"{dataset} / {model}, " if len(groups) > 1 else ""
         ax.set_title(f"{where}micro-batch {b}")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        if c == 0:
-            ax.set_ylabel("validation error (%)")
+        ax.grid(alpha=0.3, which="both")
         if (r + 1, c) not in places:  # lowest panel of its column
             ax.set_xlabel("epoch")
+    scale = _error_scale([axes[r][c] for r, c in places], errors)
+    for r in range(nrows):
+        axes[r][0].set_ylabel(f"validation error (%{scale})")
     for r in range(nrows):  # grid cells without a panel
         for c in range(ncols):
             if (r, c) not in places:

@@ -10,7 +10,8 @@ from .config import RunConfig
 from .sweep import SweepEvents
 
 stderr = Console(stderr=True)
-stdout = Console(soft_wrap=True)
+# piped or redirected, tables keep whole rows (rich would wrap them at 80 columns)
+stdout = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
 
 def label(cfg: RunConfig) -> str:

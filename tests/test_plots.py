@@ -114,6 +114,18 @@ def test_error_vs_batch_axes(results_dir):
     assert [t.get_text() for t in ax.get_legend().get_texts()] == list(SPECS)
 
 
+def test_error_axis_is_logarithmic_only_when_errors_span_ten_times(results_dir):
+    runs = load_results(results_dir).runs
+    colors = spec_colors(runs["spec"])
+    # the fixture's mean errors run from 4.5% to 14.5%: a linear axis
+    assert _error_vs_batch_figure(runs, colors).axes[0].get_yscale() == "linear"
+    collapsed = runs.copy()
+    collapsed.loc[collapsed["spec"] == "bkn:p=0.5", "final_val_acc"] = 20.0  # 80% error
+    collapsed.loc[collapsed["spec"] == "gn:groups=8", "final_val_acc"] = 99.0  # 1% error
+    ax = _error_vs_batch_figure(collapsed, colors).axes[0]
+    assert ax.get_yscale() == "log" and "log scale" in ax.get_ylabel()
+
+
 def test_convergence_panels_share_the_colours(results_dir):
     res = load_results(results_dir)
     colors = spec_colors(res.runs["spec"])
