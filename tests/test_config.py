@@ -22,7 +22,7 @@ def test_run_id_is_stable_and_hex():
 
 @pytest.mark.parametrize("change", [dict(spec="bn"), dict(seed=1), dict(norm_batch=8, sgd_batch=8),
                                     dict(sgd_batch=128), dict(base_lr=0.1), dict(epochs=7),
-                                    dict(dataset="digits"), dict(model="mlp"),
+                                    dict(dataset="mnist1d"), dict(model="mlp"),
                                     dict(milestones=(3,)), dict(amp=True),
                                     dict(schedule="step")])
 def test_run_id_changes_with_any_result_changing_field(change):
