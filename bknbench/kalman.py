@@ -14,8 +14,9 @@ from functools import cached_property
 import torch
 from torch import nn
 
-from .norms import (Option, StatsNorm, _EPS, _MOMENTUM, check_defined, group_affine,
-                    register, values_per_stat)
+from .fused import group_normalize
+from .norms import (Option, StatsNorm, _EPS, _MOMENTUM, check_defined, register,
+                    values_per_stat)
 from .transitions import chain_rules, sampled_moments
 
 
@@ -44,90 +45,6 @@ def kalman_update(m, s, mu_hat, var_hat, p, guard: float = 100.0):
     mu = torch.lerp(m, mu_hat, p)  # m + p (mu_hat - m)
     var = torch.addcmul(torch.lerp(s, var_hat, p), d.square(), pq)
     return mu, var
-
-
-# ---------------------------------------------------------------- the layer's math, fused
-class _KalmanNorm(torch.autograd.Function):
-    """observe -> kalman_update -> normalize as ONE autograd node, for the layer's training step.
-
-    Same values as ``group_moments``, ``kalman_update`` and ``normalize`` composed (those stay
-    the reference definitions); the backward is written out below, so a layer costs two
-    nodes' worth of overhead instead of ~35, which is most of BKN's cost at small batches.
-    Inputs: x (N, C, *S); mu_hat, var_hat (G, C) or None (no prior: per-group BN); p a float
-    or a 0-d tensor (learnable gain); weight, bias (C,). Outputs y, m, s, mu, var.
-    """
-
-    @staticmethod
-    def forward(ctx, x, mu_hat, var_hat, p, weight, bias, groups: int, guard: float,
-                eps: float):
-        n, c = x.shape[:2]
-        xg = x.reshape(groups, n // groups, c, -1)  # (G, B, C, P)
-        count = xg.shape[1] * xg.shape[3]
-        m = xg.sum((1, 3), keepdim=True).div_(count)
-        s = (xg - m).square_().sum((1, 3)).div_(count)
-        m = m.view(groups, c)
-        if mu_hat is None:
-            mu, var, pe, d = m, s, None, None
-        else:  # kalman_update, inlined to keep d and the guarded p for the backward
-            trusted = (var_hat / s).mean() < guard
-            pe = torch.where(trusted, p.to(m.dtype), 0.0) if torch.is_tensor(p) else (
-                trusted.to(m.dtype) * p)
-            d = m - mu_hat
-            mu = torch.lerp(m, mu_hat, pe)
-            var = torch.addcmul(torch.lerp(s, var_hat, pe), d.square(), pe * (1.0 - pe))
-        r = torch.rsqrt(var + eps)
-        scale = r * weight
-        shift = torch.addcmul(bias, mu, scale, value=-1.0)
-        y = group_affine(x, scale, shift)
-        ctx.save_for_backward(x, m, s, mu, var_hat, pe, d, r, scale, weight)
-        ctx.groups, ctx.p_is_tensor = groups, torch.is_tensor(p)
-        return y, m, s, mu, var
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g_y, g_m, g_s, g_mu, g_var):
-        x, m, s, mu, var_hat, pe, d, r, scale, weight = ctx.saved_tensors
-        groups = ctx.groups
-        n, c = x.shape[:2]
-        xg = x.reshape(groups, n // groups, c, -1)
-        count = xg.shape[1] * xg.shape[3]
-        gyg = g_y.reshape(xg.shape)
-        # y = x * scale + shift: per-group sums of g_y and g_y * x
-        g_shift = gyg.sum((1, 3))  # (G, C)
-        g_scale = (gyg * xg).sum((1, 3))
-        # scale = weight r, shift = bias - mu scale, r = (var + eps)^(-1/2)
-        g_bias = g_shift.sum(0)
-        g_scale = g_scale - g_shift * mu
-        g_weight = (g_scale * r).sum(0)
-        g_mu_t = -g_shift * scale if g_mu is None else g_mu - g_shift * scale
-        g_var_t = (-0.5) * g_scale * scale * r * r
-        if g_var is not None:
-            g_var_t = g_var_t + g_var
-        g_mu_hat = g_var_hat = g_p = None
-        if pe is None:  # mu = m, var = s
-            g_m_t, g_s_t = g_mu_t, g_var_t
-        else:
-            # mu = m - pe d;  var = s + pe (var_hat - s) + pe (1 - pe) d^2;  d = m - mu_hat
-            q = 1.0 - pe
-            g_d = 2.0 * pe * q * d * g_var_t
-            g_m_t = q * g_mu_t + g_d
-            g_s_t = q * g_var_t
-            g_mu_hat = pe * g_mu_t - g_d
-            g_var_hat = pe * g_var_t
-            if ctx.p_is_tensor and ctx.needs_input_grad[3]:
-                g_pe = ((var_hat - s + (1.0 - 2.0 * pe) * d * d) * g_var_t - d * g_mu_t).sum()
-                g_p = torch.where(pe != 0, g_pe, 0.0)  # guard rejected: p unused
-        if g_m is not None:
-            g_m_t = g_m_t + g_m
-        if g_s is not None:
-            g_s_t = g_s_t + g_s
-        # x -> y directly, and through m, s: dm/dx = 1 / n, ds/dx = 2 (x - m) / n
-        slope = g_s_t * (2.0 / count)
-        offset = torch.addcmul(g_m_t / count, slope, m, value=-1.0)
-        g_x = torch.addcmul(offset[:, None, :, None], xg, slope[:, None, :, None])
-        g_x.addcmul_(gyg, scale[:, None, :, None])
-        return (g_x.reshape(x.shape), g_mu_hat, g_var_hat, g_p, g_weight, g_bias,
-                None, None, None)
 
 
 # ---------------------------------------------------------------- priors: what feeds a layer
@@ -255,8 +172,8 @@ class BatchKalmanNorm(StatsNorm):
             mu_hat, var_hat = self.prior.predict(self.propagate, self.transition, draws)
             p = self.weight_on_prediction(n_values)
         # = group_moments, kalman_update (without a prior: none) and normalize, fused
-        y, m, s, mu, var = _KalmanNorm.apply(x, mu_hat, var_hat, p, self.weight, self.bias,
-                                             g, self.guard, self.eps)
+        y, m, s, mu, var = group_normalize(x, mu_hat, var_hat, p, self.weight, self.bias, g,
+                                           self.guard, self.eps)
         self.update_running(mu.detach(), var.detach(), n_values)
         self.posterior = Posterior(m, s, mu, var)
         return y

@@ -19,6 +19,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .config import ConfigError
+from .fused import group_normalize
 
 
 # ---------------------------------------------------------------- math (pure functions)
@@ -78,48 +79,20 @@ def values_per_stat(x: torch.Tensor, groups: int) -> int:
     return (x.shape[0] // groups) * math.prod(x.shape[2:])
 
 
-@lru_cache(maxsize=64)
-def _zeros_ones(c: int, dtype: torch.dtype, device: torch.device):
-    # constant (mean 0, var 1) statistics for `group_affine`; read-only, shared
-    return torch.zeros(c, dtype=dtype, device=device), torch.ones(c, dtype=dtype, device=device)
-
-
-def group_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """y = x * scale[g, c] + shift[g, c] for the samples of group g.
-
-    x: (N, C, *S); scale, shift: (G, C) -> (N, C, *S). With one group this runs on the fused
-    batch-norm kernel in inference form (mean 0, var 1, eps 0: exactly x * scale + shift),
-    whose backward is one fused pass instead of autograd's three for a broadcast addcmul.
-    """
-    g, c = scale.shape
-    if g == 1:
-        zeros, ones = _zeros_ones(c, x.dtype, x.device)
-        return F.batch_norm(x, zeros, ones, scale[0], shift[0], False, 0.0, 0.0)
-    n = x.shape[0]
-    xs = x.reshape(g, n // g, c, -1)
-    y = torch.addcmul(shift[:, None, :, None], xs, scale[:, None, :, None])
-    return y.reshape(x.shape)
-
-
-def scale_shift(mean, var, weight, bias, eps):
-    """(scale, shift) with y = x * scale + shift == weight * (x - mean) / sqrt(var + eps) + bias.
-
-    mean, var: (G, C); weight, bias: (C,) or None -> scale, shift: (G, C).
-    """
-    scale = torch.rsqrt(var + eps)
-    if weight is not None:
-        scale = scale * weight
-    if bias is None:
-        return scale, -mean * scale
-    return scale, torch.addcmul(bias, mean, scale, value=-1.0)
-
-
 def normalize(x, mean, var, weight, bias, eps):
-    """y = weight * (x - mean) / sqrt(var + eps) + bias with per-group statistics.
+    """y = weight * (x - mean) / sqrt(var + eps) + bias with per-group statistics: the
+    reference definition (training uses `fused.group_normalize`, which equals it).
 
     x: (N, C, *S); mean, var: (G, C); weight, bias: (C,) or None -> (N, C, *S).
     """
-    return group_affine(x, *scale_shift(mean, var, weight, bias, eps))
+    g, c = mean.shape
+    xs = x.reshape(g, x.shape[0] // g, c, -1)  # (G, B, C, P)
+    y = (xs - mean[:, None, :, None]) * torch.rsqrt(var + eps)[:, None, :, None]
+    if weight is not None:
+        y = y * weight[:, None]
+    if bias is not None:
+        y = y + bias[:, None]
+    return y.reshape(x.shape)
 
 
 @lru_cache(maxsize=64)
@@ -220,9 +193,10 @@ class GroupedBatchNorm(StatsNorm):
             self.num_batches_tracked += 1
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight,
                                 self.bias, True, self.momentum, self.eps)
-        mean, var = group_moments(x, g)
-        self.update_running(mean, var, n_values)
-        return normalize(x, mean, var, self.weight, self.bias, self.eps)
+        y, mean, var, _, _ = group_normalize(x, None, None, None, self.weight, self.bias, g,
+                                             eps=self.eps)
+        self.update_running(mean.detach(), var.detach(), n_values)
+        return y
 
 
 class GroupNorm(nn.GroupNorm):

@@ -379,23 +379,40 @@ def test_fused_layer_gradients_equal_the_reference_composition(spec):
     assert fused[2].abs().sum() > 0  # gradient reached the transition's weights
 
 
-def test_fused_node_passes_gradcheck():
+@pytest.mark.parametrize("groups", [1, 3, 6])  # one group; groups of 2; of 1 sample
+def test_fused_node_passes_gradcheck(groups):
     """Numerical vs analytic Jacobian of the fused node, all five outputs, tensor gain."""
-    from bknbench.kalman import _KalmanNorm
+    from bknbench.fused import group_normalize
 
     g = _gen(3)
     x = torch.randn(6, 3, 4, generator=g, dtype=D, requires_grad=True)
-    mu_hat = torch.randn(3, 3, generator=g, dtype=D, requires_grad=True)
-    var_hat = (torch.rand(3, 3, generator=g, dtype=D) + 0.5).requires_grad_()
+    mu_hat = torch.randn(groups, 3, generator=g, dtype=D, requires_grad=True)
+    var_hat = (torch.rand(groups, 3, generator=g, dtype=D) + 0.5).requires_grad_()
     p = torch.tensor(0.6, dtype=D, requires_grad=True)
     weight = (torch.rand(3, generator=g, dtype=D) + 0.5).requires_grad_()
     bias = torch.randn(3, generator=g, dtype=D, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda *a: _KalmanNorm.apply(*a, 3, 100.0, 1e-5), (x, mu_hat, var_hat, p, weight, bias))
+        lambda *a: group_normalize(*a, groups, 100.0, 1e-5),
+        (x, mu_hat, var_hat, p, weight, bias))
     # without a prior: per-group BN
     assert torch.autograd.gradcheck(
-        lambda x, w, b: _KalmanNorm.apply(x, None, None, None, w, b, 3, 100.0, 1e-5),
+        lambda x, w, b: group_normalize(x, None, None, None, w, b, groups, 100.0, 1e-5),
         (x, weight, bias))
+
+
+def test_fused_node_values_equal_the_reference_functions():
+    from bknbench.fused import group_normalize
+
+    g = _gen(9)
+    x = torch.randn(8, 3, 5, generator=g, dtype=D) * 2 + 1
+    mu_hat, var_hat = torch.randn(4, 3, generator=g, dtype=D), torch.rand(4, 3, dtype=D) + 1
+    w, b = torch.rand(3, generator=g, dtype=D) + 0.5, torch.randn(3, generator=g, dtype=D)
+    y, m, s, mu, var = group_normalize(x, mu_hat, var_hat, 0.7, w, b, 4)
+    m_r, s_r = group_moments(x, 4)
+    mu_r, var_r = kalman_update(m_r, s_r, mu_hat, var_hat, 0.7)
+    for a, r in [(m, m_r), (s, s_r), (mu, mu_r), (var, var_r),
+                 (y, normalize(x, mu_r, var_r, w, b, 1e-5))]:
+        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
 
 
 def test_group_moments_passes_gradcheck():
