@@ -19,60 +19,11 @@ from torch import nn
 import torch.nn.functional as F
 
 from .config import ConfigError
-from .fused import group_normalize
+from .fused import group_moments, group_normalize  # noqa: F401 (group_moments: public here)
 
 
 # ---------------------------------------------------------------- math (pure functions)
-# These run several times per layer per step, so each is written as few tensor ops as
-# possible: at micro-batch sizes the per-op overhead, not arithmetic, is the cost.
-
-class _GroupMoments(torch.autograd.Function):
-    """Per-group mean and biased variance with a one-pass backward.
-
-    torch.var_mean over non-adjacent dims is several times slower on CPU than a sum, and
-    its autograd backward takes several passes; here the forward is two passes (exact
-    two-pass variance, as torch's batch norm kernel computes it) and the backward one:
-    dm/dx = 1 / n, ds/dx = 2 (x - m) / n.
-    """
-
-    @staticmethod
-    def forward(ctx, x, groups):
-        n, c = x.shape[:2]
-        xg = x.reshape(groups, n // groups, c, -1)  # (G, B, C, P)
-        count = xg.shape[1] * xg.shape[3]
-        mean = xg.sum((1, 3), keepdim=True).div_(count)  # (G, 1, C, 1)
-        var = (xg - mean).square_().sum((1, 3)).div_(count)  # (G, C)
-        mean = mean.view(groups, c)
-        ctx.save_for_backward(x, mean)
-        ctx.groups = groups
-        return mean, var
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_mean, grad_var):
-        x, mean = ctx.saved_tensors
-        n, c = x.shape[:2]
-        xg = x.reshape(ctx.groups, n // ctx.groups, c, -1)
-        count = xg.shape[1] * xg.shape[3]
-        if grad_mean is None:
-            grad_mean = torch.zeros_like(mean)
-        if grad_var is None:
-            grad = (grad_mean / count)[:, None, :, None].expand_as(xg)
-        else:
-            slope = grad_var * (2.0 / count)  # (G, C)
-            offset = torch.addcmul(grad_mean / count, slope, mean, value=-1.0)
-            grad = torch.addcmul(offset[:, None, :, None], xg, slope[:, None, :, None])
-        return grad.reshape(x.shape), None
-
-
-def group_moments(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group, per-channel mean and biased variance.
-
-    x: (N, C, *spatial) with N divisible by ``groups`` -> mean, var: (groups, C), computed
-    over the N / groups samples of each group and all spatial positions. Differentiable.
-    """
-    return _GroupMoments.apply(x, groups)
-
+# The training-mode math, fused into autograd nodes for speed, is in fused.py.
 
 def values_per_stat(x: torch.Tensor, groups: int) -> int:
     """How many values stand behind each (group, channel) statistic."""
@@ -110,7 +61,8 @@ def ema_over_groups(running, stats, momentum, scale: float = 1.0):
     forwards. running: (C,); stats: (G, C) -> (C,). One fused op (addmv).
     """
     g = stats.shape[0]
-    w = _ema_weights(g, float(momentum), stats.dtype, stats.device)
+    weights = _ema_weights.__wrapped__ if torch.compiler.is_compiling() else _ema_weights
+    w = weights(g, float(momentum), stats.dtype, stats.device)  # (the compiler cannot cache)
     return torch.addmv(running, stats.t(), w, beta=(1.0 - momentum) ** g, alpha=scale)
 
 

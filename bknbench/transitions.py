@@ -14,7 +14,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from .norms import group_moments
+from .fused import group_moments
 
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _VAR_FLOOR = 1e-12  # below this the input is treated as a constant (sd fixed at 1e-6)
@@ -116,7 +116,10 @@ class _ReluAffine(torch.autograd.Function):
 
 def relu_affine_moments(mean, var, weight, bias=None):
     """Moments after ReLU then a linear or convolution layer (see `_ReluAffine`).
-    mean, var: (G, C_in) -> (G, C_out), (G, C_out)."""
+    mean, var: (G, C_in) -> (G, C_out), (G, C_out). Under torch.compile: the reference rules,
+    which the compiler fuses."""
+    if torch.compiler.is_compiling():
+        return affine_moments(*relu_moments(mean, var), weight, bias)
     return _ReluAffine.apply(mean, var, weight, bias)
 
 
