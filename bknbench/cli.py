@@ -192,7 +192,7 @@ def list_norms():
         print(f"{name:10s} {entry.help}")
         for key, opt in entry.options.items():
             kind = "|".join(opt.kind) if isinstance(opt.kind, tuple) else opt.kind.__name__
-            print(f"    {key}={opt.default!s:<10} {kind:28s} {opt.help}")
+            print(f"    {key}={opt.default!s:<{20 - len(key)}} {kind:26s} {opt.help}")
 
 
 def main() -> None:
