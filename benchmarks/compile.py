@@ -8,7 +8,9 @@ Each case is bknbench's own training step (the model of `make_model`, the optimi
 digits, 8x8 images, at micro-batch 2 and 128, for bn and bkn. The compiled model is
 built once and warmed up (compiled) before timing, so the figures are steady state; the
 compile time (first call, including dynamo and inductor) is printed beside them. A real
-run pays that cost once per run: with few steps it can exceed the saving.
+run pays that cost once per run: with few steps it can exceed the saving. Inductor caches
+what it compiled on disk, so a second invocation compiles faster; for cold figures run with
+TORCHINDUCTOR_CACHE_DIR set to an empty folder.
 """
 from __future__ import annotations
 
