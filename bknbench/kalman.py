@@ -1,9 +1,11 @@
-"""Batch Kalman Normalization (arXiv 1802.03133): the pure update, the transitions, the layer.
+"""Batch Kalman Normalization (arXiv 1802.03133): the pure update, the priors, the layer.
 
 A BKN layer observes per-group statistics (m, s) of its input, predicts them from the
 posterior of the preceding normalization layer pushed through the operations between the
-two (the transition), and fuses both as a two-component mixture. The model builder wires
-each layer's `prior` (see `wire_chain` in models.py); a layer without one uses (m, s) alone.
+two (the transition, transitions.py), and fuses both as a two-component mixture. The model
+builder wires each layer's `prior` (`wire_sequence` in models.py, `wire_kalman` in
+resnet.py); a layer without one uses (m, s) alone. The training step runs the fused node of
+fused.py, which equals `kalman_update` composed with the observation and `normalize`.
 """
 from __future__ import annotations
 
