@@ -21,18 +21,24 @@ _VAR_FLOOR = 1e-12  # below this the input is treated as a constant (sd fixed at
 
 
 # ---------------------------------------------------------------- reference rules
+def _relu_terms(mean, var):
+    """sd, Phi(a), phi(a), E[ReLU z] and the unclamped Var[ReLU z] for z ~ N(mean, var)."""
+    sd = var.clamp_min(_VAR_FLOOR).sqrt()
+    a = mean / sd
+    cdf = torch.special.ndtr(a)
+    pdf = torch.exp(a.square().mul(-0.5)).mul(_INV_SQRT_2PI)
+    m1 = torch.addcmul(sd * pdf, mean, cdf)
+    # E[y^2] = (mean^2 + var) Phi + mean sd phi = mean (mean Phi + sd phi) + var Phi
+    v1_raw = torch.addcmul(torch.addcmul(var * cdf, mean, m1), m1, m1, value=-1.0)
+    return sd, cdf, pdf, m1, v1_raw
+
+
 def relu_moments(mean, var):
     """Mean and variance of ReLU(z), z ~ N(mean, var), elementwise. With sd = sqrt(var),
     a = mean / sd: E[y] = mean Phi(a) + sd phi(a); E[y^2] = (mean^2 + var) Phi(a) + mean sd phi(a).
     """
-    sd = var.clamp_min(_VAR_FLOOR).sqrt()
-    a = mean / sd
-    cdf = torch.special.ndtr(a)
-    sd_pdf = sd * torch.exp(a.square().mul(-0.5)).mul(_INV_SQRT_2PI)  # sd phi(a)
-    m1 = torch.addcmul(sd_pdf, mean, cdf)
-    # E[y^2] = (mean^2 + var) Phi + mean sd phi = mean (mean Phi + sd phi) + var Phi
-    m2 = torch.addcmul(var * cdf, mean, m1)
-    return m1, torch.addcmul(m2, m1, m1, value=-1.0).clamp_min(0.0)
+    *_, m1, v1_raw = _relu_terms(mean, var)
+    return m1, v1_raw.clamp_min(0.0)
 
 
 def _kernel_sums(weight, c_in: int):
@@ -78,17 +84,13 @@ class _ReluAffine(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, mean, var, weight, bias):
-        sd = var.clamp_min(_VAR_FLOOR).sqrt()
-        a = mean / sd
-        cdf = torch.special.ndtr(a)
-        pdf = torch.exp(a.square().mul_(-0.5)).mul_(_INV_SQRT_2PI)
-        m1 = torch.addcmul(sd * pdf, mean, cdf)
-        v1_raw = torch.addcmul(var * cdf, mean, m1).addcmul_(m1, m1, value=-1.0)
+        sd, cdf, pdf, m1, v1_raw = _relu_terms(mean, var)
         v1 = v1_raw.clamp_min(0.0)
         w_sum, w2_sum = _kernel_sums(weight, mean.shape[1])
         out_mean = m1 @ w_sum.t() if bias is None else torch.addmm(bias, m1, w_sum.t())
         ctx.save_for_backward(var, sd, cdf, pdf, m1, v1_raw, v1, weight, w_sum, w2_sum)
         ctx.has_bias = bias is not None
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None
         return out_mean, v1 @ w2_sum.t()
 
     @staticmethod
