@@ -27,8 +27,14 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install --quiet -e ".[test]"
 	touch $@
 
-venv: $(VENV)/.installed
-venv-test: $(VENV)/.installed-test
+# The C++ CPU kernels (bknbench/native.py), about 30 s; without a compiler it says so in one
+# line and the PyTorch path runs.
+$(VENV)/.native: $(VENV)/.installed bknbench/csrc/fused_cpu.cpp
+	$(BIN)/python -m bknbench.native
+	touch $@
+
+venv: $(VENV)/.installed $(VENV)/.native
+venv-test: $(VENV)/.installed-test $(VENV)/.native
 
 run: venv
 	$(BIN)/bknbench run --out results/default $(RUN_ARGS)

@@ -19,6 +19,8 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from . import native
+
 
 @lru_cache(maxsize=64)
 def _zeros_ones(k: int, dtype: torch.dtype, device: torch.device):
@@ -198,9 +200,9 @@ class GroupNormalize(torch.autograd.Function):
 
 def group_normalize(x, mu_hat, var_hat, p, weight, bias, groups: int, guard: float = 100.0,
                     eps: float = 1e-5):
-    """y, m, s, mu, var of `GroupNormalize` (see there). Under torch.compile the reference
-    composition is traced instead: the compiler fuses it, and it does not trace the
-    hand-written node."""
+    """y, m, s, mu, var of `GroupNormalize` (see there), on the C++ kernel of `native` when
+    it is built and applies (CPU, float32/64). Under torch.compile the reference composition
+    is traced instead: the compiler fuses it, and it does not trace the hand-written node."""
     if torch.compiler.is_compiling():
         from .kalman import kalman_update
         from .norms import normalize
@@ -208,4 +210,9 @@ def group_normalize(x, mu_hat, var_hat, p, weight, bias, groups: int, guard: flo
         m, s = group_moments(x, groups)
         mu, var = (m, s) if mu_hat is None else kalman_update(m, s, mu_hat, var_hat, p, guard)
         return normalize(x, mu, var, weight, bias, eps), m, s, mu, var
+    p_tensor = p if torch.is_tensor(p) else None
+    if native.usable(x, mu_hat, var_hat, p_tensor, weight, bias):
+        return tuple(native.module().group_normalize(
+            x, mu_hat, var_hat, p_tensor, 0.0 if p is None or p_tensor is not None else p,
+            weight, bias, groups, guard, eps))
     return GroupNormalize.apply(x, mu_hat, var_hat, p, weight, bias, groups, guard, eps)

@@ -26,7 +26,7 @@ RUN_COLUMNS = (
     "compile",
     "deterministic",
     "torch_version",
-    "versions",  # JSON: python, numpy, bknbench
+    "versions",  # JSON: python, numpy, bknbench, kernels (native | torch)
     "git_commit",
     "config",  # JSON: the fully resolved RunConfig
 )

@@ -42,8 +42,21 @@ def provenance() -> dict:
     except (OSError, subprocess.SubprocessError):
         commit = ""
     return {"torch_version": torch.__version__, "git_commit": commit,
-            "versions": json.dumps({"python": platform.python_version(),
-                                    "numpy": numpy.__version__, "bknbench": __version__})}
+            "versions": {"python": platform.python_version(), "numpy": numpy.__version__,
+                         "bknbench": __version__}}
+
+
+def kernels(device: str) -> str:
+    """Which code ran BKN's and grouped BN's training math: 'native' (the C++ kernels of
+    native.py, CPU only) or 'torch' (the PyTorch nodes). Same results, different speed."""
+    from . import native
+    from .train import resolve_device
+
+    try:
+        on_cpu = resolve_device(device) == "cpu"
+    except ValueError:
+        on_cpu = False
+    return native.status() if on_cpu else "torch"
 
 
 def make_row(cfg: RunConfig, outcome) -> dict:
@@ -64,7 +77,9 @@ def make_row(cfg: RunConfig, outcome) -> dict:
         "samples_per_s": round(outcome.samples / outcome.train_time_s, 2)
         if outcome.train_time_s > 0 else None,
         "peak_mem_mb": outcome.peak_mem_mb, "device": cfg.device, "amp": cfg.amp,
-        "compile": cfg.compile, "deterministic": cfg.deterministic, **provenance(),
+        "compile": cfg.compile, "deterministic": cfg.deterministic,
+        **provenance(), "versions": json.dumps({**provenance()["versions"],
+                                                "kernels": kernels(cfg.device)}),
         "config": json.dumps(cfg.to_dict(), sort_keys=True),
     }
 

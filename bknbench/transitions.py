@@ -14,6 +14,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from . import native
 from .fused import group_moments
 
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -118,10 +119,12 @@ class _ReluAffine(torch.autograd.Function):
 
 def relu_affine_moments(mean, var, weight, bias=None):
     """Moments after ReLU then a linear or convolution layer (see `_ReluAffine`).
-    mean, var: (G, C_in) -> (G, C_out), (G, C_out). Under torch.compile: the reference rules,
-    which the compiler fuses."""
+    mean, var: (G, C_in) -> (G, C_out), (G, C_out). On the C++ kernel of `native` when it
+    applies; under torch.compile: the reference rules, which the compiler fuses."""
     if torch.compiler.is_compiling():
         return affine_moments(*relu_moments(mean, var), weight, bias)
+    if native.usable(mean, var, weight, bias):
+        return tuple(native.module().relu_affine(mean, var, weight, bias))
     return _ReluAffine.apply(mean, var, weight, bias)
 
 

@@ -11,3 +11,18 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(params=["native", "torch"])
+def backend(request):
+    """Run a test on each implementation of the fused nodes: the C++ CPU kernels
+    (bknbench/native.py; skipped where not built) and the PyTorch autograd nodes."""
+    from bknbench import native
+
+    if request.param == "native":
+        if native.module() is None:
+            pytest.skip("native kernels not built (python -m bknbench.native)")
+        yield "native"
+    else:
+        with native.disabled():
+            yield "torch"

@@ -245,7 +245,8 @@ def test_layer_forward_matches_a_by_hand_computation(spec):
     y = second(h)
     # first layer: plain per-group BN statistics
     m1, s1 = group_moments(x, 4)
-    assert torch.equal(first.posterior.mu, m1) and torch.equal(first.posterior.var, s1)
+    torch.testing.assert_close(first.posterior.mu, m1, rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(first.posterior.var, s1, rtol=1e-13, atol=1e-14)
     # second layer: prediction through ReLU + Linear, fused with the observation
     if second.propagate == "raw":
         start = (m1, s1)
@@ -349,7 +350,7 @@ def _reference_chain(first, lin, second, x):
 
 @pytest.mark.parametrize("spec", ["bkn", "bkn:p=0.5,propagate=output",
                                   "bkn:gain=learnable,p=0.7", "bkn:guard=1e-6"])
-def test_fused_layer_gradients_equal_the_reference_composition(spec):
+def test_fused_layer_gradients_equal_the_reference_composition(spec, backend):
     """The hand-written backward of the fused BKN node (x, prediction, gain, affine, and the
     posterior handed to the next layer) against autograd through the reference functions.
     guard=1e-6 rejects every prediction: the gain then gets no gradient."""
@@ -380,7 +381,7 @@ def test_fused_layer_gradients_equal_the_reference_composition(spec):
 
 
 @pytest.mark.parametrize("groups", [1, 3, 6])  # one group; groups of 2; of 1 sample
-def test_fused_node_passes_gradcheck(groups):
+def test_fused_node_passes_gradcheck(groups, backend):
     """Numerical vs analytic Jacobian of the fused node, all five outputs, tensor gain."""
     from bknbench.fused import group_normalize
 
@@ -400,7 +401,7 @@ def test_fused_node_passes_gradcheck(groups):
         (x, weight, bias))
 
 
-def test_fused_node_values_equal_the_reference_functions():
+def test_fused_node_values_equal_the_reference_functions(backend):
     from bknbench.fused import group_normalize
 
     g = _gen(9)
@@ -422,7 +423,7 @@ def test_group_moments_passes_gradcheck():
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d", "conv2d-bias"])
-def test_fused_relu_affine_equals_the_reference_rules(kind):
+def test_fused_relu_affine_equals_the_reference_rules(kind, backend):
     """relu_affine_moments: the values of relu_moments then affine_moments, and their
     autograd gradients (inputs, weight, bias), including a channel near zero variance."""
     g = _gen(5)
@@ -451,7 +452,7 @@ def test_fused_relu_affine_equals_the_reference_rules(kind):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
 
 
-def test_fused_relu_affine_passes_gradcheck():
+def test_fused_relu_affine_passes_gradcheck(backend):
     g = _gen(6)
     mean = torch.randn(2, 3, generator=g, dtype=D, requires_grad=True)
     var = (torch.rand(2, 3, generator=g, dtype=D) + 0.2).requires_grad_()

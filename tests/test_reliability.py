@@ -263,6 +263,7 @@ def test_deterministic_twice_gives_identical_csvs(deterministic_pair):
     run = rows(a / "runs.csv")[0]
     assert run["deterministic"] == "True" and run["device"] == "cpu"
     assert run["torch_version"] == torch.__version__ and "numpy" in json.loads(run["versions"])
+    assert json.loads(run["versions"])["kernels"] in ("native", "torch")
     assert RunConfig.from_dict(json.loads(run["config"])).run_id == run["run_id"]
 
 

@@ -1,0 +1,436 @@
+// CPU kernels for the two hand-written autograd nodes of bknbench (fused.py, transitions.py):
+//   group_normalize: per-group moments -> optional Kalman fusion with a prediction -> normalize
+//   relu_affine:     moments after ReLU then a linear or convolution layer
+// Same inputs, outputs and gradients as the Python nodes `fused.GroupNormalize` and
+// `transitions._ReluAffine`; tests check both against the reference formulas.
+//
+// Why C++: at micro-batch sizes BKN's cost is the number of small tensor ops (about 150 per
+// layer and step from Python, each a dispatch and often an allocation), not arithmetic. Here
+// a layer is one call forward and one backward: three passes over the activations forward
+// (sum, squared deviations, normalize) and two backward (two sums, the gradient), as torch's
+// batch norm takes, and the per-(group, channel) math in plain loops.
+// Layout: x is (N, C, P) contiguous, group g holds samples [g B, (g + 1) B), B = N / G;
+// statistics are (G, C), index g * C + c. Statistics are accumulated in double.
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <vector>
+
+namespace {
+
+using torch::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+constexpr double kVarFloor = 1e-12;  // transitions._VAR_FLOOR
+constexpr int64_t kChunk = 1024;     // values summed in the input's precision before double
+
+struct Dims {
+  int64_t n, c, p, g, b;  // samples, channels, positions, groups, samples per group
+  double count() const { return double(b * p); }
+};
+
+Dims dims_of(const Tensor& x, int64_t groups) {
+  const int64_t n = x.size(0), c = x.size(1);
+  const int64_t p = n * c ? x.numel() / (n * c) : 0;
+  return {n, c, p, groups, n / groups};
+}
+
+// The data of an optional tensor (undefined: null) and its i-th value (null: 0).
+template <typename T>
+const T* ptr(const Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+template <typename T>
+double value_at(const T* p, int64_t i) {
+  return p ? double(p[i]) : 0.0;
+}
+
+// Sum of f(i) over [0, len) in chunks: vectorized in T inside a chunk, double across chunks.
+template <typename T, typename F>
+double row_sum(int64_t len, F f) {
+  double total = 0;
+  for (int64_t lo = 0; lo < len; lo += kChunk) {
+    const int64_t hi = std::min(len, lo + kChunk);
+    T acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = lo; i < hi; ++i) acc += f(i);
+    total += acc;
+  }
+  return total;
+}
+
+// Per (g, c): observed mean m and biased variance s, two passes as torch's batch norm.
+template <typename T>
+void observe(const T* x, const Dims& d, T* m, T* s) {
+  for (int64_t g = 0; g < d.g; ++g) {
+    for (int64_t c = 0; c < d.c; ++c) {
+      double sum = 0;
+      for (int64_t n = g * d.b; n < (g + 1) * d.b; ++n) {
+        const T* row = x + (n * d.c + c) * d.p;
+        sum += row_sum<T>(d.p, [row](int64_t i) { return row[i]; });
+      }
+      const double mean = sum / d.count();
+      const T mt = T(mean);
+      double sq = 0;
+      for (int64_t n = g * d.b; n < (g + 1) * d.b; ++n) {
+        const T* row = x + (n * d.c + c) * d.p;
+        sq += row_sum<T>(d.p, [row, mt](int64_t i) { T v = row[i] - mt; return v * v; });
+      }
+      m[g * d.c + c] = mt;
+      s[g * d.c + c] = T(sq / d.count());
+    }
+  }
+}
+
+// out[n, c, :] = a[g, c] * u[n, c, :] + b[g, c] * v[n, c, :] + k[g, c]; u may be null.
+template <typename T>
+void combine(const T* u, const T* v, const Dims& d, const std::vector<double>& a,
+             const std::vector<double>& b, const std::vector<double>& k, T* out) {
+  for (int64_t n = 0; n < d.n; ++n) {
+    const int64_t g = n / d.b;
+    for (int64_t c = 0; c < d.c; ++c) {
+      const int64_t gc = g * d.c + c, off = (n * d.c + c) * d.p;
+      const T at = T(a[gc]), bt = T(b[gc]), kt = T(k[gc]);
+      const T* vr = v + off;
+      T* o = out + off;
+      if (u) {
+        const T* ur = u + off;
+#pragma omp simd
+        for (int64_t i = 0; i < d.p; ++i) o[i] = at * ur[i] + bt * vr[i] + kt;
+      } else {
+#pragma omp simd
+        for (int64_t i = 0; i < d.p; ++i) o[i] = bt * vr[i] + kt;
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------ group_normalize
+// Inputs: x (N, C, *S); mu_hat, var_hat (G, C) or undefined (no prediction: per-group BN);
+// p_tensor (0-d, a learnable gain) or undefined, then p_value is the weight on the
+// prediction; weight, bias (C,). Outputs: y (N, C, *S); m, s (observed); mu, var (used).
+struct GroupNormalize : public torch::autograd::Function<GroupNormalize> {
+  static variable_list forward(AutogradContext* ctx, Tensor x, std::optional<Tensor> mu_hat_opt,
+                               std::optional<Tensor> var_hat_opt,
+                               std::optional<Tensor> p_opt, double p_value, Tensor weight,
+                               Tensor bias, int64_t groups, double guard, double eps) {
+    const Tensor mu_hat = mu_hat_opt.value_or(Tensor()), var_hat = var_hat_opt.value_or(Tensor());
+    const Tensor p_tensor = p_opt.value_or(Tensor());
+    const Tensor xc = x.contiguous();
+    const Dims d = dims_of(xc, groups);
+    const auto opts = xc.options();
+    Tensor y = at::empty(xc.sizes(), opts);
+    Tensor m = at::empty({d.g, d.c}, opts), s = at::empty({d.g, d.c}, opts);
+    Tensor mu = at::empty({d.g, d.c}, opts), var = at::empty({d.g, d.c}, opts);
+    const bool prior = mu_hat.defined();
+    bool trusted = false;
+    double pe = 0.0;
+    AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "bknbench_group_normalize", [&] {
+      const int64_t gc_n = d.g * d.c;
+      observe<scalar_t>(xc.data_ptr<scalar_t>(), d, m.data_ptr<scalar_t>(),
+                        s.data_ptr<scalar_t>());
+      const scalar_t* m_ = m.data_ptr<scalar_t>();
+      const scalar_t* s_ = s.data_ptr<scalar_t>();
+      scalar_t* mu_ = mu.data_ptr<scalar_t>();
+      scalar_t* var_ = var.data_ptr<scalar_t>();
+      if (prior) {
+        const Tensor mh = mu_hat.contiguous(), vh = var_hat.contiguous();
+        const scalar_t* mh_ = mh.data_ptr<scalar_t>();
+        const scalar_t* vh_ = vh.data_ptr<scalar_t>();
+        // guard (kalman.kalman_update): NaN (0 / 0) compares false, not trusted
+        double ratio = 0;
+        for (int64_t i = 0; i < gc_n; ++i) ratio += double(vh_[i]) / double(s_[i]);
+        trusted = ratio / double(gc_n) < guard;
+        const double p = p_tensor.defined() ? p_tensor.item<double>() : p_value;
+        pe = trusted ? p : 0.0;
+        for (int64_t i = 0; i < gc_n; ++i) {
+          const double dm = double(m_[i]) - double(mh_[i]);
+          mu_[i] = scalar_t(double(m_[i]) - pe * dm);
+          var_[i] = scalar_t(double(s_[i]) + pe * (double(vh_[i]) - double(s_[i])) +
+                             pe * (1.0 - pe) * dm * dm);
+        }
+      } else {
+        std::copy(m_, m_ + gc_n, mu_);
+        std::copy(s_, s_ + gc_n, var_);
+      }
+      const Tensor wc = weight.contiguous(), bc = bias.contiguous();
+      const scalar_t* w_ = wc.data_ptr<scalar_t>();
+      const scalar_t* b_ = bc.data_ptr<scalar_t>();
+      std::vector<double> scale(gc_n), shift(gc_n);
+      for (int64_t i = 0; i < gc_n; ++i) {
+        const int64_t c = i % d.c;
+        scale[i] = double(w_[c]) / std::sqrt(double(var_[i]) + eps);
+        shift[i] = double(b_[c]) - double(mu_[i]) * scale[i];
+      }
+      combine<scalar_t>(nullptr, xc.data_ptr<scalar_t>(), d, scale, scale, shift,
+                        y.data_ptr<scalar_t>());
+    });
+    ctx->save_for_backward({xc, mu_hat, var_hat, p_tensor, weight, m, s, mu, var});
+    ctx->saved_data["pe"] = pe;
+    ctx->saved_data["trusted"] = trusted;
+    ctx->saved_data["groups"] = groups;
+    ctx->saved_data["eps"] = eps;
+    ctx->set_materialize_grads(false);  // unused outputs' gradients stay undefined
+    return {y, m, s, mu, var};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &xc = saved[0], &mu_hat = saved[1], &var_hat = saved[2], &p_tensor = saved[3],
+                 &weight = saved[4], &m = saved[5], &s = saved[6], &mu = saved[7],
+                 &var = saved[8];
+    const double pe = ctx->saved_data["pe"].toDouble();
+    const bool trusted = ctx->saved_data["trusted"].toBool();
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const Dims d = dims_of(xc, ctx->saved_data["groups"].toInt());
+    const bool prior = mu_hat.defined();
+    const int64_t gc_n = d.g * d.c;
+    // needs_input_grad counts only the tensors given: x, [mu_hat, var_hat], [p], weight, bias
+    const bool given[] = {true, prior, prior, p_tensor.defined(), true, true};
+    const auto needs = [&](int k) {
+      int edge = 0;
+      for (int j = 0; j < k; ++j) edge += given[j];
+      return given[k] && ctx->needs_input_grad(edge);
+    };
+    const auto small = [&](int i) {  // a (G, C) output gradient, contiguous, or undefined
+      return grads[i].defined() ? grads[i].contiguous() : Tensor();
+    };
+    const Tensor g_y = grads[0].defined() ? grads[0].contiguous() : Tensor();
+    const Tensor g_m = small(1), g_s = small(2), g_mu = small(3), g_var = small(4);
+    Tensor g_x, g_mu_hat, g_var_hat, g_p, g_weight, g_bias;
+    AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "bknbench_group_normalize_backward", [&] {
+      using T = scalar_t;
+      const T* x_ = xc.data_ptr<T>();
+      const T* gy_ = g_y.defined() ? g_y.data_ptr<T>() : nullptr;
+      const T* mu_ = mu.data_ptr<T>();
+      // per (g, c): S1 = sum g_y, S2 = sum g_y (x - mu)
+      std::vector<double> s1(gc_n, 0.0), s2(gc_n, 0.0);
+      if (gy_) {
+        for (int64_t n = 0; n < d.n; ++n) {
+          const int64_t g = n / d.b;
+          for (int64_t c = 0; c < d.c; ++c) {
+            const int64_t gc = g * d.c + c, off = (n * d.c + c) * d.p;
+            const T* gr = gy_ + off;
+            const T* xr = x_ + off;
+            const T mt = mu_[gc];
+            s1[gc] += row_sum<T>(d.p, [gr](int64_t i) { return gr[i]; });
+            s2[gc] += row_sum<T>(d.p, [gr, xr, mt](int64_t i) { return gr[i] * (xr[i] - mt); });
+          }
+        }
+      }
+      const Tensor wc = weight.contiguous();
+      const T* w_ = wc.data_ptr<T>();
+      const T *m_ = m.data_ptr<T>(), *s_ = s.data_ptr<T>(), *var_ = var.data_ptr<T>();
+      const Tensor mh = prior ? mu_hat.contiguous() : Tensor();
+      const Tensor vh = prior ? var_hat.contiguous() : Tensor();
+      const T* mh_ = prior ? mh.data_ptr<T>() : nullptr;
+      const T* vh_ = prior ? vh.data_ptr<T>() : nullptr;
+      const T *gm_ = ptr<T>(g_m), *gs_ = ptr<T>(g_s), *gmu_ = ptr<T>(g_mu),
+              *gvar_ = ptr<T>(g_var);
+      std::vector<double> gw(d.c, 0.0), gb(d.c, 0.0), a(gc_n), b(gc_n), k(gc_n);
+      std::vector<double> gmh(prior ? gc_n : 0), gvh(prior ? gc_n : 0);
+      double gp = 0.0;
+      const double q = 1.0 - pe;
+      for (int64_t i = 0; i < gc_n; ++i) {
+        const int64_t c = i % d.c;
+        // y = w (x - mu) r + b, r = (var + eps)^-1/2
+        const double r = 1.0 / std::sqrt(double(var_[i]) + eps), w = double(w_[c]);
+        gw[c] += s2[i] * r;
+        gb[c] += s1[i];
+        const double g_mu_t = -w * r * s1[i] + value_at(gmu_, i);
+        const double g_var_t = -0.5 * w * r * r * r * s2[i] + value_at(gvar_, i);
+        double g_m_t = g_mu_t, g_s_t = g_var_t;
+        if (prior) {
+          // mu = m - pe dm;  var = s + pe (var_hat - s) + pe q dm^2;  dm = m - mu_hat
+          const double dm = double(m_[i]) - double(mh_[i]);
+          const double g_d = 2.0 * pe * q * dm * g_var_t;
+          g_m_t = q * g_mu_t + g_d;
+          g_s_t = q * g_var_t;
+          gmh[i] = pe * g_mu_t - g_d;
+          gvh[i] = pe * g_var_t;
+          gp += (double(vh_[i]) - double(s_[i]) + (1.0 - 2.0 * pe) * dm * dm) * g_var_t -
+                dm * g_mu_t;
+        }
+        g_m_t += value_at(gm_, i);
+        g_s_t += value_at(gs_, i);
+        // through m and s: dm/dx = 1 / n, ds/dx = 2 (x - m) / n
+        a[i] = w * r;
+        b[i] = 2.0 * g_s_t / d.count();
+        k[i] = g_m_t / d.count() - b[i] * double(m_[i]);
+      }
+      const auto opts = xc.options();
+      if (needs(0)) {
+        g_x = at::empty(xc.sizes(), opts);
+        combine<T>(gy_, x_, d, a, b, k, g_x.data_ptr<T>());
+      }
+      const auto to_tensor = [&](const std::vector<double>& v, at::IntArrayRef shape) {
+        Tensor t = at::empty(shape, opts);
+        T* t_ = t.data_ptr<T>();
+        for (size_t i = 0; i < v.size(); ++i) t_[i] = T(v[i]);
+        return t;
+      };
+      if (needs(4)) g_weight = to_tensor(gw, {d.c});
+      if (needs(5)) g_bias = to_tensor(gb, {d.c});
+      if (needs(1)) g_mu_hat = to_tensor(gmh, {d.g, d.c});
+      if (needs(2)) g_var_hat = to_tensor(gvh, {d.g, d.c});
+      if (prior && needs(3))  // guard rejected: unused
+        g_p = at::full({}, trusted ? gp : 0.0, p_tensor.options());
+    });
+    return {g_x, g_mu_hat, g_var_hat, g_p, Tensor(), g_weight, g_bias,
+            Tensor(), Tensor(), Tensor()};
+  }
+};
+
+// ------------------------------------------------------------------ relu_affine
+// ReLU of z ~ N(mean, var) per (g, i), then a linear or convolution layer with weight
+// (C_out, C_in, *kernel) or (C_out, C_in * P), optional bias: per (g, o)
+//   out_mean = sum_i (W summed over kernel positions)[o, i] E[ReLU z_i] + bias[o]
+//   out_var  = sum_i (W^2 summed)[o, i] Var[ReLU z_i]
+struct ReluTerms {
+  double sd, cdf, pdf, m1, v1_raw;
+};
+
+ReluTerms relu_terms(double mean, double var) {
+  const double sd = std::sqrt(std::max(var, kVarFloor)), a = mean / sd;
+  const double cdf = 0.5 * std::erfc(-a * M_SQRT1_2);
+  const double pdf = std::exp(-0.5 * a * a) * (0.5 * M_2_SQRTPI * M_SQRT1_2);
+  const double m1 = mean * cdf + sd * pdf;
+  return {sd, cdf, pdf, m1, var * cdf + mean * m1 - m1 * m1};
+}
+
+struct ReluAffine : public torch::autograd::Function<ReluAffine> {
+  static variable_list forward(AutogradContext* ctx, Tensor mean, Tensor var, Tensor weight,
+                               std::optional<Tensor> bias_opt) {
+    const Tensor bias = bias_opt.value_or(Tensor());
+    const Tensor mc = mean.contiguous(), vc = var.contiguous(), wc = weight.contiguous();
+    const int64_t g = mc.size(0), ci = mc.size(1), co = wc.size(0);
+    const int64_t kk = ci * co ? wc.numel() / (ci * co) : 0;
+    Tensor out_mean = at::empty({g, co}, mc.options()), out_var = at::empty({g, co}, mc.options());
+    AT_DISPATCH_FLOATING_TYPES(mc.scalar_type(), "bknbench_relu_affine", [&] {
+      using T = scalar_t;
+      const T *m_ = mc.data_ptr<T>(), *v_ = vc.data_ptr<T>(), *w_ = wc.data_ptr<T>();
+      std::vector<double> m1(g * ci), v1(g * ci), ws(co * ci, 0.0), w2s(co * ci, 0.0);
+      for (int64_t i = 0; i < g * ci; ++i) {
+        const ReluTerms t = relu_terms(double(m_[i]), double(v_[i]));
+        m1[i] = t.m1;
+        v1[i] = std::max(t.v1_raw, 0.0);
+      }
+      for (int64_t j = 0; j < co * ci; ++j) {
+        for (int64_t q = 0; q < kk; ++q) {
+          const double w = double(w_[j * kk + q]);
+          ws[j] += w;
+          w2s[j] += w * w;
+        }
+      }
+      const Tensor bc = bias.defined() ? bias.contiguous() : Tensor();
+      T *om = out_mean.data_ptr<T>(), *ov = out_var.data_ptr<T>();
+      for (int64_t gg = 0; gg < g; ++gg) {
+        for (int64_t o = 0; o < co; ++o) {
+          double sm = bc.defined() ? double(bc.data_ptr<T>()[o]) : 0.0, sv = 0.0;
+          for (int64_t i = 0; i < ci; ++i) {
+            sm += ws[o * ci + i] * m1[gg * ci + i];
+            sv += w2s[o * ci + i] * v1[gg * ci + i];
+          }
+          om[gg * co + o] = T(sm);
+          ov[gg * co + o] = T(sv);
+        }
+      }
+    });
+    ctx->save_for_backward({mc, vc, wc});
+    ctx->saved_data["has_bias"] = bias.defined();
+    ctx->set_materialize_grads(false);
+    return {out_mean, out_var};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &mc = saved[0], &vc = saved[1], &wc = saved[2];
+    const int64_t g = mc.size(0), ci = mc.size(1), co = wc.size(0);
+    const int64_t kk = ci * co ? wc.numel() / (ci * co) : 0;
+    const Tensor g_out_m = grads[0].defined() ? grads[0].contiguous() : Tensor();
+    const Tensor g_out_v = grads[1].defined() ? grads[1].contiguous() : Tensor();
+    Tensor g_mean, g_var, g_w, g_bias;
+    AT_DISPATCH_FLOATING_TYPES(mc.scalar_type(), "bknbench_relu_affine_backward", [&] {
+      using T = scalar_t;
+      const T *m_ = mc.data_ptr<T>(), *v_ = vc.data_ptr<T>(), *w_ = wc.data_ptr<T>();
+      const T *gom_ = ptr<T>(g_out_m), *gov_ = ptr<T>(g_out_v);
+      std::vector<ReluTerms> terms(g * ci);
+      for (int64_t i = 0; i < g * ci; ++i) terms[i] = relu_terms(double(m_[i]), double(v_[i]));
+      std::vector<double> ws(co * ci, 0.0), w2s(co * ci, 0.0);
+      for (int64_t j = 0; j < co * ci; ++j) {
+        for (int64_t q = 0; q < kk; ++q) {
+          const double w = double(w_[j * kk + q]);
+          ws[j] += w;
+          w2s[j] += w * w;
+        }
+      }
+      // weight: d/dW of sum_k W_k (mean side) and of sum_k W_k^2 (variance side)
+      std::vector<double> gws(co * ci, 0.0), gw2s(co * ci, 0.0);
+      Tensor gm = at::empty({g, ci}, mc.options()), gv = at::empty({g, ci}, mc.options());
+      T *gmean_ = gm.data_ptr<T>(), *gvar_ = gv.data_ptr<T>();
+      for (int64_t gg = 0; gg < g; ++gg) {
+        for (int64_t i = 0; i < ci; ++i) {
+          const ReluTerms& t = terms[gg * ci + i];
+          const double v1 = std::max(t.v1_raw, 0.0);
+          double g_m1 = 0.0, g_v1 = 0.0;
+          for (int64_t o = 0; o < co; ++o) {
+            const double go_m = value_at(gom_, gg * co + o), go_v = value_at(gov_, gg * co + o);
+            g_m1 += go_m * ws[o * ci + i];
+            g_v1 += go_v * w2s[o * ci + i];
+            gws[o * ci + i] += go_m * t.m1;
+            gw2s[o * ci + i] += go_v * v1;
+          }
+          if (t.v1_raw < 0) g_v1 = 0.0;  // the clamp at 0 passes the gradient at >= 0
+          // v1 = E[y^2] - m1^2; the phi terms reach var only above the floor
+          const double half_pdf_sd = double(v_[gg * ci + i]) > kVarFloor ? t.pdf / t.sd : 0.0;
+          gmean_[gg * ci + i] = T(g_m1 * t.cdf + 2.0 * g_v1 * t.m1 * (1.0 - t.cdf));
+          gvar_[gg * ci + i] = T(g_v1 * t.cdf + 0.5 * (g_m1 - 2.0 * g_v1 * t.m1) * half_pdf_sd);
+        }
+      }
+      g_mean = gm;
+      g_var = gv;
+      if (ctx->needs_input_grad(2)) {
+        g_w = at::empty(wc.sizes(), wc.options());
+        T* gw_ = g_w.data_ptr<T>();
+        for (int64_t j = 0; j < co * ci; ++j) {
+          for (int64_t q = 0; q < kk; ++q) {
+            gw_[j * kk + q] = T(gws[j] + 2.0 * double(w_[j * kk + q]) * gw2s[j]);
+          }
+        }
+      }
+      if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(3)) {
+        g_bias = at::empty({co}, mc.options());
+        T* gb_ = g_bias.data_ptr<T>();
+        for (int64_t o = 0; o < co; ++o) {
+          double sum = 0.0;
+          for (int64_t gg = 0; gg < g; ++gg) sum += value_at(gom_, gg * co + o);
+          gb_[o] = T(sum);
+        }
+      }
+    });
+    return {g_mean, g_var, g_w, g_bias};
+  }
+};
+
+variable_list group_normalize(Tensor x, std::optional<Tensor> mu_hat,
+                              std::optional<Tensor> var_hat, std::optional<Tensor> p_tensor,
+                              double p_value, Tensor weight, Tensor bias, int64_t groups,
+                              double guard, double eps) {
+  return GroupNormalize::apply(x, mu_hat, var_hat, p_tensor, p_value, weight, bias, groups,
+                               guard, eps);
+}
+
+variable_list relu_affine(Tensor mean, Tensor var, Tensor weight, std::optional<Tensor> bias) {
+  return ReluAffine::apply(mean, var, weight, bias);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("group_normalize", &group_normalize, "fused.GroupNormalize on CPU");
+  m.def("relu_affine", &relu_affine, "transitions._ReluAffine on CPU");
+}
