@@ -73,8 +73,10 @@ def header(title: str, args: argparse.Namespace | None = None) -> None:
     print(f"date     {now}")
     print(f"machine  {cpu_name()}, {os.cpu_count()} logical cores, {platform.platform()}")
     print(f"load     {load} (1/5/15 min, before the run)")
+    from bknbench import native
+
     print(f"versions python {platform.python_version()}, torch {torch.__version__}, "
-          f"numpy {numpy.__version__}, bknbench {git_commit()}")
+          f"numpy {numpy.__version__}, bknbench {git_commit()}, kernels {native.status()}")
     if args is not None:
         settings = {k: v for k, v in vars(args).items()}
         print("settings " + ", ".join(f"{k}={v}" for k, v in settings.items()))
@@ -144,6 +146,16 @@ def synthetic_images(n_train: int, n_test: int, shape=(3, 32, 32), classes: int 
                    torch.randint(0, classes, (n_train,), generator=g),
                    torch.randn((n_test,) + shape, generator=g),
                    torch.randint(0, classes, (n_test,), generator=g), classes, image=True)
+
+
+def without_native(case: Callable[[], float]) -> Callable[[], float]:
+    """The case on the PyTorch autograd nodes instead of the C++ kernels (bknbench/native.py)."""
+    def run() -> float:
+        from bknbench import native
+
+        with native.disabled():
+            return case()
+    return run
 
 
 def bknbench_rate(cfg, data) -> Callable[[], float]:
