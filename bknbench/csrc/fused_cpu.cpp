@@ -10,7 +10,8 @@
 // (sum, squared deviations, normalize) and two backward (two sums, the gradient), as torch's
 // batch norm takes, and the per-(group, channel) math in plain loops.
 // Layout: x is (N, C, P) contiguous, group g holds samples [g B, (g + 1) B), B = N / G;
-// statistics are (G, C), index g * C + c. Statistics are accumulated in double.
+// statistics are (G, C), index g * C + c, accumulated in double. Single-threaded: on the
+// small tensors of micro-batch training a thread pool costs more than it saves.
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -94,16 +95,16 @@ void combine(const T* u, const T* v, const Dims& d, const std::vector<double>& a
     const int64_t g = n / d.b;
     for (int64_t c = 0; c < d.c; ++c) {
       const int64_t gc = g * d.c + c, off = (n * d.c + c) * d.p;
-      const T at = T(a[gc]), bt = T(b[gc]), kt = T(k[gc]);
+      const T ta = T(a[gc]), tb = T(b[gc]), tk = T(k[gc]);
       const T* vr = v + off;
       T* o = out + off;
       if (u) {
         const T* ur = u + off;
 #pragma omp simd
-        for (int64_t i = 0; i < d.p; ++i) o[i] = at * ur[i] + bt * vr[i] + kt;
+        for (int64_t i = 0; i < d.p; ++i) o[i] = ta * ur[i] + tb * vr[i] + tk;
       } else {
 #pragma omp simd
-        for (int64_t i = 0; i < d.p; ++i) o[i] = bt * vr[i] + kt;
+        for (int64_t i = 0; i < d.p; ++i) o[i] = tb * vr[i] + tk;
       }
     }
   }
@@ -302,6 +303,21 @@ ReluTerms relu_terms(double mean, double var) {
   return {sd, cdf, pdf, m1, var * cdf + mean * m1 - m1 * m1};
 }
 
+// Per (o, i) of a weight (C_out, C_in, kk): W summed over the kk kernel positions, and W^2.
+template <typename T>
+void kernel_sums(const T* w, int64_t pairs, int64_t kk, std::vector<double>& ws,
+                 std::vector<double>& w2s) {
+  ws.assign(pairs, 0.0);
+  w2s.assign(pairs, 0.0);
+  for (int64_t j = 0; j < pairs; ++j) {
+    for (int64_t q = 0; q < kk; ++q) {
+      const double v = double(w[j * kk + q]);
+      ws[j] += v;
+      w2s[j] += v * v;
+    }
+  }
+}
+
 struct ReluAffine : public torch::autograd::Function<ReluAffine> {
   static variable_list forward(AutogradContext* ctx, Tensor mean, Tensor var, Tensor weight,
                                std::optional<Tensor> bias_opt) {
@@ -313,19 +329,13 @@ struct ReluAffine : public torch::autograd::Function<ReluAffine> {
     AT_DISPATCH_FLOATING_TYPES(mc.scalar_type(), "bknbench_relu_affine", [&] {
       using T = scalar_t;
       const T *m_ = mc.data_ptr<T>(), *v_ = vc.data_ptr<T>(), *w_ = wc.data_ptr<T>();
-      std::vector<double> m1(g * ci), v1(g * ci), ws(co * ci, 0.0), w2s(co * ci, 0.0);
+      std::vector<double> m1(g * ci), v1(g * ci), ws, w2s;
       for (int64_t i = 0; i < g * ci; ++i) {
         const ReluTerms t = relu_terms(double(m_[i]), double(v_[i]));
         m1[i] = t.m1;
         v1[i] = std::max(t.v1_raw, 0.0);
       }
-      for (int64_t j = 0; j < co * ci; ++j) {
-        for (int64_t q = 0; q < kk; ++q) {
-          const double w = double(w_[j * kk + q]);
-          ws[j] += w;
-          w2s[j] += w * w;
-        }
-      }
+      kernel_sums(w_, co * ci, kk, ws, w2s);
       const Tensor bc = bias.defined() ? bias.contiguous() : Tensor();
       T *om = out_mean.data_ptr<T>(), *ov = out_var.data_ptr<T>();
       for (int64_t gg = 0; gg < g; ++gg) {
@@ -360,14 +370,8 @@ struct ReluAffine : public torch::autograd::Function<ReluAffine> {
       const T *gom_ = ptr<T>(g_out_m), *gov_ = ptr<T>(g_out_v);
       std::vector<ReluTerms> terms(g * ci);
       for (int64_t i = 0; i < g * ci; ++i) terms[i] = relu_terms(double(m_[i]), double(v_[i]));
-      std::vector<double> ws(co * ci, 0.0), w2s(co * ci, 0.0);
-      for (int64_t j = 0; j < co * ci; ++j) {
-        for (int64_t q = 0; q < kk; ++q) {
-          const double w = double(w_[j * kk + q]);
-          ws[j] += w;
-          w2s[j] += w * w;
-        }
-      }
+      std::vector<double> ws, w2s;
+      kernel_sums(w_, co * ci, kk, ws, w2s);
       // weight: d/dW of sum_k W_k (mean side) and of sum_k W_k^2 (variance side)
       std::vector<double> gws(co * ci, 0.0), gw2s(co * ci, 0.0);
       Tensor gm = at::empty({g, ci}, mc.options()), gv = at::empty({g, ci}, mc.options());
