@@ -10,9 +10,8 @@
 // (sum, squared deviations, normalize) and two backward (two sums, the gradient), as torch's
 // batch norm takes, and the per-(group, channel) math in plain loops.
 // Layout: x is (N, C, P) contiguous, group g holds samples [g B, (g + 1) B), B = N / G;
-// statistics are (G, C), index g * C + c, accumulated in double. Single-threaded (torch's
-// own ops of the step, the convolutions, keep its thread pool): the figures in
-// docs/PERFORMANCE.md are one-thread figures, and sweeps run one thread per worker.
+// statistics are (G, C), index g * C + c, accumulated in double. Single-threaded; torch's
+// own ops of the step (the convolutions) keep its thread pool.
 #include <torch/extension.h>
 
 #include <algorithm>
