@@ -24,9 +24,9 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py` from a checkout
 
 
 def parse_args(description: str, threads: int | None = 1,
-               flags: dict[str, str] | None = None) -> argparse.Namespace:
+               flags: dict[str, str] | None = None, device: bool = True) -> argparse.Namespace:
     """--quick (fewer steps, still >= 5 repeats), --repeats, --threads (torch intra-op),
-    and any extra boolean `flags` {name: help}."""
+    --device (where the cases train), and any extra boolean `flags` {name: help}."""
     ap = argparse.ArgumentParser(description=description)
     for name, help in (flags or {}).items():
         ap.add_argument(name, action="store_true", help=help)
@@ -34,10 +34,35 @@ def parse_args(description: str, threads: int | None = 1,
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats per case (>= 5)")
     if threads is not None:
         ap.add_argument("--threads", type=int, default=threads, help="torch threads")
+    if device:
+        ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
     args = ap.parse_args()
     if args.repeats < 5:
         ap.error("--repeats must be at least 5: the median of fewer is not a figure")
+    if device:
+        from bknbench.config import ConfigError
+        from bknbench.train import resolve_device
+
+        try:
+            args.device = resolve_device(args.device)
+        except ConfigError as e:
+            ap.error(str(e))
     return args
+
+
+def stopwatch(device: str) -> Callable[[], float]:
+    """perf_counter after the device has finished its queued work (CUDA and MPS run
+    asynchronously: without the sync a timer measures the launches, not the work)."""
+    import torch
+
+    from bknbench.train import sync
+
+    dev = torch.device(device)
+
+    def now() -> float:
+        sync(dev)
+        return time.perf_counter()
+    return now
 
 
 def cpu_name() -> str:
@@ -100,12 +125,14 @@ def interleaved(cases: dict[str, Callable[[], float]], repeats: int,
     return out
 
 
-def timed(fn: Callable[[], object]) -> Callable[[], float]:
-    """Wrap fn so that calling it returns its wall time in seconds."""
+def timed(fn: Callable[[], object],
+          now: Callable[[], float] = time.perf_counter) -> Callable[[], float]:
+    """Wrap fn so that calling it returns its wall time in seconds by the clock `now`
+    (`stopwatch(device)` for an asynchronous device)."""
     def run() -> float:
-        t = time.perf_counter()
+        t = now()
         fn()
-        return time.perf_counter() - t
+        return now() - t
     return run
 
 
@@ -158,11 +185,15 @@ def without_native(case: Callable[[], float]) -> Callable[[], float]:
     return run
 
 
-def bknbench_rate(cfg, data) -> Callable[[], float]:
-    """A case: one bknbench training run (train_run, 1 epoch over `data`), returning its
-    training throughput in samples/s (train_run's own timer: training loop only, no model
-    build, no evaluation)."""
+def bknbench_rate(cfg, data, device: str = "cpu") -> Callable[[], float]:
+    """A case: one bknbench training run (train_run, 1 epoch over `data`) on `device`,
+    returning its training throughput in samples/s (train_run's own timer: training loop
+    only, synced with the device, no model build, no evaluation)."""
+    from dataclasses import replace
+
     from bknbench.train import train_run
+
+    cfg = replace(cfg, device=device)
 
     def run() -> float:
         out = train_run(cfg, data)

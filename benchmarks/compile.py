@@ -1,7 +1,7 @@
 """`--compile` (torch.compile) against eager mode: steady-state training step time, and the
 one-off compile cost.
 
-    python benchmarks/compile.py [--quick] [--threads 1] [--repeats 5]
+    python benchmarks/compile.py [--quick] [--threads 1] [--repeats 5] [--device cpu]
 
 Each case is bknbench's own training step (the model of `make_model`, the optimizer of
 `make_optimizer`, forward, cross-entropy, zero_grad, backward, SGD step) on the cnn for
@@ -14,14 +14,12 @@ TORCHINDUCTOR_CACHE_DIR set to an empty folder.
 """
 from __future__ import annotations
 
-import time
-
-from common import header, interleaved, median, parse_args, spread, timed
+from common import header, interleaved, median, parse_args, spread, stopwatch, timed
 
 SPECS = ("bn", "bkn")
 
 
-def step_case(spec: str, b: int, compiled: bool, steps: int):
+def step_case(spec: str, b: int, compiled: bool, steps: int, device: str):
     """A case: `steps` training steps on fixed random data; returns (case, compile seconds)."""
     import torch
     import torch.nn.functional as F
@@ -32,11 +30,13 @@ def step_case(spec: str, b: int, compiled: bool, steps: int):
     from bknbench.train import make_optimizer
 
     torch.manual_seed(0)
-    model = make_model("cnn", parse_spec(spec), b, (1, 8, 8), 10)
+    model = make_model("cnn", parse_spec(spec), b, (1, 8, 8), 10).to(device)
     opt = make_optimizer(model, RunConfig(spec=spec, dataset="digits", norm_batch=b,
                                           sgd_batch=b))
     fn = torch.compile(model) if compiled else model
-    x, y = torch.randn(b, 1, 8, 8), torch.randint(0, 10, (b,))
+    x = torch.randn(b, 1, 8, 8, device=device)
+    y = torch.randint(0, 10, (b,), device=device)
+    now = stopwatch(device)
 
     def one():
         loss = F.cross_entropy(fn(x), y)
@@ -44,14 +44,14 @@ def step_case(spec: str, b: int, compiled: bool, steps: int):
         loss.backward()
         opt.step()
 
-    t = time.perf_counter()
+    t = now()
     one()  # compiles forward and backward when compiled
-    first = time.perf_counter() - t
+    first = now() - t
 
     def run():
         for _ in range(steps):
             one()
-    return timed(run), first
+    return timed(run, now), first
 
 
 def main() -> None:
@@ -65,8 +65,8 @@ def main() -> None:
           f"{'speed-up':>9s} {'compile s':>10s}")
     for spec in SPECS:
         for b, n in steps.items():
-            eager, _ = step_case(spec, b, False, n)
-            compiled, first = step_case(spec, b, True, n)
+            eager, _ = step_case(spec, b, False, n, args.device)
+            compiled, first = step_case(spec, b, True, n, args.device)
             r = interleaved({"eager": eager, "compiled": compiled}, args.repeats)
             e, c = median(r["eager"]) / n * 1e3, median(r["compiled"]) / n * 1e3
             print(f"cnn {spec} b={b:<13d} {e:9.3f} {spread(r['eager']):>10s} {c:12.3f} "

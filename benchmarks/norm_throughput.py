@@ -1,6 +1,6 @@
 """Training throughput of the normalizers, side by side, at micro-batch 128 and 2.
 
-    python benchmarks/norm_throughput.py [--quick] [--threads 1] [--repeats 5]
+    python benchmarks/norm_throughput.py [--quick] [--threads 1] [--repeats 5] [--device cpu]
 
 Cases (each a bknbench run, `train_run`, over a fixed number of steps; figure: samples/s
 of the training loop, median of the repeats, torch threads fixed):
@@ -15,15 +15,14 @@ Targets (issue "Performance"): bkn >= 0.90x bn at 128; bn-accum >= 0.70x bn at 1
 """
 from __future__ import annotations
 
-import time
-
-from common import (bknbench_rate, header, interleaved, median, parse_args, spread, subset,
-                    synthetic_images, verdict, without_native)
+from common import (bknbench_rate, header, interleaved, median, parse_args, spread, stopwatch,
+                    subset, synthetic_images, verdict, without_native)
 
 NORMS = ("bn", "bkn", "bkn:transition=sampled", "gn")
 
 
-def explicit_accumulation_rate(data, steps: int, micro: int = 2, sgd_batch: int = 128):
+def explicit_accumulation_rate(data, steps: int, device: str, micro: int = 2,
+                               sgd_batch: int = 128):
     """The hand-written alternative to bn-accum: per step, sgd_batch / micro separate
     forward/backward passes of `micro` samples with BN (each its own statistics), the
     gradients summed, then one optimizer step. Returns a case giving samples/s."""
@@ -37,22 +36,25 @@ def explicit_accumulation_rate(data, steps: int, micro: int = 2, sgd_batch: int 
 
     cfg = RunConfig(spec="bn", norm_batch=micro, sgd_batch=sgd_batch)
     parts = sgd_batch // micro
+    x_all, y_all = data.x_train.to(device), data.y_train.to(device)
+    now = stopwatch(device)
 
     def run() -> float:
         torch.manual_seed(0)
-        model = make_model("cnn", parse_spec("bn"), micro, data.sample_shape, data.num_classes)
+        model = make_model("cnn", parse_spec("bn"), micro, data.sample_shape,
+                           data.num_classes).to(device)
         opt = make_optimizer(model, cfg)
         model.train()
-        t = time.perf_counter()
+        t = now()
         for s in range(steps):
-            x = data.x_train[s * sgd_batch:(s + 1) * sgd_batch]
-            y = data.y_train[s * sgd_batch:(s + 1) * sgd_batch]
+            x = x_all[s * sgd_batch:(s + 1) * sgd_batch]
+            y = y_all[s * sgd_batch:(s + 1) * sgd_batch]
             opt.zero_grad(set_to_none=True)
             for k in range(parts):
                 sl = slice(k * micro, (k + 1) * micro)
                 (F.cross_entropy(model(x[sl]), y[sl]) / parts).backward()
             opt.step()
-        return steps * sgd_batch / (time.perf_counter() - t)
+        return steps * sgd_batch / (now() - t)
     return run
 
 
@@ -83,9 +85,10 @@ def main() -> None:
     for b, steps in plan.items():
         data = subset(mnist, steps * b, 256)
         cases = {f"cnn {spec} b={b}": bknbench_rate(
-            RunConfig(spec=spec, model="cnn", norm_batch=b, sgd_batch=b, epochs=1), data)
-            for spec in NORMS}
-        cases[f"cnn bkn b={b} [torch nodes]"] = without_native(cases[f"cnn bkn b={b}"])
+            RunConfig(spec=spec, model="cnn", norm_batch=b, sgd_batch=b, epochs=1), data,
+            args.device) for spec in NORMS}
+        if args.device == "cpu":  # the C++ kernels are CPU-only
+            cases[f"cnn bkn b={b} [torch nodes]"] = without_native(cases[f"cnn bkn b={b}"])
         results[b] = table(f"cnn / mnist1d, micro-batch {b}",
                            interleaved(cases, args.repeats), f"cnn bn b={b}")
 
@@ -95,8 +98,11 @@ def main() -> None:
         data = synthetic_images(steps * b, 64)
         cases = {f"resnet20 {spec} b={b}": bknbench_rate(
             RunConfig(spec=spec, model="resnet20", dataset="synthetic32", norm_batch=b,
-                      sgd_batch=b, epochs=1, eval_batch=64), data) for spec in NORMS}
-        cases[f"resnet20 bkn b={b} [torch nodes]"] = without_native(cases[f"resnet20 bkn b={b}"])
+                      sgd_batch=b, epochs=1, eval_batch=64), data, args.device)
+            for spec in NORMS}
+        if args.device == "cpu":
+            cases[f"resnet20 bkn b={b} [torch nodes]"] = without_native(
+                cases[f"resnet20 bkn b={b}"])
         res_results[b] = table(f"resnet20 / random 32x32x3, micro-batch {b}",
                                interleaved(cases, args.repeats), f"resnet20 bn b={b}")
 
@@ -104,14 +110,16 @@ def main() -> None:
     data = subset(mnist, steps * 128, 256)
     cases = {
         "bn b=128": bknbench_rate(RunConfig(spec="bn", norm_batch=128, sgd_batch=128,
-                                            epochs=1), data),
+                                            epochs=1), data, args.device),
         "bn-accum b=2 -> sgd 128 (grouped forward)": bknbench_rate(
-            RunConfig(spec="bn-accum", norm_batch=2, sgd_batch=128, epochs=1), data),
-        "bn-accum b=2 -> sgd 128 [torch nodes]": without_native(bknbench_rate(
-            RunConfig(spec="bn-accum", norm_batch=2, sgd_batch=128, epochs=1), data)),
+            RunConfig(spec="bn-accum", norm_batch=2, sgd_batch=128, epochs=1), data,
+            args.device),
         "explicit loop 64 x b=2 -> sgd 128": explicit_accumulation_rate(
-            data, max(2, steps // 5)),
+            data, max(2, steps // 5), args.device),
     }
+    if args.device == "cpu":
+        cases["bn-accum b=2 -> sgd 128 [torch nodes]"] = without_native(
+            cases["bn-accum b=2 -> sgd 128 (grouped forward)"])
     acc = table("accumulation to SGD batch 128 from micro-batch 2 (cnn / mnist1d)",
                 interleaved(cases, args.repeats), "bn b=128")
 

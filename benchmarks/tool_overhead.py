@@ -1,6 +1,6 @@
 """bknbench's training loop vs a bare hand-written PyTorch loop on the same model and data.
 
-    python benchmarks/tool_overhead.py [--quick] [--threads 1] [--repeats 5]
+    python benchmarks/tool_overhead.py [--quick] [--threads 1] [--repeats 5] [--device cpu]
 
 bknbench: `train_run` for one epoch over a fixed subset; its timer covers only the
 training loop (index the batch, autocast context, forward, loss, zero_grad, backward, SGD
@@ -11,14 +11,12 @@ Target (issue "Performance"): bknbench's step within 5% of the bare loop (ratio 
 """
 from __future__ import annotations
 
-import time
-
-from common import (bknbench_rate, header, interleaved, median, parse_args, spread, subset,
-                    verdict)
+from common import (bknbench_rate, header, interleaved, median, parse_args, spread, stopwatch,
+                    subset, verdict)
 
 
-def bare_rate(cfg, data):
-    """A case: the bare loop for one epoch over `data`, returning samples/s."""
+def bare_rate(cfg, data, device: str):
+    """A case: the bare loop for one epoch over `data` on `device`, returning samples/s."""
     import torch
     import torch.nn.functional as F
 
@@ -26,23 +24,26 @@ def bare_rate(cfg, data):
     from bknbench.norms import parse_spec
     from bknbench.train import make_optimizer
 
+    x_all, y_all = data.x_train.to(device), data.y_train.to(device)
+    now = stopwatch(device)
+
     def run() -> float:
         torch.manual_seed(cfg.seed)
         model = make_model(cfg.model, parse_spec(cfg.spec), cfg.norm_batch, data.sample_shape,
-                           data.num_classes)
+                           data.num_classes).to(device)
         opt = make_optimizer(model, cfg)
         model.train()
-        steps = len(data.x_train) // cfg.sgd_batch
+        steps = len(x_all) // cfg.sgd_batch
         order = torch.Generator().manual_seed(cfg.seed)
-        t = time.perf_counter()
-        perm = torch.randperm(len(data.x_train), generator=order)[: steps * cfg.sgd_batch]
-        for idx in perm.view(steps, cfg.sgd_batch):
-            x, y = data.x_train[idx], data.y_train[idx]
+        t = now()
+        perm = torch.randperm(len(x_all), generator=order)[: steps * cfg.sgd_batch]
+        for idx in perm.to(device).view(steps, cfg.sgd_batch):
+            x, y = x_all[idx], y_all[idx]
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        return steps * cfg.sgd_batch / (time.perf_counter() - t)
+        return steps * cfg.sgd_batch / (now() - t)
     return run
 
 
@@ -64,8 +65,8 @@ def main() -> None:
         for b, n in steps.items():
             cfg = RunConfig(spec=spec, model="cnn", norm_batch=b, sgd_batch=b, epochs=1)
             data = subset(mnist, n * b, 256)
-            r = interleaved({"bknbench": bknbench_rate(cfg, data), "bare": bare_rate(cfg, data)},
-                            args.repeats)
+            r = interleaved({"bknbench": bknbench_rate(cfg, data, args.device),
+                             "bare": bare_rate(cfg, data, args.device)}, args.repeats)
             ours, bare = median(r["bknbench"]), median(r["bare"])
             ratio = bare / ours  # time per step, bknbench relative to bare
             worst = max(worst, ratio)

@@ -22,7 +22,7 @@ from common import header, interleaved, median, parse_args, spread, timed, verdi
 
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], threads=None,
-                      flags={"--one-process": "also time ProcessExecutor(1)"})
+                      flags={"--one-process": "also time ProcessExecutor(1)"}, device=False)
     import torch
 
     from bknbench.config import RunConfig, SweepConfig
