@@ -49,6 +49,16 @@ def test_bkn_learns_synthetic_at_micro_batch(data):
     assert out.epochs[-1]["val_acc"] >= 80.0  # ~97% observed
 
 
+@pytest.mark.parametrize("spec", ["bn", "bkn", "bn-accum"])
+def test_amp_trains_on_cpu(data, spec):
+    """--amp (bf16 autocast) on the CPU: the PyTorch nodes serve the bf16 activations (the
+    C++ kernels take float32/64 only), and the run learns."""
+    out = train_run(_cfg(spec=spec, model="cnn", amp=True, norm_batch=8, sgd_batch=8 if
+                         spec != "bn-accum" else 32, epochs=1), data)
+    assert out.status == "ok", out.reason
+    assert out.epochs[-1]["val_acc"] >= 60.0
+
+
 def test_same_config_same_numbers(data):
     a = train_run(_cfg(epochs=1), data)
     b = train_run(_cfg(epochs=1), data)
