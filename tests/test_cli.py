@@ -108,6 +108,24 @@ def test_rerun_same_out_skips_finished(sweep_dir):
     assert (out / "runs.csv").read_text() == before
 
 
+def test_run_says_when_the_cpu_kernels_are_missing(tmp_path):
+    """Without the C++ kernels a CPU sweep still runs, and says once why it is slower."""
+    from bknbench import native
+
+    args = ["run", "--dataset", "synthetic", "--norms", "bkn", "--batch-sizes", "32",
+            "--epochs", "1", "--device", "cpu", "--workers", "1"]
+    with native.disabled():
+        result = runner.invoke(app, args + ["--out", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("C++ CPU kernels are not built") == 1
+    assert json.loads(read_rows(tmp_path / "a" / "runs.csv")[0]["versions"])["kernels"] == "torch"
+    if native.module() is not None:
+        result = runner.invoke(app, args + ["--out", str(tmp_path / "b")])
+        assert result.exit_code == 0 and "kernels are not built" not in result.stderr
+        row = read_rows(tmp_path / "b" / "runs.csv")[0]
+        assert json.loads(row["versions"])["kernels"] == "native"
+
+
 @pytest.mark.parametrize("command", [[], ["run"], ["compare"], ["plot"], ["norms"]])
 def test_every_command_has_help(command):
     result = runner.invoke(app, command + ["--help"])
