@@ -39,13 +39,11 @@ def run_command(sweep: SweepConfig, out: Path, workers, fail_fast, retry_failed,
                 quiet, executor_opts: dict | None = None) -> int:
     from . import native
     from .render import Progress, stderr
-    from .sweep import run_sweep
-    from .train import resolve_device
+    from .sweep import run_sweep, wants_kernels
 
     executor = make_executor(workers, sweep.base.device, **(executor_opts or {}))
     local = (executor_opts or {}).get("executor", "local") == "local"
-    if (not quiet and local and native.module() is None and not sweep.base.compile
-            and resolve_device(sweep.base.device) == "cpu"):
+    if not quiet and local and wants_kernels(sweep.base) and native.module() is None:
         stderr.print("note: bknbench's C++ CPU kernels are not built (python -m "
                      "bknbench.native); BKN and bn-accum run on PyTorch ops: same results, "
                      "slower", highlight=False, soft_wrap=True)

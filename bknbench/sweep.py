@@ -46,17 +46,24 @@ def provenance() -> dict:
                          "bknbench": __version__}}
 
 
-def kernels(device: str) -> str:
-    """Which code ran BKN's and grouped BN's training math: 'native' (the C++ kernels of
-    native.py, CPU only) or 'torch' (the PyTorch nodes). Same results, different speed."""
-    from . import native
+def wants_kernels(cfg: RunConfig) -> bool:
+    """Whether the C++ kernels of native.py serve the run when built: on the CPU, eager
+    (the compiler traces the reference functions instead)."""
     from .train import resolve_device
 
     try:
-        on_cpu = resolve_device(device) == "cpu"
+        return resolve_device(cfg.device) == "cpu" and not cfg.compile
     except ValueError:
-        on_cpu = False
-    return native.status() if on_cpu else "torch"
+        return False
+
+
+def kernels(cfg: RunConfig) -> str:
+    """Which code ran BKN's and grouped BN's training math: 'native' (the C++ kernels) or
+    'torch' (PyTorch ops: the autograd nodes, or what the compiler made). Same results,
+    different speed."""
+    from . import native
+
+    return "native" if wants_kernels(cfg) and native.module() is not None else "torch"
 
 
 def make_row(cfg: RunConfig, outcome) -> dict:
@@ -79,7 +86,7 @@ def make_row(cfg: RunConfig, outcome) -> dict:
         "peak_mem_mb": outcome.peak_mem_mb, "device": cfg.device, "amp": cfg.amp,
         "compile": cfg.compile, "deterministic": cfg.deterministic,
         **provenance(), "versions": json.dumps({**provenance()["versions"],
-                                                "kernels": kernels(cfg.device)}),
+                                                "kernels": kernels(cfg)}),
         "config": json.dumps(cfg.to_dict(), sort_keys=True),
     }
 
