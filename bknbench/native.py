@@ -70,7 +70,8 @@ def module():
 
 
 def status() -> str:
-    """'native' when the C++ kernels are in use, else 'torch' (recorded with every run)."""
+    """'native' when the C++ kernels are loaded (and not disabled), else 'torch'. What a
+    run used is recorded by `sweep.kernels`."""
     return "native" if module() is not None else "torch"
 
 

@@ -19,10 +19,19 @@ def backend(request):
     (bknbench/native.py; skipped where not built) and the PyTorch autograd nodes."""
     from bknbench import native
 
+    from bknbench.fused import group_normalize
+
+    def node():  # which implementation a call reaches: the autograd node's name
+        x = torch.ones(2, 1, requires_grad=True)
+        return group_normalize(x, None, None, None, torch.ones(1), torch.zeros(1), 1)[
+            0].grad_fn.name()
+
     if request.param == "native":
         if native.module() is None:
             pytest.skip("native kernels not built (python -m bknbench.native)")
+        assert "CppNode" in node()
         yield "native"
     else:
         with native.disabled():
+            assert node() == "GroupNormalizeBackward"
             yield "torch"
