@@ -100,8 +100,10 @@ def header(title: str, args: argparse.Namespace | None = None) -> None:
     print(f"load     {load} (1/5/15 min, before the run)")
     from bknbench import native
 
+    on_cpu = getattr(args, "device", "cpu") == "cpu"  # the C++ kernels are CPU-only
     print(f"versions python {platform.python_version()}, torch {torch.__version__}, "
-          f"numpy {numpy.__version__}, bknbench {git_commit()}, kernels {native.status()}")
+          f"numpy {numpy.__version__}, bknbench {git_commit()}, "
+          f"kernels {native.status() if on_cpu else 'torch'}")
     if args is not None:
         settings = {k: v for k, v in vars(args).items()}
         print("settings " + ", ".join(f"{k}={v}" for k, v in settings.items()))
