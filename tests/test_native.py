@@ -146,3 +146,12 @@ def test_kernels_apply_only_where_they_can():
         assert not native.usable(x)
     y = group_normalize(x.bfloat16(), None, None, None, torch.ones(3), torch.zeros(3), 1)[0]
     assert y.dtype == torch.bfloat16  # served by the PyTorch node
+
+
+@needs_native
+def test_kernels_refuse_shapes_they_cannot_split():
+    """As the PyTorch nodes' reshapes do: an error, never numbers from a wrong split."""
+    with pytest.raises(RuntimeError, match="divisible"):
+        group_normalize(torch.randn(5, 3, 2), None, None, None, torch.ones(3), torch.zeros(3), 2)
+    with pytest.raises(RuntimeError, match="input channels"):
+        relu_affine_moments(torch.randn(1, 3), torch.rand(1, 3), torch.randn(4, 7))

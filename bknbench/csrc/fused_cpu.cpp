@@ -34,6 +34,9 @@ struct Dims {
 };
 
 Dims dims_of(const Tensor& x, int64_t groups) {
+  TORCH_CHECK(x.dim() >= 2 && groups > 0 && x.size(0) % groups == 0,
+              "group_normalize: input (N, C, ...) with N divisible by ", groups, " groups, got ",
+              x.sizes());
   const int64_t n = x.size(0), c = x.size(1);
   const int64_t p = n * c ? x.numel() / (n * c) : 0;
   return {n, c, p, groups, n / groups};
@@ -325,6 +328,8 @@ struct ReluAffine : public torch::autograd::Function<ReluAffine> {
     const Tensor mc = mean.contiguous(), vc = var.contiguous(), wc = weight.contiguous();
     const int64_t g = mc.size(0), ci = mc.size(1), co = wc.size(0);
     const int64_t kk = ci * co ? wc.numel() / (ci * co) : 0;
+    TORCH_CHECK(wc.numel() == co * ci * kk, "relu_affine: weight ", wc.sizes(),
+                " does not split into ", ci, " input channels");
     Tensor out_mean = at::empty({g, co}, mc.options()), out_var = at::empty({g, co}, mc.options());
     AT_DISPATCH_FLOATING_TYPES(mc.scalar_type(), "bknbench_relu_affine", [&] {
       using T = scalar_t;
