@@ -170,6 +170,7 @@ struct GroupNormalize : public torch::autograd::Function<GroupNormalize> {
         scale[i] = double(w_[c]) / std::sqrt(double(var_[i]) + eps);
         shift[i] = double(b_[c]) - double(mu_[i]) * scale[i];
       }
+      // y = scale x + shift (no first operand: its coefficients are unused)
       combine<scalar_t>(nullptr, xc.data_ptr<scalar_t>(), d, scale, scale, shift,
                         y.data_ptr<scalar_t>());
     });
@@ -200,11 +201,10 @@ struct GroupNormalize : public torch::autograd::Function<GroupNormalize> {
       for (int j = 0; j < k; ++j) edge += given[j];
       return given[k] && ctx->needs_input_grad(edge);
     };
-    const auto small = [&](int i) {  // a (G, C) output gradient, contiguous, or undefined
+    const auto grad = [&](int i) {  // an output's gradient, contiguous, or undefined
       return grads[i].defined() ? grads[i].contiguous() : Tensor();
     };
-    const Tensor g_y = grads[0].defined() ? grads[0].contiguous() : Tensor();
-    const Tensor g_m = small(1), g_s = small(2), g_mu = small(3), g_var = small(4);
+    const Tensor g_y = grad(0), g_m = grad(1), g_s = grad(2), g_mu = grad(3), g_var = grad(4);
     Tensor g_x, g_mu_hat, g_var_hat, g_p, g_weight, g_bias;
     AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "bknbench_group_normalize_backward", [&] {
       using T = scalar_t;
