@@ -27,10 +27,10 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install --quiet -e ".[test]"
 	touch $@
 
-# The C++ CPU kernels (bknbench/native.py), about 30 s; without a compiler it says so in one
+# The C++ CPU kernels (bknbench/kernels/native.py), about 30 s; without a compiler it says so in one
 # line and the PyTorch path runs.
-$(VENV)/.native: $(VENV)/.installed bknbench/csrc/fused_cpu.cpp
-	$(BIN)/python -m bknbench.native
+$(VENV)/.native: $(VENV)/.installed bknbench/kernels/csrc/fused_cpu.cpp
+	$(BIN)/python -m bknbench.kernels.native
 	touch $@
 
 venv: $(VENV)/.installed $(VENV)/.native

@@ -40,7 +40,7 @@ def parse_args(description: str, threads: int | None = 1,
     if args.repeats < 5:
         ap.error("--repeats must be at least 5: the median of fewer is not a figure")
     if device:
-        from bknbench.config import ConfigError
+        from bknbench.errors import ConfigError
         from bknbench.train import resolve_device
 
         try:
@@ -98,7 +98,7 @@ def header(title: str, args: argparse.Namespace | None = None) -> None:
     print(f"date     {now}")
     print(f"machine  {cpu_name()}, {os.cpu_count()} logical cores, {platform.platform()}")
     print(f"load     {load} (1/5/15 min, before the run)")
-    from bknbench import native
+    from bknbench.kernels import native
 
     on_cpu = getattr(args, "device", "cpu") == "cpu"  # the C++ kernels are CPU-only
     print(f"versions python {platform.python_version()}, torch {torch.__version__}, "
@@ -158,7 +158,7 @@ def verdict(value: float, target: float, higher_is_better: bool = True) -> str:
 def subset(data, n_train: int, n_test: int):
     """The first n_train / n_test samples of a Dataset: a run of exactly n_train // batch
     steps per epoch, and a small evaluation (outside the timed part of train_run)."""
-    from bknbench.data import Dataset
+    from bknbench.data.registry import Dataset
 
     return Dataset(data.name, data.x_train[:n_train], data.y_train[:n_train],
                    data.x_test[:n_test], data.y_test[:n_test], data.num_classes, data.image)
@@ -168,7 +168,7 @@ def synthetic_images(n_train: int, n_test: int, shape=(3, 32, 32), classes: int 
     """Random standardized images (CIFAR-sized by default): speed only, nothing to learn."""
     import torch
 
-    from bknbench.data import Dataset
+    from bknbench.data.registry import Dataset
 
     g = torch.Generator().manual_seed(0)
     return Dataset("synthetic32", torch.randn((n_train,) + shape, generator=g),
@@ -178,9 +178,9 @@ def synthetic_images(n_train: int, n_test: int, shape=(3, 32, 32), classes: int 
 
 
 def without_native(case: Callable[[], float]) -> Callable[[], float]:
-    """The case on the PyTorch autograd nodes instead of the C++ kernels (bknbench/native.py)."""
+    """The case on the PyTorch autograd nodes instead of the C++ kernels (bknbench/kernels/native.py)."""
     def run() -> float:
-        from bknbench import native
+        from bknbench.kernels import native
 
         with native.disabled():
             return case()

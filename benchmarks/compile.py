@@ -25,8 +25,8 @@ def step_case(spec: str, b: int, compiled: bool, steps: int, device: str):
     import torch.nn.functional as F
 
     from bknbench.config import RunConfig
-    from bknbench.models import make_model
-    from bknbench.norms import parse_spec
+    from bknbench.models.registry import make_model
+    from bknbench.norms.registry import parse_spec
     from bknbench.train import make_optimizer
 
     torch.manual_seed(0)

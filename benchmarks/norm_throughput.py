@@ -30,8 +30,8 @@ def explicit_accumulation_rate(data, steps: int, device: str, micro: int = 2,
     import torch.nn.functional as F
 
     from bknbench.config import RunConfig
-    from bknbench.models import make_model
-    from bknbench.norms import parse_spec
+    from bknbench.models.registry import make_model
+    from bknbench.norms.registry import parse_spec
     from bknbench.train import make_optimizer
 
     cfg = RunConfig(spec="bn", norm_batch=micro, sgd_batch=sgd_batch)
@@ -73,7 +73,7 @@ def main() -> None:
     import torch
 
     from bknbench.config import RunConfig
-    from bknbench.data import load_dataset
+    from bknbench.data.registry import load_dataset
 
     torch.set_num_threads(args.threads)
     header("norm_throughput: training samples/s per normalizer", args)
@@ -135,7 +135,7 @@ def main() -> None:
     print(f"bn-accum / explicit loop:       {a / e:.1f}  {verdict(a / e, 10.0)}")
     k = results[2]["cnn bkn b=2"] / results[2]["cnn bn b=2"]
     print(f"cnn bkn / bn at 2 (no target):  {k:.3f}")
-    from bknbench import native
+    from bknbench.kernels import native
     print(f"kernels: {native.status()} (the [torch nodes] cases: the PyTorch autograd nodes)")
 
 

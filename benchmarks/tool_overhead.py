@@ -20,8 +20,8 @@ def bare_rate(cfg, data, device: str):
     import torch
     import torch.nn.functional as F
 
-    from bknbench.models import make_model
-    from bknbench.norms import parse_spec
+    from bknbench.models.registry import make_model
+    from bknbench.norms.registry import parse_spec
     from bknbench.train import make_optimizer
 
     x_all, y_all = data.x_train.to(device), data.y_train.to(device)
@@ -52,7 +52,7 @@ def main() -> None:
     import torch
 
     from bknbench.config import RunConfig
-    from bknbench.data import Dataset, load_dataset
+    from bknbench.data.registry import Dataset, load_dataset
 
     torch.set_num_threads(args.threads)
     header("tool_overhead: bknbench train step vs a bare PyTorch loop", args)

@@ -26,8 +26,8 @@ def main() -> None:
     import torch
 
     from bknbench.config import RunConfig, SweepConfig
-    from bknbench.executors import ProcessExecutor
-    from bknbench.sweep import SerialExecutor, run_sweep
+    from bknbench.sweep.local import ProcessExecutor
+    from bknbench.sweep.plan import SerialExecutor, run_sweep
 
     cores = os.cpu_count() or 1
     torch.set_num_threads(cores)  # the serial executor's share: the whole machine

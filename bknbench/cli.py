@@ -10,7 +10,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .config import DEFAULT_BATCH_SIZES, ConfigError, RunConfig
+from .config import DEFAULT_BATCH_SIZES, RunConfig
+from .errors import ConfigError
 from .presets import PRESETS
 from .request import DEFAULT_NORMS, DEFAULT_SEEDS
 
@@ -136,7 +137,7 @@ def run(
         req = RunRequest(norms=norms, batch_sizes=batch_sizes, seeds=seeds, preset=preset,
                          accumulate_to=accumulate_to, out=out, resume=resume, run=run_flags)
         if verify:
-            from .cifar import verify_cifar
+            from .data.cifar import verify_cifar
 
             verify_cifar((preset or "").removeprefix("paper-") or dataset or "", str(data_dir))
         sweep, out_dir = build_sweep(req)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import ConfigError, SweepConfig
+from .config import SweepConfig
+from .errors import ConfigError
 
 
 def make_executor(workers: int | None, device: str, executor: str = "local",
                   address: str | None = None, cpus_per_run: int = 1,
                   gpus_per_run: float = 0.0, retries: int = 0):
-    from .executors import ProcessExecutor, default_workers
-    from .sweep import SerialExecutor
+    from .sweep.local import ProcessExecutor, default_workers
+    from .sweep.plan import SerialExecutor
 
     if executor not in ("local", "ray"):
         raise ConfigError(f"--executor must be local or ray, got {executor!r}")
@@ -22,7 +23,7 @@ def make_executor(workers: int | None, device: str, executor: str = "local",
         if device.startswith("cuda") != (gpus_per_run > 0):
             raise ConfigError(f"--device {device} with --gpus-per-run {gpus_per_run:g}: "
                               "runs on cuda need --gpus-per-run > 0, and only they")
-        from .ray_executor import RayExecutor
+        from .sweep.ray import RayExecutor
 
         return RayExecutor(address, cpus_per_run, gpus_per_run, retries)
     if address is not None:
@@ -37,15 +38,16 @@ def make_executor(workers: int | None, device: str, executor: str = "local",
 
 def run_command(sweep: SweepConfig, out: Path, workers, fail_fast, retry_failed, strict,
                 quiet, executor_opts: dict | None = None) -> int:
-    from . import native
+    from .kernels import native
     from .render import Progress, stderr
-    from .sweep import run_sweep, wants_kernels
+    from .sweep.plan import run_sweep
+    from .sweep.run import wants_kernels
 
     executor = make_executor(workers, sweep.base.device, **(executor_opts or {}))
     local = (executor_opts or {}).get("executor", "local") == "local"
     if not quiet and local and wants_kernels(sweep.base) and native.module() is None:
         stderr.print("note: bknbench's C++ CPU kernels are not built (python -m "
-                     "bknbench.native); BKN and bn-accum run on PyTorch ops: same results, "
+                     "bknbench.kernels.native); BKN and bn-accum run on PyTorch ops: same results, "
                      "slower", highlight=False, soft_wrap=True)
     with Progress(quiet) as events:
         report = run_sweep(sweep, out, executor, events, fail_fast=fail_fast,
@@ -77,7 +79,7 @@ def run_command(sweep: SweepConfig, out: Path, workers, fail_fast, retry_failed,
 def _load(results: Path, norms, batch_sizes):
     from .norms import split_specs
     from .request import int_list
-    from .results import load_results, select
+    from .report.results import load_results, select
 
     res = load_results(results)
     if norms or batch_sizes:
@@ -87,8 +89,8 @@ def _load(results: Path, norms, batch_sizes):
 
 
 def _print_table(results: Path, reference, norms, batch_sizes) -> None:
-    from .render import stdout
-    from .results import summarize, summary_table
+    from .render import stdout, summary_table
+    from .report.summary import summarize
 
     res = _load(results, norms, batch_sizes)
     if (res.runs["status"] == "ok").any():
@@ -96,7 +98,7 @@ def _print_table(results: Path, reference, norms, batch_sizes) -> None:
 
 
 def compare_command(results: Path, fmt: str, reference, norms, batch_sizes) -> None:
-    from .results import SUMMARY_FORMATS, format_summary, summarize
+    from .report.summary import SUMMARY_FORMATS, format_summary, summarize
 
     if fmt == "table":
         _print_table(results, reference, norms, batch_sizes)
@@ -108,7 +110,7 @@ def compare_command(results: Path, fmt: str, reference, norms, batch_sizes) -> N
 
 
 def plot_command(results: Path, out, fmt: str, norms, batch_sizes) -> None:
-    from .plots import plot_results
+    from .report.plots import plot_results
     from .render import stderr
 
     res = _load(results, norms, batch_sizes)

@@ -11,13 +11,11 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from .errors import ConfigError
+
 # The SGD batch the base learning rate refers to; lr = base_lr * sgd_batch / LR_REF_BATCH.
 LR_REF_BATCH = 128
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
-
-
-class ConfigError(ValueError):
-    """Bad user input: the CLI prints the message on one line and exits with status 2."""
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import ConfigError, RunConfig, SweepConfig
+from .config import RunConfig, SweepConfig
+from .errors import ConfigError
 
 
 @dataclass(frozen=True)

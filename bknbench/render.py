@@ -1,13 +1,21 @@
 """Terminal rendering for the CLI: progress on stderr (rich on a terminal, plain lines
-otherwise, nothing with --quiet) and the closing messages."""
+otherwise, nothing with --quiet), the closing messages and the summary table."""
 from __future__ import annotations
 
 import sys
 
+from typing import TYPE_CHECKING
+
 from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
 from .config import RunConfig
-from .sweep import SweepEvents
+from .report.summary import delta_text
+from .sweep.plan import SweepEvents
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 stderr = Console(stderr=True)
 # piped or redirected, tables keep whole rows (rich would wrap them at 80 columns)
@@ -87,3 +95,23 @@ class Progress:
             stderr.print(f"  {label(cfg)}: {finish_text(row)}", highlight=False)
         else:
             stderr.print(f"done   {label(cfg)}: {finish_text(row)}", highlight=False)
+
+
+def summary_table(summary: pd.DataFrame, title: str) -> Table:
+    """A rich table for the terminal: mean ± half-width, [low, high], Δ vs ref with its CI."""
+    multi = "dataset" in summary.columns
+    table = Table(title=title, caption="95% Student-t CI over seeds; Δ in percentage points "
+                  "with a 95% Welch CI; n = successful seeds")
+    for name in (["dataset", "model"] if multi else []) + ["spec"]:
+        table.add_column(name)
+    for name in ("batch", "n", "acc %", "95% CI", "Δ vs ref", "failed"):
+        table.add_column(name, justify="right" if name in ("batch", "n") else "left")
+    for r in summary.itertuples(index=False):
+        acc = "[red]all failed[/]" if r.n == 0 else f"{r.mean:.2f}" + (
+            f" ± {r.ci_high - r.mean:.2f}" if r.n > 1 else "")
+        ci = "" if r.n == 0 else "n/a" if r.n == 1 else f"[{r.ci_low:.2f}, {r.ci_high:.2f}]"
+        failed = f"[red]✗ {r.failed_statuses}[/]" if r.failed else ""
+        table.add_row(*([r.dataset, r.model] if multi else []), escape(r.spec),
+                      str(r.norm_batch), str(r.n), acc, escape(ci), delta_text(r), failed,
+                      style="bold" if r.is_ref else None)
+    return table

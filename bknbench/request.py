@@ -11,7 +11,8 @@ import datetime
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import DEFAULT_BATCH_SIZES, ConfigError, RunConfig, SweepConfig
+from .config import DEFAULT_BATCH_SIZES, RunConfig, SweepConfig
+from .errors import ConfigError
 
 DEFAULT_NORMS = "bn,bn-accum,gn,bkn"
 DEFAULT_SEEDS = (0,)  # one seed: a quick look; `make run` uses 0,1,2 for intervals
@@ -53,8 +54,8 @@ def build_sweep(req: RunRequest) -> tuple[SweepConfig, Path]:
     """Resolve and validate; returns the sweep and its output folder."""
     from .norms import split_specs
     from .presets import get_preset
-    from .sweep import sweep_from_dict
-    from .store import Store
+    from .sweep.plan import sweep_from_dict
+    from .sweep.store import Store
 
     if req.resume is not None:
         if req.out is not None and Path(req.out) != Path(req.resume):

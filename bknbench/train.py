@@ -16,8 +16,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .config import ConfigError, RunConfig
+from .config import RunConfig
 from .data import Dataset, load_dataset
+from .errors import ConfigError
 from .models import make_model
 from .norms import parse_spec
 
@@ -158,7 +159,7 @@ def train_run(cfg: RunConfig, data: Dataset | None = None,
         step_fn = torch.compile(model)
     augment = None
     if cfg.augment and data.image:
-        from .augment import crop_flip
+        from .data.augment import crop_flip
         augment = crop_flip
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

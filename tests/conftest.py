@@ -16,10 +16,10 @@ def _one_thread():
 @pytest.fixture(params=["native", "torch"])
 def backend(request):
     """Run a test on each implementation of the fused nodes: the C++ CPU kernels
-    (bknbench/native.py; skipped where not built) and the PyTorch autograd nodes."""
-    from bknbench import native
+    (bknbench/kernels/native.py; skipped where not built) and the PyTorch autograd nodes."""
+    from bknbench.kernels import native
 
-    from bknbench.fused import group_normalize
+    from bknbench.kernels.fused import group_normalize
 
     def node():  # which implementation a call reaches: the autograd node's name
         x = torch.ones(2, 1, requires_grad=True)
@@ -28,7 +28,7 @@ def backend(request):
 
     if request.param == "native":
         if native.module() is None:
-            pytest.skip("native kernels not built (python -m bknbench.native)")
+            pytest.skip("native kernels not built (python -m bknbench.kernels.native)")
         assert "CppNode" in node()
         yield "native"
     else:

@@ -110,7 +110,7 @@ def test_rerun_same_out_skips_finished(sweep_dir):
 
 def test_run_says_when_the_cpu_kernels_are_missing(tmp_path):
     """Without the C++ kernels a CPU sweep still runs, and says once why it is slower."""
-    from bknbench import native
+    from bknbench.kernels import native
 
     args = ["run", "--dataset", "synthetic", "--norms", "bkn", "--batch-sizes", "32",
             "--epochs", "1", "--device", "cpu", "--workers", "1"]
@@ -134,7 +134,7 @@ def test_every_command_has_help(command):
 
 
 def test_norms_lists_registry():
-    from bknbench.norms import names
+    from bknbench.norms.registry import names
 
     result = runner.invoke(app, ["norms"])
     assert result.exit_code == 0

@@ -4,8 +4,9 @@ import dataclasses
 
 import pytest
 
-from bknbench.config import ConfigError, RunConfig, SweepConfig, run_id
-from bknbench.norms import parse_spec, split_specs
+from bknbench.errors import ConfigError
+from bknbench.config import RunConfig, SweepConfig, run_id
+from bknbench.norms.registry import parse_spec, split_specs
 
 
 # ---------------------------------------------------------------- run ids

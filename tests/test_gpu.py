@@ -5,10 +5,9 @@ import pytest
 import torch
 
 from bknbench.config import RunConfig
-from bknbench.data import load_dataset
-from bknbench.fused import group_normalize
-from bknbench.kalman import kalman_update
-from bknbench.norms import group_moments, normalize
+from bknbench.data.registry import load_dataset
+from bknbench.kernels.fused import group_normalize, group_moments
+from bknbench.kernels.reference import kalman_update, normalize
 from bknbench.train import train_run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -3,10 +3,11 @@ import dataclasses
 
 import pytest
 
-import bknbench.resnet  # noqa: F401  (registers the models the presets name)
-from bknbench.config import ConfigError, RunConfig
-from bknbench.models import MODELS
-from bknbench.norms import parse_spec
+import bknbench.models.resnet
+from bknbench.errors import ConfigError
+from bknbench.config import RunConfig
+from bknbench.models.registry import MODELS
+from bknbench.norms.registry import parse_spec
 from bknbench.presets import PRESETS, get_preset
 
 

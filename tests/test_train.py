@@ -3,10 +3,11 @@ bit for bit, bad runs become statuses, and the learning-rate schedule and scalin
 import pytest
 import torch
 
-from bknbench.config import ConfigError, RunConfig
-from bknbench.data import load_dataset
-from bknbench.models import make_model
-from bknbench.norms import parse_spec
+from bknbench.errors import ConfigError
+from bknbench.config import RunConfig
+from bknbench.data.registry import load_dataset
+from bknbench.models.registry import make_model
+from bknbench.norms.registry import parse_spec
 from bknbench.train import lr_factor, make_optimizer, train_run
 
 

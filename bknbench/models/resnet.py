@@ -1,0 +1,190 @@
+"""The pre-activation CIFAR ResNet of the BKN authors (resnet20/32/56/110), any normalizer.
+
+Architecture (He et al. 2016, "Identity Mappings", as in the authors' cifar-kn-microbatch.py,
+itself tensorpack's cifar10-resnet example), depth = 6 n + 2:
+    conv3x3(16) -> Norm -> ReLU                                  stem, (N, 16, 32, 32)
+    3 stages of n blocks, 16/32/64 channels, the 2nd and 3rd start with stride 2:
+        block(x) = conv2(ReLU(Norm2(conv1(ReLU(Norm1(x)))))) + shortcut(x)
+        (the network's first block skips ReLU(Norm1): its input already went through the stem's)
+    Norm -> ReLU -> global average pooling -> linear              (N, num_classes)
+Shortcut: identity, or where a stage starts, 2x2 average pooling (stride 2) and zero channels
+padded equally on both sides (C -> 2C): no parameters.
+
+BKN chain (the statistics of a sum are the sum of the branches' means and variances):
+    stem norm: no prior
+    block's Norm2 <- Path(Norm feeding conv1, (ReLU, conv1))
+    next Norm1 and the final Norm <- SumPrior(stream, Path(Norm2, (ReLU, conv2)))
+where stream is the block input's statistics pushed through the shortcut:
+Path(Norm1, (shortcut,), tap="input"), or for the first block Path(stem norm, (ReLU, shortcut)).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from ..norms import NormSpec
+from ..norms.kalman import BatchKalmanNorm, Path, SumPrior
+from .registry import register_model
+
+DEPTHS = {20: 3, 32: 5, 56: 9, 110: 18}  # depth -> blocks per stage n (depth = 6 n + 2)
+WIDTHS = (16, 32, 64)  # channels of the three stages
+
+
+class Shortcut(nn.Module):
+    """Parameter-free shortcut: (N, C_in, H, W) -> (N, C_out, H / stride, W / stride).
+
+    stride x stride average pooling, then C_out - C_in zero channels, lo = (C_out - C_in) // 2
+    before and the rest after the real ones (the authors pad in_channel // 2 on both sides).
+    Identity when stride 1 and C_out = C_in.
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        if c_out < c_in:
+            raise ValueError(f"shortcut cannot shrink channels ({c_in} -> {c_out})")
+        self.c_in, self.c_out, self.stride = c_in, c_out, stride
+        self.lo = (c_out - c_in) // 2
+        self.hi = c_out - c_in - self.lo
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride > 1:
+            x = F.avg_pool2d(x, self.stride)
+        if self.lo or self.hi:
+            x = F.pad(x, (0, 0, 0, 0, self.lo, self.hi))  # pads dim 1 (channels)
+        return x
+
+    def moments(self, mean: torch.Tensor, var: torch.Tensor):
+        """Per-group channel moments through the shortcut. mean, var: (G, C_in) ->
+        (G, C_out). Pooling keeps the mean and divides the variance by the window area
+        (values independent across positions); padded channels are constant 0: mean 0,
+        var 0. The padding is along dim 1, i.e. inside every group, so group g's real
+        channels stay group g's (padding a flattened (G * C) vector would not)."""
+        if self.stride > 1:
+            var = var / (self.stride * self.stride)
+        return F.pad(mean, (self.lo, self.hi)), F.pad(var, (self.lo, self.hi))
+
+    def extra_repr(self) -> str:
+        return f"{self.c_in}, {self.c_out}, stride={self.stride}"
+
+
+def conv3x3(c_in: int, c_out: int, stride: int = 1, bias: bool = False) -> nn.Conv2d:
+    return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=bias)
+
+
+class PreActBlock(nn.Module):
+    """out = conv2(ReLU(norm2(conv1(ReLU(norm1(x)))))) + shortcut(x); (N, C_in, H, W) ->
+    (N, C_out, H / stride, W / stride). ``first``: no norm1/relu1 (the stem's are used)."""
+
+    def __init__(self, spec: NormSpec, norm_batch, c_in, c_out, stride, first=False,
+                 bias=False):
+        super().__init__()
+        self.first = first
+        self.norm1 = None if first else spec.build(c_in, norm_batch)
+        self.relu1 = None if first else nn.ReLU()
+        self.conv1 = conv3x3(c_in, c_out, stride, bias)
+        self.norm2 = spec.build(c_out, norm_batch)
+        self.relu2 = nn.ReLU()
+        self.conv2 = conv3x3(c_out, c_out, 1, bias)
+        self.shortcut = Shortcut(c_in, c_out, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x if self.first else self.relu1(self.norm1(x))
+        h = self.conv2(self.relu2(self.norm2(self.conv1(h))))
+        return h + self.shortcut(x)
+
+
+class PreActResNet(nn.Module):
+    """Pre-activation ResNet for 32x32 images (any H, W divisible by 4): (N, C, H, W) ->
+    logits (N, num_classes). See the module docstring for the layout and the BKN chain."""
+
+    def __init__(self, spec: NormSpec, norm_batch, n: int, in_channels: int,
+                 num_classes: int, widths=WIDTHS):
+        super().__init__()
+        bias = spec.name == "none"  # a norm's shift makes the conv bias redundant
+        self.stem_conv = conv3x3(in_channels, widths[0], 1, bias)
+        self.stem_norm = spec.build(widths[0], norm_batch)
+        self.stem_relu = nn.ReLU()
+        blocks, c_in = [], widths[0]
+        for stage, c_out in enumerate(widths):
+            for k in range(n):
+                stride = 2 if stage > 0 and k == 0 else 1
+                blocks.append(PreActBlock(spec, norm_batch, c_in, c_out, stride,
+                                          first=(stage == 0 and k == 0), bias=bias))
+                c_in = c_out
+        self.blocks = nn.Sequential(*blocks)
+        self.final_norm = spec.build(c_in, norm_batch)
+        self.final_relu = nn.ReLU()
+        self.fc = nn.Linear(c_in, num_classes)
+        self.reset_parameters()
+        if all(isinstance(m, BatchKalmanNorm) for m in self.norms()):
+            self.wire_kalman()
+
+    def reset_parameters(self) -> None:
+        # the authors' conv init: variance scaling 2.0, fan_out (He init for ReLU)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def norms(self) -> list[nn.Module]:
+        """Every normalization layer, in forward order."""
+        out = [self.stem_norm]
+        for b in self.blocks:
+            out += ([] if b.first else [b.norm1]) + [b.norm2]
+        return out + [self.final_norm]
+
+    def _stream(self, block: PreActBlock) -> Path:
+        """Statistics of block(x)'s shortcut branch: x's, pushed through the shortcut.
+        x is norm1's input (tap "input"); the first block's x is the stem's ReLU output."""
+        if block.first:
+            return Path(self.stem_norm, (self.stem_relu, block.shortcut), tap="output")
+        return Path(block.norm1, (block.shortcut,), tap="input")
+
+    def _block_sum(self, block: PreActBlock) -> SumPrior:
+        """Statistics of block(x) = residual branch + shortcut, branches independent."""
+        return SumPrior((self._stream(block),
+                         Path(block.norm2, (block.relu2, block.conv2), tap="output")))
+
+    def wire_kalman(self) -> None:
+        """Set every BKN layer's prior (see the module docstring)."""
+        self.stem_norm.prior = None
+        prev = None
+        for b in self.blocks:
+            if b.first:
+                feed = Path(self.stem_norm, (self.stem_relu, b.conv1), tap="output")
+            else:
+                b.norm1.prior = self._block_sum(prev) if prev is not None else None
+                feed = Path(b.norm1, (b.relu1, b.conv1), tap="output")
+            b.norm2.prior = feed
+            prev = b
+        self.final_norm.prior = self._block_sum(prev)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem_relu(self.stem_norm(self.stem_conv(x)))  # (N, 16, H, W)
+        h = self.blocks(h)  # (N, 64, H / 4, W / 4)
+        h = self.final_relu(self.final_norm(h))
+        return self.fc(h.mean(dim=(2, 3)))  # global average pooling -> (N, num_classes)
+
+
+def build_resnet(depth: int, spec: NormSpec, norm_batch, in_shape, num_classes):
+    if depth not in DEPTHS:
+        raise ConfigError(f"no resnet{depth}; depths: {', '.join(map(str, DEPTHS))}")
+    if len(in_shape) != 3 or in_shape[1] % 4 or in_shape[2] % 4:
+        raise ConfigError(f"resnet{depth} needs images (C, H, W) with H, W divisible by 4, "
+                          f"got sample shape {tuple(in_shape)}")
+    return PreActResNet(spec, norm_batch, DEPTHS[depth], in_shape[0], num_classes)
+
+
+def _register(depth: int) -> None:
+    def builder(spec, norm_batch, in_shape, num_classes):
+        return build_resnet(depth, spec, norm_batch, in_shape, num_classes)
+    builder.__doc__ = (f"Pre-activation ResNet-{depth} (n = {DEPTHS[depth]} blocks per "
+                       "stage, 16/32/64 channels), the authors' CIFAR network.")
+    register_model(f"resnet{depth}")(builder)
+
+
+for _depth in DEPTHS:
+    _register(_depth)

@@ -1,0 +1,192 @@
+"""Batch Kalman Normalization (arXiv 1802.03133): the pure update, the priors, the layer.
+
+A BKN layer observes per-group statistics (m, s) of its input, predicts them from the
+posterior of the preceding normalization layer pushed through the operations between the
+two (the transition, transitions.py), and fuses both as a two-component mixture. The model
+builder wires each layer's `prior` (`wire_sequence` in models/chain.py, `wire_kalman` in
+models/resnet.py); a layer without one uses (m, s) alone. The training step runs the fused
+node of kernels/fused.py, which equals `kalman_update` (kernels/reference.py) composed with
+the observation and `normalize`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from torch import nn
+
+from ..kernels.fused import group_normalize
+from .batch import StatsNorm, check_defined, values_per_stat
+from .registry import EPS, MOMENTUM, Option, register
+from .transitions import chain_rules, sampled_moments
+
+
+# ---------------------------------------------------------------- priors: what feeds a layer
+@dataclass(eq=False)
+class Path:
+    """The distribution reaching a layer from ``source`` through ``ops``.
+
+    tap="input": the statistics of the source's own (pre-normalization) input, used by
+    identity shortcuts. tap="output": what the source hands on; paper-faithful layers use the
+    source's raw posterior here (as the authors' code does), ``propagate=output`` layers use
+    the moments of the source's normalized output.
+    """
+
+    source: "BatchKalmanNorm"
+    ops: tuple[nn.Module, ...] = ()
+    tap: str = "output"
+
+    def start(self, propagate: str):
+        post = self.source.posterior
+        if post is None:
+            raise RuntimeError("BKN chain: a predecessor did not run in this forward pass")
+        if self.tap == "output" and propagate == "output":
+            return post.output_moments(self.source)
+        return post.mu, post.var
+
+    @cached_property
+    def rules(self) -> list:
+        """The analytic moment rules of the ops, looked up once (the ops never change)."""
+        return chain_rules(self.ops)
+
+    def predict(self, propagate: str, transition: str, draws: int):
+        mean, var = self.start(propagate)
+        if transition == "analytic":
+            for rule in self.rules:
+                mean, var = rule(mean, var)
+            return mean, var
+        return sampled_moments(mean, var, self.ops, self.source.in_shape, draws)
+
+
+@dataclass(eq=False)
+class SumPrior:
+    """A sum of independent branches (residual block): means add, variances add."""
+
+    terms: tuple[Path, ...]
+
+    def predict(self, propagate, transition, draws):
+        parts = [t.predict(propagate, transition, draws) for t in self.terms]
+        return sum(p[0] for p in parts), sum(p[1] for p in parts)
+
+
+@dataclass
+class Posterior:
+    m: torch.Tensor  # observed mean (G, C)
+    s: torch.Tensor  # observed biased variance (G, C)
+    mu: torch.Tensor  # posterior mean (G, C)
+    var: torch.Tensor  # posterior variance (G, C)
+
+    def output_moments(self, layer: "BatchKalmanNorm"):
+        """Per-group moments of the layer's normalized output y = w (x - mu) / sqrt(var+eps) + b."""
+        scale = layer.weight * torch.rsqrt(self.var + layer.eps)
+        return (self.m - self.mu) * scale + layer.bias, self.s * scale * scale
+
+
+# ---------------------------------------------------------------- the layer
+class BatchKalmanNorm(StatsNorm):
+    """Batch Kalman Normalization.
+
+    Training, per group g of ``norm_batch`` samples and channel c:
+      1. observe (m, s): mean and biased variance over the group's samples and positions;
+      2. predict (mu_hat, var_hat) = T(posterior of the preceding layer) via ``prior``;
+      3. fuse with ``kalman_update`` (weight p on the prediction, guard);
+      4. y = weight * (x - mu) / sqrt(var + eps) + bias;
+      5. running statistics: EMA (momentum) of (mu, var * n / (n - 1)), n values per
+         statistic, the torch.nn.BatchNorm convention, so p = 0 is BN in both modes.
+    Eval: running statistics, as BatchNorm. Without a prior (first layer): BN per group.
+
+    Args: num_features C; norm_batch samples per statistic; p weight on the prediction;
+    gain "fixed" | "learnable" (q = sigmoid(theta), initialised at 1 - p) | "adaptive"
+    (p = n0 / (n0 + n): the prediction counts as n0 observed values, so a large group trusts
+    itself); transition "analytic" | "sampled"; draws samples per group for "sampled"
+    (0: 1 when the output has positions, else 16); propagate "raw" (paper-faithful: the
+    predecessor's pre-normalization posterior) | "output" (its normalized output's moments);
+    guard (see kalman_update).
+    Input (N, C) or (N, C, *spatial); output the same shape.
+    """
+
+    def __init__(self, num_features, norm_batch, p=0.9, gain="fixed", n0=64.0,
+                 transition="analytic", draws=0, propagate="raw", guard=100.0,
+                 eps=1e-5, momentum=0.1):
+        super().__init__(num_features, norm_batch, eps=eps, momentum=momentum)
+        self.p, self.gain, self.n0 = p, gain, n0
+        self.transition, self.draws, self.propagate, self.guard = (
+            transition, draws, propagate, guard)
+        if gain == "learnable":
+            q = min(max(1.0 - p, 1e-4), 1 - 1e-4)
+            self.gain_logit = nn.Parameter(torch.tensor(math.log(q / (1 - q))))
+        self.prior: Path | SumPrior | None = None  # set by the model builder
+        self.posterior: Posterior | None = None  # this forward's, for successors
+        self.in_shape: tuple[int, ...] = ()  # spatial shape of the input, for sampling
+
+    def weight_on_prediction(self, n_values: int):
+        if self.gain == "learnable":
+            return 1.0 - torch.sigmoid(self.gain_logit)
+        if self.gain == "adaptive":
+            return self.n0 / (self.n0 + n_values)
+        return self.p
+
+    def draws_for(self) -> int:
+        if self.draws:
+            return self.draws
+        flat = any(isinstance(op, (nn.Linear, nn.Flatten)) for op in ops_of(self.prior))
+        return 16 if flat or not self.in_shape else 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.posterior = None
+        if not self.training:
+            return self.eval_forward(x)
+        g = self.groups_of(x)
+        n_values = values_per_stat(x, g)
+        check_defined(n_values, "BKN")
+        self.in_shape = tuple(x.shape[2:])
+        mu_hat = var_hat = p = None
+        if self.prior is not None:
+            draws = self.draws_for() if self.transition == "sampled" else 0
+            mu_hat, var_hat = self.prior.predict(self.propagate, self.transition, draws)
+            p = self.weight_on_prediction(n_values)
+        # = group_moments, kalman_update (without a prior: none) and normalize, fused
+        y, m, s, mu, var = group_normalize(x, mu_hat, var_hat, p, self.weight, self.bias, g,
+                                           self.guard, self.eps)
+        self.update_running(mu.detach(), var.detach(), n_values)
+        self.posterior = Posterior(m, s, mu, var)
+        return y
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", p={self.p}, gain={self.gain}, "
+                f"transition={self.transition}, propagate={self.propagate}, "
+                f"chained={self.prior is not None}")
+
+
+def ops_of(prior) -> list[nn.Module]:
+    if prior is None:
+        return []
+    if isinstance(prior, SumPrior):
+        return [op for t in prior.terms for op in t.ops]
+    return list(prior.ops)
+
+
+BKN_OPTIONS = {
+    "p": Option(float, 0.9, lambda v: 0.0 <= v <= 1.0, "in [0, 1]",
+                "weight on the prediction (Kalman gain q = 1 - p)"),
+    "gain": Option(("fixed", "learnable", "adaptive"), "fixed", help="how p is set"),
+    "n0": Option(float, 64.0, lambda v: v > 0, "> 0",
+                 "adaptive gain: the prediction counts as n0 observed values"),
+    "transition": Option(("analytic", "sampled"), "analytic",
+                         help="closed-form moments or the authors' Monte-Carlo estimate"),
+    "draws": Option(int, 0, lambda v: v >= 0, ">= 0", "samples per group for sampled (0: auto)"),
+    "propagate": Option(("raw", "output"), "raw",
+                        help="raw: predecessor's pre-norm posterior (paper); output: its output"),
+    "guard": Option(float, 100.0, lambda v: v > 0, "> 0",
+                    "distrust the prediction when mean(var_hat / s) reaches this"),
+    "eps": EPS,
+    "momentum": MOMENTUM,
+}
+
+
+@register("bkn", "Batch Kalman Normalization: micro-batch statistics fused with a "
+          "prediction from the preceding layers", BKN_OPTIONS, chained=True)
+def _bkn(num_features, norm_batch, **options):
+    return BatchKalmanNorm(num_features, norm_batch, **options)

@@ -1,0 +1,134 @@
+"""The normalizer registry: one place to add a normalizer, one constructor shape.
+
+Every factory is called as ``factory(num_features, norm_batch, **options)`` and returns a
+drop-in ``nn.Module`` (``forward(x) -> Tensor``, x of shape (N, C) or (N, C, *spatial)).
+``norm_batch`` is the number of samples behind each statistic: a forward batch of N samples
+is split into N / norm_batch groups with their own statistics (None: the whole batch).
+
+Specs are strings: ``name`` or ``name:key=value,key=value`` (``:`` also separates options).
+The registry is filled by the family modules that `bknbench.norms` imports.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch import nn
+
+from ..errors import ConfigError
+
+
+# ---------------------------------------------------------------- the registry
+@dataclass(frozen=True)
+class Option:
+    kind: type | tuple  # float, int, or a tuple of allowed strings
+    default: Any
+    check: Callable[[Any], bool] = lambda v: True
+    rule: str = ""  # shown when check fails, e.g. "in [0, 1]"
+    help: str = ""
+
+    def parse(self, key: str, text: str):
+        if isinstance(self.kind, tuple):
+            if text not in self.kind:
+                raise ConfigError(f"option {key}={text}: expected one of {', '.join(self.kind)}")
+            return text
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise ConfigError(f"option {key}={text}: expected {self.kind.__name__}") from None
+        if not self.check(value):
+            raise ConfigError(f"option {key}={text}: must be {self.rule}")
+        return value
+
+
+@dataclass(frozen=True)
+class NormEntry:
+    name: str
+    factory: Callable[..., nn.Module]
+    help: str
+    options: dict[str, Option] = field(default_factory=dict)
+    accumulates: bool = False  # trains with gradient accumulation (SGD batch > norm_batch)
+    chained: bool = False  # BKN-style: the model builder wires a prediction into it
+
+
+REGISTRY: dict[str, NormEntry] = {}
+
+EPS = Option(float, 1e-5, lambda v: v > 0, "> 0", "added to the variance")
+MOMENTUM = Option(float, 0.1, lambda v: 0 < v <= 1, "in (0, 1]", "running-statistics EMA weight")
+
+
+def register(name: str, help: str, options: dict[str, Option] | None = None, **flags):
+    def deco(factory):
+        REGISTRY[name] = NormEntry(name, factory, help, options or {}, **flags)
+        return factory
+    return deco
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    text: str  # canonical spec string: the row label in every result
+    entry: NormEntry
+    options: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    def build(self, num_features: int, norm_batch: int | None) -> nn.Module:
+        return self.entry.factory(num_features, norm_batch, **self.options)
+
+
+def _text(value) -> str:
+    """Shortest faithful text of an option value: 0.50 -> 0.5, 0.0 -> 0."""
+    text = repr(value) if isinstance(value, float) else str(value)
+    return text[:-2] if text.endswith(".0") else text
+
+
+def parse_spec(text: str) -> NormSpec:
+    """``"bkn:p=0.5,transition=sampled"`` -> NormSpec; unknown names or options raise
+    ConfigError naming what is allowed."""
+    text = text.strip()
+    name, _, rest = text.partition(":")
+    name = name.strip()
+    if name not in REGISTRY:
+        raise ConfigError(f"unknown normalizer {name!r}; known: {', '.join(sorted(REGISTRY))}")
+    entry = REGISTRY[name]
+    options = {k: o.default for k, o in entry.options.items()}
+    given = []
+    for item in rest.replace(":", ",").split(","):
+        if not item.strip():
+            continue
+        key, eq, value = (s.strip() for s in item.partition("="))
+        if not eq:
+            raise ConfigError(f"bad option {item!r} in {text!r}: expected key=value")
+        if key not in entry.options:
+            known = ", ".join(sorted(entry.options)) or "none"
+            raise ConfigError(f"unknown option {key!r} for {name}; options: {known}")
+        if key in given:
+            raise ConfigError(f"option {key!r} given twice in {text!r}")
+        options[key] = entry.options[key].parse(key, value)
+        given.append(key)
+    # one label per configuration: options in registry order, values as parsed (0.50 -> 0.5)
+    canonical = name + (":" + ",".join(f"{k}={_text(options[k])}" for k in entry.options
+                                       if k in given) if given else "")
+    return NormSpec(canonical, entry, options)
+
+
+def split_specs(text: str) -> list[str]:
+    """Split ``--norms`` on commas; a piece with ``=`` but no name continues the previous
+    spec, so ``bn,bkn:p=0.5,transition=sampled,gn`` is three specs."""
+    specs: list[str] = []
+    for piece in (p.strip() for p in text.split(",")):
+        if not piece:
+            continue
+        if "=" in piece and ":" not in piece and specs:
+            specs[-1] += "," + piece
+        else:
+            specs.append(piece)
+    if not specs:
+        raise ConfigError("no normalizer given")
+    return [parse_spec(s).text for s in specs]
+
+
+def names() -> list[str]:
+    return sorted(REGISTRY)

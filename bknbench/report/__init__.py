@@ -1,0 +1,15 @@
+"""From results folders to evidence: the CSV schema, loading, summaries with intervals, figures.
+
+Public names (import them from their modules): ``schema.RUN_COLUMNS``,
+``schema.METRIC_COLUMNS``, ``schema.STATUSES``; ``results.load_results``, ``results.select``,
+``results.Results``; ``summary.summarize``, ``summary.mean_ci``, ``summary.format_summary``;
+``plots.plot_results``, ``plots.spec_colors``.
+
+Modules: ``schema`` (every column, once), ``results`` (read and check the CSVs, select runs),
+``summary`` (per cell: mean, intervals, difference to a reference), ``plots`` (figures).
+Nothing here imports the sweep or the CLI: a report is made from files alone.
+
+To add a figure: a ``_name_figure(results, colors) -> Figure`` in ``plots.py`` and its entry
+in ``plot_results``; to add a column: ``schema.py``, where it is written, and the loader's
+type lists in ``results.py``.
+"""

@@ -1,0 +1,198 @@
+"""Figures from a results folder: error vs micro-batch size, and convergence per epoch.
+
+Error is 100 - accuracy, in %. Bands are the 95% Student-t CI of the mean over seeds,
+    mean -+ t(0.975, n - 1) * std / sqrt(n)        (results.mean_ci; no band when n = 1),
+and only runs with status ok enter a line. A spec has one colour in every figure
+(spec_colors), so the figures can be read side by side. When the mean errors of a figure
+span a factor of 10 or more (a collapse at micro-batch 1 beside 2% elsewhere), its error axis
+is logarithmic, so that differences of a point between good runs stay visible.
+
+matplotlib is imported inside functions: `import bknbench.plots` stays fast. Figures are
+built with matplotlib.figure.Figure rather than pyplot, so nothing needs a display, no global
+backend is switched under a caller's feet, and figures are freed as soon as they are saved.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable
+
+import pandas as pd
+
+from ..errors import ConfigError
+from .results import Results
+from .summary import mean_ci, summarize
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+FORMATS = ("png", "svg", "pdf")
+DPI = 150  # raster resolution; vector formats ignore it
+
+
+def spec_colors(specs: Iterable[str]) -> dict[str, str]:
+    """One hex colour per distinct spec, by order of first appearance: the ten tab10 colours,
+    then the ten light tab20 shades (so adding an 11th spec keeps the first ten colours);
+    past twenty the palette repeats."""
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    # tab20's even entries are exactly tab10; its odd entries are the lighter partners.
+    palette = list(colormaps["tab10"].colors) + list(colormaps["tab20"].colors[1::2])
+    return {s: to_hex(palette[i % len(palette)]) for i, s in enumerate(dict.fromkeys(specs))}
+
+
+def _error_scale(axes, errors: list[float]) -> str:
+    """Log error axes when the plotted mean errors (%) span a factor of 10 or more and are
+    all positive; returns the label suffix."""
+    errors = [e for e in errors if pd.notna(e)]
+    if not errors or min(errors) <= 0 or max(errors) / min(errors) < 10:
+        return ""
+    for ax in axes:
+        ax.set_yscale("log")
+    return ", log scale"
+
+
+def _groups(runs: pd.DataFrame) -> list[tuple[tuple[str, str], pd.DataFrame]]:
+    """(dataset, model) and its runs, in order of first appearance."""
+    keys = list(dict.fromkeys(zip(runs["dataset"], runs["model"])))
+    return [((d, m), runs[(runs["dataset"] == d) & (runs["model"] == m)]) for d, m in keys]
+
+
+def _error_vs_batch_figure(runs: pd.DataFrame, colors: dict[str, str]) -> "Figure":
+    """Final validation error vs norm_batch on a log2 axis, a panel per (dataset, model)."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullLocator
+
+    groups = _groups(runs)
+    fig = Figure(figsize=(6.4 * len(groups), 4.6), layout="constrained")
+    axes = fig.subplots(1, len(groups), squeeze=False)[0]
+    errors = []
+    for ax, ((dataset, model), part) in zip(axes, groups):
+        summary = summarize(part)
+        for spec in colors:
+            line = summary[(summary["spec"] == spec) & (summary["n"] > 0)]
+            if line.empty:
+                continue
+            x = line["norm_batch"].to_numpy()
+            errors += list(100 - line["mean"])
+            ax.plot(x, 100 - line["mean"], marker="o", color=colors[spec], label=spec)
+            # NaN bounds (n = 1) leave a gap in the band rather than a fake zero-width one.
+            ax.fill_between(x, 100 - line["ci_high"], 100 - line["ci_low"],
+                            color=colors[spec], alpha=0.2, linewidth=0)
+        batches = sorted(set(part["norm_batch"]))  # failed-only sizes keep their tick
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(batches, labels=[str(b) for b in batches])
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xlabel("micro-batch size (samples per normalization statistic)")
+        ax.set_title(f"{dataset} / {model}")
+        ax.grid(alpha=0.3, which="both")
+        if ax.lines:
+            ax.legend(title="spec")
+    scale = _error_scale(axes, errors)
+    for ax in axes:
+        ax.set_ylabel(f"validation error after training (%{scale})")
+    n_failed = int((runs["status"] != "ok").sum())
+    excluded = f"; {n_failed} failed run(s) excluded" if n_failed else ""
+    fig.suptitle(f"Validation error vs micro-batch size\n"
+                 f"mean over seeds with 95% CI{excluded}", fontsize="medium")
+    return fig
+
+
+def _convergence_figure(runs: pd.DataFrame, metrics: pd.DataFrame,
+                        colors: dict[str, str]) -> "Figure":
+    """Validation error per epoch, a panel per micro-batch size (a row per (dataset, model)
+    when there are several), a line per spec: the mean over seeds with its 95% CI band."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    ok = runs.loc[runs["status"] == "ok", ["run_id", "dataset", "model", "spec", "norm_batch"]]
+    m = metrics[["run_id", "epoch", "val_acc"]].merge(ok, on="run_id")
+    if m.empty:
+        raise ConfigError("metrics.csv has no epochs of successful runs: nothing to plot")
+    groups = _groups(m)
+    panels = [(key, b, part[part["norm_batch"] == b])
+              for key, part in groups for b in sorted(set(part["norm_batch"]))]
+    if len(groups) == 1:  # wrap a single row of panels into a grid four wide
+        ncols = min(4, len(panels))
+        places = [divmod(i, ncols) for i in range(len(panels))]
+    else:
+        ncols = max(len(set(part["norm_batch"])) for _, part in groups)
+        places = [(r, c) for r, (_, part) in enumerate(groups)
+                  for c in range(len(set(part["norm_batch"])))]
+    nrows = max(r for r, _ in places) + 1
+    fig = Figure(figsize=(3.6 * ncols + 1.6, 3.0 * nrows + 0.6), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True if len(groups) == 1 else "row")
+    handles, errors = {}, []
+    for (r, c), ((dataset, model), b, cell) in zip(places, panels):
+        ax = axes[r][c]
+        for spec in colors:
+            of_spec = cell[cell["spec"] == spec]
+            if of_spec.empty:
+                continue
+            stats = [(e, *mean_ci(g["val_acc"])) for e, g in of_spec.groupby("epoch")]
+            epoch, mean, _, half = (pd.Series(v, dtype="float64") for v in zip(*stats))
+            errors += list(100 - mean)
+            (handles[spec],) = ax.plot(epoch, 100 - mean, color=colors[spec], label=spec)
+            ax.fill_between(epoch, 100 - mean - half, 100 - mean + half,
+                            color=colors[spec], alpha=0.2, linewidth=0)
+        where = f"{dataset} / {model}, " if len(groups) > 1 else ""
+        ax.set_title(f"{where}micro-batch {b}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3, which="both")
+        if (r + 1, c) not in places:  # lowest panel of its column
+            ax.set_xlabel("epoch")
+    scale = _error_scale([axes[r][c] for r, c in places], errors)
+    for r in range(nrows):
+        axes[r][0].set_ylabel(f"validation error (%{scale})")
+    for r in range(nrows):  # grid cells without a panel
+        for c in range(ncols):
+            if (r, c) not in places:
+                axes[r][c].set_visible(False)
+    order = [s for s in colors if s in handles]  # the same order as the other figure
+    fig.legend([handles[s] for s in order], order, title="spec", loc="outside right upper")
+    fig.suptitle("Validation error during training\nmean over seeds with 95% CI",
+                 fontsize="medium")
+    return fig
+
+
+def _prepare(out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create output folder {out}: {e.strerror or e}") from None
+    if not os.access(out, os.W_OK):
+        raise ConfigError(f"cannot write to output folder {out}")
+    return out
+
+
+def plot_results(results: Results, out_dir: str | Path,
+                 formats: Iterable[str] = ("png",)) -> list[Path]:
+    """Write error_vs_batch.<fmt> and convergence.<fmt> into out_dir for each format;
+    return the paths written."""
+    formats = tuple(formats)
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise ConfigError(f"unknown plot format {', '.join(map(repr, unknown)) or '(none)'}; "
+                          f"choose from {', '.join(FORMATS)}")
+    runs = results.runs
+    if not (runs["status"] == "ok").any():
+        raise ConfigError(f"no successful runs in {results.path}: nothing to plot")
+    if results.metrics.empty:
+        raise ConfigError(f"no per-epoch metrics in {results.path}: plots need metrics.csv "
+                          "written by `bknbench run`")
+    colors = spec_colors(runs["spec"])  # failed runs too: a colour must not depend on success
+    figures = {"error_vs_batch": _error_vs_batch_figure(runs, colors),
+               "convergence": _convergence_figure(runs, results.metrics, colors)}
+    out = _prepare(out_dir)
+    paths = []
+    for name, fig in figures.items():
+        for fmt in formats:
+            path = out / f"{name}.{fmt}"
+            try:
+                fig.savefig(path, format=fmt, dpi=DPI)
+            except OSError as e:
+                raise ConfigError(f"cannot write {path}: {e.strerror or e}") from None
+            paths.append(path)
+    return paths

@@ -1,0 +1,132 @@
+"""Load a sweep's CSVs (checked row by row) and select runs."""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import pandas as pd
+
+from ..errors import ConfigError
+from .schema import METRIC_COLUMNS, STATUSES
+
+# Columns the analysis reads; a file without them is not a bknbench file (or is cut short).
+RUN_REQUIRED = ("run_id", "spec", "dataset", "model", "norm_batch", "sgd_batch", "seed",
+                "epochs", "status", "reason", "final_val_acc", "best_val_acc")
+METRIC_REQUIRED = ("run_id", "epoch", "val_acc")
+_RUN_INTS = ("norm_batch", "sgd_batch", "seed", "epochs")
+_RUN_FLOATS = ("final_val_acc", "best_val_acc", "final_train_loss", "train_time_s",
+               "samples_per_s", "peak_mem_mb", "lr")
+_METRIC_INTS = ("epoch", "samples_seen")
+_METRIC_FLOATS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "wall_s")
+
+
+@dataclass(frozen=True)
+class Results:
+    """One results folder: runs.csv (a row per run) and metrics.csv (a row per run and epoch)."""
+
+    runs: pd.DataFrame
+    metrics: pd.DataFrame  # empty (with METRIC_COLUMNS) when metrics.csv is absent
+    path: Path
+
+
+def load_results(path: str | Path) -> Results:
+    """Read `path`/runs.csv and, if present, `path`/metrics.csv, with typed columns.
+
+    Every defect (missing folder, empty or cut-short file, missing column, a number that does
+    not parse) raises ConfigError naming the file and line, never a parser traceback."""
+    folder = Path(path)
+    try:
+        if not folder.exists():
+            raise ConfigError(f"results folder {folder} does not exist")
+        if not folder.is_dir():
+            raise ConfigError(f"{folder} is not a folder: pass the folder holding runs.csv")
+        runs_csv, metrics_csv = folder / "runs.csv", folder / "metrics.csv"
+        if not runs_csv.is_file():
+            raise ConfigError(
+                f"no results in {folder}: expected runs.csv written by `bknbench run`")
+        has_metrics = metrics_csv.is_file()
+    except OSError as e:  # e.g. a folder we may not list
+        raise ConfigError(f"cannot read {folder}: {e.strerror or e}") from None
+    runs = _read_table(runs_csv, RUN_REQUIRED, _RUN_INTS, _RUN_FLOATS, allow_empty=False)
+    unknown = sorted(set(runs["status"]) - set(STATUSES))
+    if unknown:
+        raise ConfigError(f"{runs_csv}: unknown status {', '.join(map(repr, unknown))}; "
+                          f"expected one of {', '.join(STATUSES)}")
+    ok_without_acc = runs.index[(runs["status"] == "ok") & runs["final_val_acc"].isna()]
+    if len(ok_without_acc):
+        raise ConfigError(f"{runs_csv}: run {runs.at[ok_without_acc[0], 'run_id']} is ok "
+                          "but has no final_val_acc")
+    if has_metrics:
+        metrics = _read_table(metrics_csv, METRIC_REQUIRED, _METRIC_INTS, _METRIC_FLOATS,
+                              allow_empty=True)
+    else:  # `compare` needs only runs.csv; plots check for metrics themselves
+        metrics = pd.DataFrame(columns=list(METRIC_COLUMNS))
+    return Results(runs=runs, metrics=metrics, path=folder)
+
+
+def _read_table(path: Path, required, ints, floats, allow_empty: bool) -> pd.DataFrame:
+    """Parse with the csv module (the sweep writes with it), checking shape row by row."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f, strict=True)  # strict: an unclosed quote is an error
+            rows, lines = [], []
+            for row in reader:
+                if row:  # blank lines carry nothing
+                    rows.append(row)
+                    lines.append(reader.line_num)
+    except csv.Error as e:
+        raise ConfigError(f"{path}:{reader.line_num}: malformed CSV ({e}); "
+                          "was the file cut short?") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not rows:
+        raise ConfigError(f"{path} is empty")
+    header, body, lines = rows[0], rows[1:], lines[1:]
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise ConfigError(f"{path} lacks column(s) {', '.join(missing)}: "
+                          "not a file written by `bknbench run`")
+    if not body and not allow_empty:
+        raise ConfigError(f"{path} has a header but no runs")
+    for row, line in zip(body, lines):
+        if len(row) != len(header):
+            raise ConfigError(f"{path}:{line}: {len(row)} fields where the header has "
+                              f"{len(header)}: truncated or malformed row")
+    df = pd.DataFrame(body, columns=header, dtype=str)
+    for col in (c for c in ints + floats if c in df.columns):
+        text = df[col].str.strip()
+        num = pd.to_numeric(text, errors="coerce")
+        if col in ints:  # configuration: always written, always whole
+            bad = num.isna() | (num % 1 != 0)  # NaN and inf give NaN here, so are bad too
+        else:  # measurements: empty (not measured) and "nan" (diverged) are allowed
+            bad = num.isna() & (text != "") & (text.str.lower() != "nan")
+        if bad.any():
+            i = int(bad.to_numpy().argmax())
+            raise ConfigError(f"{path}:{lines[i]}: {col}={df[col].iloc[i]!r} is not "
+                              f"{'an integer' if col in ints else 'a number'}")
+        df[col] = num.astype("int64") if col in ints else num.astype("float64")
+    return df
+
+
+def select(results: Results, specs: Iterable[str] | None = None,
+           batch_sizes: Iterable[int] | None = None, datasets: Iterable[str] | None = None,
+           models: Iterable[str] | None = None) -> Results:
+    """Runs matching every given filter (None or empty: no filter), and their metrics."""
+    runs = results.runs
+    keep = pd.Series(True, index=runs.index)
+    filters = (("spec", specs), ("norm_batch", batch_sizes), ("dataset", datasets),
+               ("model", models))
+    for col, wanted in filters:
+        wanted = list(wanted or ())
+        if wanted:
+            keep &= runs[col].isin([int(w) for w in wanted] if col == "norm_batch" else wanted)
+    chosen = runs[keep].reset_index(drop=True)
+    if chosen.empty:
+        present = lambda col: ", ".join(str(v) for v in dict.fromkeys(runs[col]))  # noqa: E731
+        raise ConfigError(f"the filter selected no runs; specs present: {present('spec')}; "
+                          f"batch sizes: {', '.join(map(str, sorted(set(runs['norm_batch']))))}; "
+                          f"datasets: {present('dataset')}; models: {present('model')}")
+    metrics = results.metrics[results.metrics["run_id"].isin(chosen["run_id"])]
+    return Results(runs=chosen, metrics=metrics.reset_index(drop=True), path=results.path)

@@ -1,0 +1,129 @@
+"""The sweep: plan the grid, skip finished runs, execute the rest, commit each result.
+
+Runs are independent units (run.py); the driver alone writes results (Store.commit), as
+runs finish. The serial executor is here; the process pool is local.py, Ray is ray.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Protocol
+
+from ..config import RunConfig, SweepConfig
+from ..errors import ConfigError
+from .run import execute_run
+from .store import Store
+
+
+# ---------------------------------------------------------------- executors
+class Executor(Protocol):
+    """Runs tasks, yielding (cfg, record) as each finishes, in any order; calls
+    events.on_start when a run starts and events.on_epoch where it can observe epochs."""
+
+    def map(self, tasks: list[RunConfig], store: Store,
+            events: "SweepEvents") -> Iterator[tuple[RunConfig, dict]]:
+        ...
+
+
+class SerialExecutor:
+    """In this process, one run after the other; reports every epoch."""
+
+    def map(self, tasks, store, events):
+        for cfg in tasks:
+            events.on_start(cfg)
+            cb = (lambda row, cfg=cfg: events.on_epoch(cfg, row)) if events.on_epoch else None
+            yield cfg, execute_run(cfg, str(store.run_dir(cfg.run_id)), cb)
+
+
+# ---------------------------------------------------------------- the sweep
+@dataclass
+class SweepReport:
+    out: Path
+    planned: int = 0
+    skipped: int = 0  # finished before this invocation
+    earlier: list[dict] = field(default_factory=list)  # their rows
+    finished: list[dict] = field(default_factory=list)  # rows finished now
+    interrupted: bool = False
+    stopped_early: bool = False  # --fail-fast
+
+    @property
+    def failed(self) -> list[dict]:
+        """Every run of the sweep that is not ok, whether it failed now or before."""
+        return [r for r in self.earlier + self.finished if r["status"] != "ok"]
+
+
+@dataclass
+class SweepEvents:
+    """Callbacks for progress rendering; the library itself prints nothing."""
+
+    on_plan: Callable[[int, int], None] = lambda total, todo: None
+    on_start: Callable[[RunConfig], None] = lambda cfg: None
+    on_epoch: Callable[[RunConfig, dict], None] | None = None
+    on_finish: Callable[[RunConfig, dict], None] = lambda cfg, row: None
+
+
+def sweep_to_dict(sweep: SweepConfig) -> dict:
+    d = dataclasses.asdict(sweep)
+    d["base"] = sweep.base.to_dict()
+    return d
+
+
+def sweep_from_dict(d: dict) -> SweepConfig:
+    return SweepConfig(specs=tuple(d["specs"]), batch_sizes=tuple(d["batch_sizes"]),
+                       seeds=tuple(d["seeds"]), base=RunConfig.from_dict(d["base"]),
+                       accumulate_to=d.get("accumulate_to"),
+                       default_accumulate_to=d.get("default_accumulate_to", 128))
+
+
+def plan(sweep: SweepConfig, store: Store, retry_failed: bool = False):
+    """(all runs, runs still to do). A run is done when its record exists (and, with
+    retry_failed, is ok)."""
+    runs = sweep.expand()
+    ids = [cfg.run_id for cfg in runs]
+    if len(set(ids)) != len(ids):
+        raise ConfigError("the sweep repeats a configuration (a spec, batch or seed given twice)")
+    todo = []
+    for cfg in runs:
+        rec = store.load_record(cfg.run_id)
+        if rec is None or (retry_failed and rec["row"]["status"] != "ok"):
+            todo.append(cfg)
+    return runs, todo
+
+
+def run_sweep(sweep: SweepConfig, out: Path, executor: Executor | None = None,
+              events: SweepEvents | None = None, fail_fast: bool = False,
+              retry_failed: bool = False) -> SweepReport:
+    """Run every unfinished run of the sweep in `out`, committing each as it finishes.
+    KeyboardInterrupt is caught: finished runs are kept and the report says so."""
+    events = events or SweepEvents()
+    executor = executor or SerialExecutor()
+    store = Store(out)
+    store.prepare()
+    report = SweepReport(out=Path(out))
+    results = None
+    try:
+        store.save_sweep(sweep_to_dict(sweep))
+        runs, todo = plan(sweep, store, retry_failed)
+        report.planned, report.skipped = len(runs), len(runs) - len(todo)
+        redo = {cfg.run_id for cfg in todo}
+        report.earlier = [store.load_record(cfg.run_id)["row"] for cfg in runs
+                          if cfg.run_id not in redo]
+        events.on_plan(len(runs), len(todo))
+        if not todo:
+            return report
+        results = executor.map(todo, store, events)
+        for cfg, record in results:
+            store.commit(record)
+            report.finished.append(record["row"])
+            events.on_finish(cfg, record["row"])
+            if fail_fast and record["row"]["status"] != "ok":
+                report.stopped_early = True
+                break
+    except KeyboardInterrupt:
+        report.interrupted = True
+    finally:
+        close = getattr(results, "close", None)
+        if close:
+            close()
+    return report

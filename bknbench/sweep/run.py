@@ -1,0 +1,108 @@
+"""One run, anywhere: ``execute_run(cfg, run_dir) -> record`` is all an executor needs, so
+the serial, process and Ray executors differ only in where that call happens. A record is
+{"row": the runs.csv row, "metrics": the metrics.csv rows, "finished_at"}.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+from ..config import RunConfig
+
+
+# ---------------------------------------------------------------- one run, anywhere
+@lru_cache(maxsize=4)
+def _dataset(name: str, data_dir: str | None):
+    from ..data import load_dataset
+
+    return load_dataset(name, data_dir)
+
+
+@lru_cache(maxsize=1)
+def provenance() -> dict:
+    """Versions and the git commit of the bknbench checkout, when there is one."""
+    import numpy
+    import torch
+
+    from .. import __version__
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                                capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {"torch_version": torch.__version__, "git_commit": commit,
+            "versions": {"python": platform.python_version(), "numpy": numpy.__version__,
+                         "bknbench": __version__}}
+
+
+def wants_kernels(cfg: RunConfig) -> bool:
+    """Whether the C++ kernels of kernels/native.py serve the run when built: on the CPU, eager
+    (the compiler traces the reference functions instead)."""
+    from ..train import resolve_device
+
+    try:
+        return resolve_device(cfg.device) == "cpu" and not cfg.compile
+    except ValueError:
+        return False
+
+
+def kernels(cfg: RunConfig) -> str:
+    """Which code ran BKN's and grouped BN's training math: 'native' (the C++ kernels) or
+    'torch' (PyTorch ops: the autograd nodes, or what the compiler made). Same results,
+    different speed."""
+    from ..kernels import native
+
+    return "native" if wants_kernels(cfg) and native.module() is not None else "torch"
+
+
+def make_row(cfg: RunConfig, outcome) -> dict:
+    from ..norms import parse_spec
+
+    last = outcome.epochs[-1] if outcome.epochs else {}
+    accs = [e["val_acc"] for e in outcome.epochs]
+    ok = outcome.status == "ok"
+    return {
+        "run_id": cfg.run_id, "spec": cfg.spec, "norm": parse_spec(cfg.spec).name,
+        "dataset": cfg.dataset, "model": cfg.model, "norm_batch": cfg.norm_batch,
+        "sgd_batch": cfg.sgd_batch, "seed": cfg.seed, "epochs": cfg.epochs, "lr": cfg.lr,
+        "status": outcome.status, "reason": outcome.reason,
+        "final_val_acc": last.get("val_acc") if ok else None,
+        "best_val_acc": max(accs) if ok and accs else None,
+        "final_train_loss": last.get("train_loss"),
+        "train_time_s": round(outcome.train_time_s, 4),
+        "samples_per_s": round(outcome.samples / outcome.train_time_s, 2)
+        if outcome.train_time_s > 0 else None,
+        "peak_mem_mb": outcome.peak_mem_mb, "device": cfg.device, "amp": cfg.amp,
+        "compile": cfg.compile, "deterministic": cfg.deterministic,
+        **provenance(), "versions": json.dumps({**provenance()["versions"],
+                                                "kernels": kernels(cfg)}),
+        "config": json.dumps(cfg.to_dict(), sort_keys=True),
+    }
+
+
+def failed_record(cfg: RunConfig, reason: str) -> dict:
+    """The record of a run that could not report itself (its worker died)."""
+    from ..train import RunOutcome
+
+    return {"row": make_row(cfg, RunOutcome(status="failed", reason=reason)), "metrics": [],
+            "finished_at": time.time()}
+
+
+def execute_run(cfg: RunConfig, run_dir: str | None = None,
+                on_epoch: Callable[[dict], None] | None = None) -> dict:
+    """Train one run and return its record {"row", "metrics", "finished_at"}. Any error of
+    the run becomes a failed record; a checkpoint in run_dir lets it continue."""
+    from ..train import train_run
+
+    checkpoint = Path(run_dir) / "checkpoint.pt" if run_dir else None
+    try:
+        outcome = train_run(cfg, _dataset(cfg.dataset, cfg.data_dir), on_epoch, checkpoint)
+    except Exception as e:  # isolation: one broken run never stops the sweep
+        return failed_record(cfg, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
+    return {"row": make_row(cfg, outcome), "metrics": outcome.epochs, "finished_at": time.time()}

@@ -1,0 +1,97 @@
+"""Embedded datasets: shapes, standardization, the mnist1d cache and the global RNG, the
+digits split."""
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from bknbench.errors import ConfigError
+from bknbench.data.registry import load_dataset
+
+
+def _check_standardized(x):
+    axes = (0,) + tuple(range(2, x.ndim))
+    mean = x.double().mean(dim=axes)
+    std = x.double().std(dim=axes, correction=0)
+    assert torch.allclose(mean, torch.zeros_like(mean), atol=1e-4)
+    assert torch.allclose(std, torch.ones_like(std), atol=1e-3)
+
+
+def test_unknown_dataset_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown dataset 'nope'; known: .*synthetic"):
+        load_dataset("nope")
+
+
+def test_mnist1d_shapes_cache_and_global_rng(tmp_path, monkeypatch):
+    monkeypatch.setenv("BKNBENCH_CACHE", str(tmp_path))
+    np.random.seed(1234)
+    random.seed(1234)
+    np_state, py_state = np.random.get_state(), random.getstate()
+    d = load_dataset("mnist1d")  # generates (make_dataset reseeds the global RNGs)
+    after = np.random.get_state()
+    assert after[0] == np_state[0] and np.array_equal(after[1], np_state[1])
+    assert after[2:] == np_state[2:]
+    assert random.getstate() == py_state
+
+    assert d.x_train.shape == (4000, 1, 40) and d.x_test.shape == (1000, 1, 40)
+    assert d.y_train.shape == (4000,) and d.y_test.shape == (1000,)
+    assert d.x_train.dtype == torch.float32 and d.y_train.dtype == torch.int64
+    assert d.num_classes == 10 and not d.image and d.sample_shape == (1, 40)
+    assert set(d.y_train.tolist()) == set(range(10))
+    _check_standardized(d.x_train)
+    assert d.x_test.mean().abs() < 0.1  # test split uses the training statistics
+
+    files = list(tmp_path.iterdir())
+    assert len(files) == 1 and files[0].name.startswith("mnist1d-")
+    assert files[0].suffix == ".npz"  # no temporary file left behind
+
+    # the cached file is reused: generating again would fail here
+    import mnist1d.data
+
+    def no_generation(*a, **k):
+        raise AssertionError("make_dataset called although the cache exists")
+
+    monkeypatch.setattr(mnist1d.data, "make_dataset", no_generation)
+    again = load_dataset("mnist1d")
+    assert torch.equal(again.x_train, d.x_train) and torch.equal(again.y_test, d.y_test)
+    assert np.random.get_state()[2:] == np_state[2:]
+
+
+def test_digits_split_is_fixed_and_stratified():
+    d = load_dataset("digits")
+    assert d.x_train.shape == (1347, 1, 8, 8) and d.x_test.shape == (450, 1, 8, 8)
+    assert d.image and d.num_classes == 10
+    _check_standardized(d.x_train)
+    all_y = torch.cat([d.y_train, d.y_test])
+    total = torch.bincount(all_y, minlength=10).double()
+    test = torch.bincount(d.y_test, minlength=10).double()
+    # stratified: each class's share of the test split equals its share overall (+-1 sample)
+    assert ((test - total * 450 / 1797).abs() <= 1.0).all()
+    again = load_dataset("digits")
+    assert torch.equal(again.x_train, d.x_train) and torch.equal(again.y_test, d.y_test)
+
+
+def test_synthetic_is_deterministic():
+    a, b = load_dataset("synthetic"), load_dataset("synthetic")
+    assert a.x_train.shape == (512, 1, 16) and a.x_test.shape == (256, 1, 16)
+    assert a.num_classes == 4 and set(a.y_train.tolist()) == {0, 1, 2, 3}
+    for k in ("x_train", "y_train", "x_test", "y_test"):
+        assert torch.equal(getattr(a, k), getattr(b, k))
+    _check_standardized(a.x_train)
+
+
+def test_synthetic_does_not_touch_global_rngs():
+    torch.manual_seed(5)
+    np.random.seed(5)
+    t, n = torch.get_rng_state(), np.random.get_state()
+    load_dataset("synthetic")
+    assert torch.equal(torch.get_rng_state(), t)
+    assert np.array_equal(np.random.get_state()[1], n[1])
+
+
+def test_dataset_to_device_keeps_everything():
+    d = load_dataset("synthetic")
+    e = d.to("cpu")
+    assert e.name == d.name and e.num_classes == d.num_classes and e.image == d.image
+    assert torch.equal(e.x_test, d.x_test)

@@ -1,0 +1,156 @@
+"""The C++ CPU kernels (bknbench/kernels/native.py) against the PyTorch nodes they replace, at the
+shapes and precision of training; the reference formulas are checked on both backends in
+test_kalman.py (the `backend` fixture)."""
+from __future__ import annotations
+
+import importlib.util
+import shutil
+
+import pytest
+import torch
+
+from bknbench.kernels import native
+from bknbench.kernels.fused import group_normalize, relu_affine_moments
+
+needs_native = pytest.mark.skipif(native.module() is None, reason="native kernels not built")
+
+
+def test_kernels_are_built_where_a_compiler_is():
+    """`make` builds them; where a compiler and ninja exist, a missing build is a broken
+    setup, not a reason to skip the native tests below."""
+    if not (shutil.which("c++") or shutil.which("g++")) or not importlib.util.find_spec("ninja"):
+        pytest.skip("no C++ compiler or ninja here: the PyTorch path runs")
+    assert native.module() is not None, "run `python -m bknbench.kernels.native` (make does)"
+    assert native.status() == "native"
+    with native.disabled():
+        assert native.status() == "torch"
+
+
+def _both(fn):
+    """fn() on the native kernels and on the PyTorch nodes."""
+    out = fn()
+    with native.disabled():
+        return out, fn()
+
+
+def _inputs(shape, groups, prior, gain, seed=0, channels_last=False):
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    x = torch.randn(shape, generator=g) * 3 + 1
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    leaves = {"x": x, "weight": torch.rand(c, generator=g) + 0.5,
+              "bias": torch.randn(c, generator=g)}
+    if prior:
+        leaves["mu_hat"] = torch.randn(groups, c, generator=g) + 1
+        leaves["var_hat"] = torch.rand(groups, c, generator=g) * 9 + 1
+    if gain == "tensor":
+        leaves["p"] = torch.tensor(0.7)
+    return {k: v.requires_grad_() for k, v in leaves.items()}
+
+
+@needs_native
+@pytest.mark.parametrize("shape,groups,channels_last", [
+    ((128, 32, 40), 1, False),  # the default CNN at micro-batch 128
+    ((128, 64, 10), 64, False),  # bn-accum: 64 groups of 2
+    ((8, 6, 5, 5), 4, False),  # 2-D maps, groups of 2
+    ((8, 6, 5, 5), 2, True),  # channels-last input
+    ((6, 5), 3, False),  # (N, C) input, groups of 2
+    ((4, 3, 7), 4, False),  # groups of one sample
+])
+@pytest.mark.parametrize("prior,gain", [(False, None), (True, "float"), (True, "tensor")])
+def test_group_normalize_native_equals_torch_node(shape, groups, channels_last, prior, gain):
+    """float32 values of all five outputs and gradients of every input, every output
+    weighted differently in the loss."""
+    def run():
+        t = _inputs(shape, groups, prior, gain, channels_last=channels_last)
+        p = t.get("p", 0.7 if prior else None)
+        outs = group_normalize(t["x"], t.get("mu_hat"), t.get("var_hat"), p, t["weight"],
+                               t["bias"], groups)
+        g = torch.Generator().manual_seed(1)
+        loss = sum((o * torch.randn(o.shape, generator=g)).sum() for o in outs)
+        loss.backward()
+        return [o.detach() for o in outs], {k: v.grad for k, v in t.items()}
+
+    (outs_n, grads_n), (outs_t, grads_t) = _both(run)
+    for name, a, b in zip(["y", "m", "s", "mu", "var"], outs_n, outs_t):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5, msg=name)
+    assert grads_n.keys() == grads_t.keys()
+    for name in grads_n:
+        torch.testing.assert_close(grads_n[name], grads_t[name], rtol=1e-4, atol=1e-4,
+                                   msg=name)
+
+
+@needs_native
+@pytest.mark.parametrize("used", ["y", "posterior", "m"])
+def test_group_normalize_native_with_unused_outputs(used):
+    """Outputs whose gradient never arrives (a model uses y; a successor the posterior)."""
+    def run():
+        t = _inputs((8, 4, 6), 4, True, "float", seed=3)
+        y, m, s, mu, var = group_normalize(t["x"], t["mu_hat"], t["var_hat"], 0.9,
+                                           t["weight"], t["bias"], 4)
+        {"y": y, "posterior": mu * 2 + var, "m": m}[used].sum().backward()
+        return {k: v.grad for k, v in t.items()}
+
+    grads_n, grads_t = _both(run)
+    for name in grads_t:
+        a, b = grads_n[name], grads_t[name]
+        assert (a is None) == (b is None) or (a if b is None else b).abs().max() == 0, name
+        if a is not None and b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@needs_native
+def test_group_normalize_native_guard_rejects_the_prediction():
+    """mean(var_hat / s) >= guard: (m, s) alone, and a tensor gain gets a zero gradient."""
+    t = _inputs((8, 3, 5), 2, True, "tensor", seed=4)
+    y, m, s, mu, var = group_normalize(t["x"], t["mu_hat"], t["var_hat"], t["p"],
+                                       t["weight"], t["bias"], 2, guard=1e-3)
+    torch.testing.assert_close(mu, m)
+    torch.testing.assert_close(var, s)
+    (y.sum() + var.sum()).backward()
+    assert t["p"].grad.item() == 0.0
+
+
+@needs_native
+@pytest.mark.parametrize("wshape,bias", [((64, 32, 3), False), ((10, 64), True),
+                                         ((8, 4, 3, 3), True)])
+@pytest.mark.parametrize("groups", [1, 5])
+def test_relu_affine_native_equals_torch_node(wshape, bias, groups):
+    def run():
+        g = torch.Generator().manual_seed(2)
+        c_in = wshape[1] if len(wshape) > 2 else 16
+        mean = torch.randn(groups, c_in, generator=g).requires_grad_()
+        var = (torch.rand(groups, c_in, generator=g) * 4).requires_grad_()
+        w = (torch.randn(wshape, generator=g) * 0.2).requires_grad_()
+        b = torch.randn(wshape[0], generator=g).requires_grad_() if bias else None
+        out_m, out_v = relu_affine_moments(mean, var, w, b)
+        loss = (out_m * torch.randn(out_m.shape, generator=g)).sum() + out_v.square().sum()
+        loss.backward()
+        leaves = [mean, var, w] + ([b] if bias else [])
+        return [out_m.detach(), out_v.detach()] + [t.grad for t in leaves]
+
+    native_out, torch_out = _both(run)
+    for a, b in zip(native_out, torch_out):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@needs_native
+def test_kernels_apply_only_where_they_can():
+    x = torch.randn(4, 3, 5)
+    assert native.usable(x, None, x[:, :, 0])
+    assert not native.usable(x.half())  # autocast inputs: the PyTorch node converts
+    assert not native.usable(x, x.double())  # mixed dtypes
+    with native.disabled():
+        assert not native.usable(x)
+    y = group_normalize(x.bfloat16(), None, None, None, torch.ones(3), torch.zeros(3), 1)[0]
+    assert y.dtype == torch.bfloat16  # served by the PyTorch node
+
+
+@needs_native
+def test_kernels_refuse_shapes_they_cannot_split():
+    """As the PyTorch nodes' reshapes do: an error, never numbers from a wrong split."""
+    with pytest.raises(RuntimeError, match="divisible"):
+        group_normalize(torch.randn(5, 3, 2), None, None, None, torch.ones(3), torch.zeros(3), 2)
+    with pytest.raises(RuntimeError, match="input channels"):
+        relu_affine_moments(torch.randn(1, 3), torch.rand(1, 3), torch.randn(4, 7))

@@ -1,0 +1,287 @@
+"""Sweeps that survive kills, failures and Ctrl-C: resume, failure isolation, determinism.
+
+Subprocess sweeps use the tiny `synthetic` dataset and one torch thread each (tiny models
+run fastest that way, and a busy machine does not slow them down a hundredfold).
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from bknbench.cli import app
+from bknbench.config import RunConfig, SweepConfig
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# 8 runs of 0.3-1 s each on one core: long enough that the three kills below (each at most
+# 0.6 s after a run finished) cannot let the whole sweep finish
+GRID = ["--dataset", "synthetic", "--norms", "gn,ln", "--batch-sizes", "2,4",
+        "--seeds", "0,1", "--epochs", "3", "--quiet"]
+TIMING = {"train_time_s", "samples_per_s", "wall_s"}  # the only columns allowed to differ
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def start(*args) -> subprocess.Popen:
+    """`bknbench ARGS` in its own process group, as a terminal would run it."""
+    return subprocess.Popen([sys.executable, "-m", "bknbench", *args], env=ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+
+
+def bknbench(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bknbench", *args], env=ENV, text=True,
+                          capture_output=True, timeout=300)
+
+
+def wait_for(condition, timeout_s: float = 120.0, every_s: float = 0.02) -> None:
+    end = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(every_s)
+
+
+def records(out: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in out.glob("runs/*/record.json")}
+
+
+def rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f, strict=True))
+
+
+def children(pid: int) -> list[int]:
+    """Processes whose parent is pid (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def check_consistent(out: Path, seen_rows: dict, seen_csv: dict) -> None:
+    """The state a kill may leave: whole records; an index that parses, has no duplicate
+    and lags at most the one record committed at the kill; finished rows unchanged."""
+    recs = records(out)
+    for run_id, rec in recs.items():
+        assert seen_rows.setdefault(run_id, rec["row"]) == rec["row"]
+    if not (out / "runs.csv").exists():
+        return
+    index = rows(out / "runs.csv")
+    ids = [r["run_id"] for r in index]
+    assert len(ids) == len(set(ids)) and set(ids) <= set(recs) and len(recs) - len(ids) <= 1
+    for r in index:
+        assert seen_csv.setdefault(r["run_id"], r) == r
+    metric_keys = [(m["run_id"], m["epoch"]) for m in rows(out / "metrics.csv")]
+    assert len(metric_keys) == len(set(metric_keys))
+
+
+def test_sigkill_at_random_moments_then_resume(tmp_path):
+    out = tmp_path / "sweep"
+    rng = random.Random(1)
+    seen_rows, seen_csv = {}, {}
+    # (workers, kill the whole process group or the driver only), resumed either way
+    for i, (workers, group) in enumerate([(1, True), (2, False), (1, True)]):
+        where = ["--out", str(out)] + GRID if i % 2 == 0 else ["--resume", str(out), "--quiet"]
+        before = len(records(out))
+        proc = start("run", *where, "--workers", str(workers))
+        wait_for(lambda: len(records(out)) > before or proc.poll() is not None)
+        time.sleep(rng.uniform(0.0, 0.6))  # anywhere in a run, its commit, or the next start
+        workers_pids = children(proc.pid)
+        with contextlib.suppress(ProcessLookupError):  # unless it has finished already
+            if group:
+                os.killpg(proc.pid, signal.SIGKILL)
+            else:  # the workers notice and exit instead of training on as orphans
+                os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        wait_for(lambda: not any(map(alive, workers_pids)), timeout_s=10)
+        check_consistent(out, seen_rows, seen_csv)
+    assert 0 < len(seen_rows) < 8, "the kills should leave the sweep unfinished"
+    done = bknbench("run", "--out", str(out), *GRID, "--workers", "1")  # the same command again
+    assert done.returncode == 0, done.stderr
+    check_consistent(out, seen_rows, seen_csv)
+    index = rows(out / "runs.csv")
+    assert sorted((r["spec"], r["norm_batch"], r["seed"]) for r in index) == sorted(
+        (s, b, seed) for s in ("gn", "ln") for b in ("2", "4") for seed in ("0", "1"))
+    assert len(rows(out / "metrics.csv")) == 8 * 3
+    assert all(r["status"] == "ok" for r in index)
+    from bknbench.report.results import load_results
+
+    assert len(load_results(out).runs) == 8
+    assert not list(out.rglob("*.tmp")) and not list(out.rglob("checkpoint.pt"))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ctrl_c_keeps_finished_runs(tmp_path, workers):
+    out = tmp_path / "sweep"
+    proc = start("run", "--out", str(out), *GRID, "--workers", str(workers))
+    wait_for(lambda: records(out) or proc.poll() is not None)
+    time.sleep(0.2)
+    spawned = children(proc.pid)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stdout + stderr
+    assert f"resume with: bknbench run --resume {out}" in stderr.splitlines()[-1]
+    finished = records(out)
+    assert 1 <= len(finished) < 8
+    assert {r["run_id"] for r in rows(out / "runs.csv")} == set(finished)
+    wait_for(lambda: not any(map(alive, spawned)), timeout_s=10)
+
+
+def dies_at_seed_1(cfg, run_dir: str) -> dict:
+    """Stand-in for execute_run in a worker: seed 1 kills its process, every time; the
+    others take a while, so they are in flight when it dies."""
+    with open(Path(run_dir) / "calls", "a") as f:
+        f.write("x")
+    if cfg.seed == 1:
+        os._exit(1)
+    time.sleep(0.5)
+    return {"row": {"run_id": cfg.run_id, "status": "ok"}, "metrics": [], "finished_at": 0.0}
+
+
+def test_worker_death_reruns_the_others_and_fails_the_culprit(tmp_path):
+    from bknbench.sweep.local import ProcessExecutor
+    from bknbench.sweep.store import Store
+    from bknbench.sweep.plan import SweepEvents
+
+    tasks = SweepConfig(specs=("gn",), batch_sizes=(16,), seeds=(0, 1, 2),
+                        base=RunConfig(spec="", dataset="synthetic")).expand()
+    store = Store(tmp_path)
+    for cfg in tasks:
+        store.run_dir(cfg.run_id).mkdir(parents=True)
+    done = list(ProcessExecutor(2, threads=1, fn=dies_at_seed_1).map(tasks, store,
+                                                                     SweepEvents()))
+    by_seed = {cfg.seed: record["row"] for cfg, record in done}
+    assert len(done) == 3 and sorted(by_seed) == [0, 1, 2]
+    assert by_seed[0]["status"] == by_seed[2]["status"] == "ok"
+    assert by_seed[1]["status"] == "failed" and "worker process died" in by_seed[1]["reason"]
+    # the culprit ran twice: with the others, then alone
+    assert (store.run_dir(tasks[1].run_id) / "calls").read_text() == "xx"
+
+
+def test_failures_are_recorded_and_the_sweep_goes_on(tmp_path):
+    # BN is undefined with one value per channel; GN at micro-batch 1 is fine
+    result = runner.invoke(app, ["run", "--dataset", "synthetic", "--model", "mlp", "--norms",
+                                 "bn,gn", "--batch-sizes", "1", "--seeds", "0", "--epochs", "1",
+                                 "--workers", "1", "--out", str(tmp_path / "b1")])
+    assert result.exit_code == 0, result.output
+    by_spec = {r["spec"]: r for r in rows(tmp_path / "b1" / "runs.csv")}
+    assert by_spec["bn"]["status"] == "failed"
+    assert "undefined with 1 value per channel" in by_spec["bn"]["reason"]
+    assert by_spec["gn"]["status"] == "ok" and float(by_spec["gn"]["final_val_acc"]) > 80
+    assert "1 run(s) did not finish ok" in result.stderr
+    assert "  bn b=1 seed=0: failed: BatchNorm is undefined" in result.stderr
+
+
+def test_divergence_strict_and_fail_fast(tmp_path):
+    def sweep(out, *flags):
+        return runner.invoke(app, ["run", "--dataset", "synthetic", "--norms", "gn,bn",
+                                   "--batch-sizes", "16", "--seeds", "0", "--epochs", "2",
+                                   "--lr", "1e9", "--workers", "1",
+                                   "--out", str(tmp_path / out), *flags])
+
+    strict = sweep("strict", "--strict")
+    assert strict.exit_code == 1, strict.output
+    found = rows(tmp_path / "strict" / "runs.csv")
+    assert [r["spec"] for r in found] == ["gn", "bn"]  # the sweep went on after gn diverged
+    for r in found:
+        assert r["status"] == "diverged" and r["final_val_acc"] == ""
+        assert r["reason"] == "training loss became nan in epoch 1"
+    # what a kill can leave: temporary files, an index a record behind; the next run clears it
+    folder = tmp_path / "strict"
+    stale = [folder / ".runs.csv.x1.tmp",
+             folder / "runs" / found[0]["run_id"] / "checkpoint.pt.tmp"]
+    for path in stale:
+        path.write_text("half")
+    (folder / "runs.csv").write_text((folder / "runs.csv").read_text().rsplit("\n", 2)[0] + "\n")
+    # resumed, the earlier failures still count: listed at the end, and fail --strict
+    again = sweep("strict", "--strict")
+    assert again.exit_code == 1 and "2 run(s) did not finish ok" in again.stderr
+    assert rows(folder / "runs.csv") == found and not any(p.exists() for p in stale)
+    assert sweep("strict").exit_code == 0  # without --strict, failed runs are results
+    fast = sweep("fast", "--fail-fast")
+    assert fast.exit_code == 1 and "--fail-fast" in fast.stderr
+    assert [r["spec"] for r in rows(tmp_path / "fast" / "runs.csv")] == ["gn"]
+
+
+# ---------------------------------------------------------------- determinism, checkpoints
+DET = ["--dataset", "synthetic", "--norms", "bn,gn", "--batch-sizes", "8", "--seeds", "0",
+       "--epochs", "3", "--deterministic", "--workers", "1", "--quiet"]
+
+
+def without_timing(table: list[dict]) -> list[dict]:
+    return sorted(({k: v for k, v in r.items() if k not in TIMING} for r in table),
+                  key=lambda r: (r["run_id"], r.get("epoch", "")))
+
+
+@pytest.fixture(scope="module")
+def deterministic_pair(tmp_path_factory):
+    """The same deterministic sweep, run twice at once in two processes."""
+    outs = [tmp_path_factory.mktemp("det") for _ in range(2)]
+    procs = [start("run", *DET, "--out", str(out)) for out in outs]
+    for proc in procs:
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr
+    return outs
+
+
+def test_deterministic_twice_gives_identical_csvs(deterministic_pair):
+    a, b = deterministic_pair
+    for name in ("runs.csv", "metrics.csv"):
+        ra, rb = without_timing(rows(a / name)), without_timing(rows(b / name))
+        assert ra == rb and len(ra) in (2, 2 * 3)
+    run = rows(a / "runs.csv")[0]
+    assert run["deterministic"] == "True" and run["device"] == "cpu"
+    assert run["torch_version"] == torch.__version__ and "numpy" in json.loads(run["versions"])
+    assert json.loads(run["versions"])["kernels"] in ("native", "torch")
+    assert RunConfig.from_dict(json.loads(run["config"])).run_id == run["run_id"]
+
+
+def test_resume_from_epoch_checkpoint_matches_uninterrupted_run(tmp_path, deterministic_pair):
+    out = tmp_path / "sweep"
+    proc = start("run", *DET, "--out", str(out))
+    wait_for(lambda: list(out.glob("runs/*/checkpoint.pt")) or proc.poll() is not None,
+             every_s=0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert not records(out), "killed too late: the first run finished"
+    checkpoint = next(out.glob("runs/*/checkpoint.pt"))
+    saved = torch.load(checkpoint, weights_only=True)["epochs"]  # 1 or 2 epochs done
+    done = bknbench("run", "--resume", str(out), "--quiet")
+    assert done.returncode == 0, done.stderr
+    # it continued from the checkpoint: the epochs done before the kill are kept as they were
+    metrics = [m for m in rows(out / "metrics.csv") if m["run_id"] == checkpoint.parent.name]
+    assert [float(m["wall_s"]) for m in metrics[:len(saved)]] == [e["wall_s"] for e in saved]
+    clean = deterministic_pair[0]
+    for name in ("runs.csv", "metrics.csv"):
+        assert without_timing(rows(out / name)) == without_timing(rows(clean / name))
