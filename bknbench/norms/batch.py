@@ -12,8 +12,9 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from ..kernels.fused import group_normalize
-from ..kernels.reference import ema_over_groups
+from ..kernels.fused import group_moments, group_normalize
+from ..kernels.reference import ema_over_groups, normalize
+from .probe import Probe
 from .registry import EPS, MOMENTUM, Option, register
 
 
@@ -34,7 +35,10 @@ def check_defined(n_values: int, layer: str) -> None:
 # ---------------------------------------------------------------- layers
 class StatsNorm(nn.Module):
     """Shared state of batch-statistics normalizers: affine parameters, running buffers,
-    and the split of a forward batch into statistics groups."""
+    the split of a forward batch into statistics groups, and the diagnostics protocol
+    (probe.py) for layers that evaluate with running_mean and running_var."""
+
+    batch_dependent = True
 
     def __init__(self, num_features: int, norm_batch: int | None, eps: float = 1e-5,
                  momentum: float = 0.1):
@@ -48,6 +52,7 @@ class StatsNorm(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        self.probe: Probe | None = None  # set by the diagnostics for one forward
 
     def reset_running_stats(self) -> None:
         self.running_mean.zero_()
@@ -71,6 +76,24 @@ class StatsNorm(nn.Module):
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                             False, 0.0, self.eps)
 
+    # ---------------------------------------------------------------- diagnostics (probe.py)
+    def population_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Probe "population": a full-batch BatchNorm, its statistics recorded."""
+        mean, var = group_moments(x, 1)  # (1, C)
+        self.probe.stats["input"] = (mean, var)
+        return normalize(x, mean, var, self.weight, self.bias, self.eps)
+
+    def eval_statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.running_mean, self.running_var
+
+    @torch.no_grad()
+    def set_population(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+        self.running_mean.copy_(mean)
+        self.running_var.copy_(var)
+
+    def reference(self, mean: torch.Tensor, var: torch.Tensor):
+        return mean, var
+
     @torch.no_grad()
     def update_running(self, mean, var, n_values: int) -> None:
         """EMA of per-group statistics; variance made unbiased as torch.nn.BatchNorm does."""
@@ -93,11 +116,18 @@ class GroupedBatchNorm(StatsNorm):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.probe is not None and self.probe.mode == "population":
+            return self.population_forward(x)
         if not self.training:
             return self.eval_forward(x)
         g = self.groups_of(x)
         n_values = values_per_stat(x, g)
         check_defined(n_values, "BatchNorm")
+        if self.probe is not None:  # what training would use, without updating anything
+            y, mean, var, _, _ = group_normalize(x, None, None, None, self.weight, self.bias,
+                                                 g, eps=self.eps)
+            self.probe.stats["used"] = (mean, var)
+            return y
         if g == 1:  # the fused kernel; it updates the running buffers itself
             self.num_batches_tracked += 1
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight,
@@ -110,6 +140,8 @@ class GroupedBatchNorm(StatsNorm):
 
 class GroupNorm(nn.GroupNorm):
     """torch.nn.GroupNorm; ``norm_batch`` is irrelevant (statistics are per sample)."""
+
+    batch_dependent = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)

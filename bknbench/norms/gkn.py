@@ -33,6 +33,7 @@ class GroupKalmanNorm(BatchKalmanNorm):
     Input (N, C, *spatial) or (N, C); output the same shape."""
 
     analytic_in_eval = True  # models.chain.check_chain verifies the ops have analytic rules
+    batch_dependent = False  # per-sample statistics: training is evaluation
 
     def __init__(self, num_features, norm_batch, groups=8, **options):
         super().__init__(num_features, norm_batch, **options)

@@ -136,6 +136,8 @@ class BatchKalmanNorm(StatsNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.posterior = None
+        if self.probe is not None and self.probe.mode == "population":
+            return self.population_forward(x)
         if not self.training:
             return self.eval_forward(x)
         g = self.groups_of(x)
@@ -150,7 +152,12 @@ class BatchKalmanNorm(StatsNorm):
         # = group_moments, kalman_update (without a prior: none) and normalize, fused
         y, m, s, mu, var = group_normalize(x, mu_hat, var_hat, p, self.weight, self.bias, g,
                                            self.guard, self.eps)
-        self.update_running(mu.detach(), var.detach(), n_values)
+        if self.probe is not None:  # what training uses, nothing updated
+            self.probe.stats.update(observed=(m, s), used=(mu, var))
+            if mu_hat is not None:
+                self.probe.stats["predicted"] = (mu_hat, var_hat)
+        else:
+            self.update_running(mu.detach(), var.detach(), n_values)
         self.posterior = Posterior(m, s, mu, var)
         return y
 
