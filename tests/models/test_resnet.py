@@ -206,3 +206,62 @@ def test_chain_predicts_the_observed_statistics(transition):
         sd = post.s.sqrt().mean()
         assert (mh - post.m).abs().mean() < 0.25 * sd
         assert 0.75 < float((vh / post.s.detach()).mean()) < 1.3
+
+
+# ---------------------------------------------------------------- the residual stream
+def test_authors_stream_adds_the_prediction_passed_into_the_block():
+    """stream=authors (cifar-kn-microbatch.py returns m + m3, v + v3, m and v what entered
+    the block): a block's stream term is the prediction that fed its norm1, padded, its
+    variance not divided at a stride-2 shortcut; the first block's is the stem's raw
+    posterior (no ReLU)."""
+    m = _model("bkn:stream=authors")
+    m(torch.randn(8, *SHAPE))
+    n = len(m.blocks) // 3
+    stage_start, inner = m.blocks[n], m.blocks[1]
+    # after the first block: the stem's raw posterior (no ReLU)
+    pm, pv = m.blocks[1].norm1.prior.terms[0].predict("raw", "analytic", 0)
+    post = m.stem_norm.posterior
+    assert torch.equal(pm, post.mu) and torch.equal(pv, post.var)
+    # the stage's first block: the prediction of its norm1, padded, variance kept
+    term = m.blocks[n + 1].norm1.prior.terms[0]
+    pm, pv = term.predict("raw", "analytic", 0)
+    pred = stage_start.norm1.posterior
+    lo = stage_start.shortcut.lo
+    assert torch.equal(pm[:, lo:lo + 16], pred.mu_hat) and torch.equal(pv[:, lo:lo + 16],
+                                                                        pred.var_hat)
+    assert torch.all(pm[:, :lo] == 0) and torch.all(pv[:, lo + 16:] == 0)
+    # an inner block: the prediction that fed its norm1, as it is
+    pm, pv = m.blocks[2].norm1.prior.terms[0].predict("raw", "analytic", 0)
+    assert torch.equal(pm, inner.norm1.posterior.mu_hat)
+    assert not torch.equal(pm, inner.norm1.posterior.mu)  # not the posterior
+
+
+@pytest.mark.parametrize("stream, divided", [("authors", False), ("posterior", True)])
+def test_stride2_variance_rule_follows_the_stream(stream, divided):
+    m = _model(f"bkn:stream={stream}")
+    m(torch.randn(8, *SHAPE))
+    n = len(m.blocks) // 3
+    start = m.blocks[n]
+    term = m.blocks[n + 1].norm1.prior.terms[0]
+    _, pv = term.predict("raw", "analytic", 0)
+    post = start.norm1.posterior
+    source = post.var if stream == "posterior" else post.var_hat
+    lo = start.shortcut.lo
+    torch.testing.assert_close(pv[:, lo:lo + 16], source / 4 if divided else source)
+
+
+@pytest.mark.parametrize("stream", ["authors", "posterior"])
+def test_sampled_transition_passes_the_shortcut_exactly(stream):
+    """transition=sampled: the shortcut's term (parameter-free, exact moments) is not drawn;
+    two predictions agree exactly and equal the analytic one, the branch term is drawn."""
+    m = _model(f"bkn:transition=sampled,stream={stream}")
+    m(torch.randn(8, *SHAPE))
+    layer = m.blocks[len(m.blocks) // 3 + 1].norm1
+    stream_term, branch = layer.prior.terms
+    a = stream_term.predict("raw", "sampled", 1)
+    b = stream_term.predict("raw", "sampled", 1)
+    c = stream_term.predict("raw", "analytic", 0)
+    for x, y, z in zip(a, b, c):
+        assert torch.equal(x, y) and torch.equal(x, z)
+    first_a = branch.predict("raw", "sampled", 1)[1]
+    assert not torch.equal(first_a, branch.predict("raw", "sampled", 1)[1])
