@@ -21,10 +21,23 @@ from functools import lru_cache
 
 import torch
 
-from .reference import positions_mixture
+from .fused import relu_moments_backward
+from .reference import positions_mixture, relu_moments, relu_terms
 
 
 # ---------------------------------------------------------------- geometry of one axis
+def cached(fn):
+    """An lru_cache'd function, or under torch.compile the function itself (the compiler
+    traces through, and warns about, a cache wrapper; see also `reference.ema_over_groups`)."""
+    wrapped = fn.__wrapped__
+
+    def call(*args):
+        return wrapped(*args) if torch.compiler.is_compiling() else fn(*args)
+    call.__doc__ = fn.__doc__
+    return call
+
+
+@cached
 @lru_cache(maxsize=1024)
 def conv_axis(length: int, kernel: int, stride: int, lo: int, hi: int, dilation: int,
               zero_padding: bool = True):
@@ -43,6 +56,7 @@ def conv_axis(length: int, kernel: int, stride: int, lo: int, hi: int, dilation:
     return tuple(found), tuple(found.values()), out
 
 
+@cached
 @lru_cache(maxsize=1024)
 def pool_axis(length: int, kernel: int, stride: int, pad: int, ceil_mode: bool,
               count_include_pad: bool):
@@ -66,6 +80,7 @@ def pool_axis(length: int, kernel: int, stride: int, pad: int, ceil_mode: bool,
     return tuple(found), tuple(found.values()), out
 
 
+@cached
 @lru_cache(maxsize=1024)
 def adaptive_axis(length: int, out: int):
     """One axis of adaptive average pooling: window i is [floor(i L / o), ceil((i+1) L / o))."""
@@ -76,13 +91,19 @@ def adaptive_axis(length: int, out: int):
     return tuple(found), tuple(found.values()), out
 
 
-def _position_weights(axes, dtype, device) -> torch.Tensor:
-    """The share of output positions in each combined pattern: (R,), R = product of the
-    axes' pattern counts, in row-major order of the axes."""
-    w = torch.ones((), dtype=dtype, device=device)
-    for _, counts, out in axes:
-        w = torch.outer(w.reshape(-1), torch.tensor(counts, dtype=dtype, device=device) / out)
-    return w.reshape(-1)
+@cached
+@lru_cache(maxsize=256)
+def _axes_tensors(axes, dtype: torch.dtype, device: torch.device):
+    """The tap mask (R, K) of the combined patterns of `conv_axis` axes (a row: one pattern
+    of every axis, row-major; a column: a kernel tap, in the order of
+    weight.reshape(C_out, C_in, -1)), and each row's share of the output positions (R,).
+    Read-only, shared."""
+    mask = torch.ones((1, 1), dtype=dtype, device=device)
+    share = torch.ones(1, dtype=dtype, device=device)
+    for patterns, counts, out in axes:
+        mask = torch.kron(mask, torch.tensor(patterns, dtype=dtype, device=device))
+        share = torch.kron(share, torch.tensor(counts, dtype=dtype, device=device) / out)
+    return mask, share
 
 
 # ---------------------------------------------------------------- moments
@@ -98,12 +119,10 @@ def dense_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
     return dense.reshape((c_out, groups * c_in_g) + tuple(weight.shape[2:]))
 
 
-def _tap_sums(w: torch.Tensor, axes) -> torch.Tensor:
-    """Sum of w (C_out, C_in, *k) over the taps of each combined pattern: (C_out, C_in, R)."""
-    for patterns, _, _ in axes:
-        mask = torch.tensor(patterns, dtype=w.dtype, device=w.device)  # (R_d, k_d)
-        w = torch.tensordot(w, mask, dims=([2], [1]))  # kernel axis d -> pattern axis, last
-    return w.reshape(w.shape[0], w.shape[1], -1)
+def _per_pattern(stats, taps):
+    """(G, C) statistics through per-pattern tap sums (C_out, C_in, R): (G, C_out, R)."""
+    o, c, r = taps.shape
+    return (stats @ taps.permute(1, 0, 2).reshape(c, o * r)).view(-1, o, r)
 
 
 def conv_moments(mean, var, weight, bias, axes, groups: int = 1):
@@ -112,13 +131,71 @@ def conv_moments(mean, var, weight, bias, axes, groups: int = 1):
     *k); axes: a `conv_axis` result per spatial dim. Returns (G, C_out), (G, C_out).
     Equals `reference.conv_moments_by_maps`."""
     w = dense_weight(weight, groups)
-    a, b = _tap_sums(w, axes), _tap_sums(w.square(), axes)  # (C_out, C_in, R)
-    mean_pos = torch.einsum("gc,ocr->gor", mean, a)
+    w = w.reshape(w.shape[0], w.shape[1], -1)
+    mask, share = _axes_tensors(tuple(axes), mean.dtype, mean.device)
+    mean_pos = _per_pattern(mean, w @ mask.t())  # (G, C_out, R)
     if bias is not None:
         mean_pos = mean_pos + bias[:, None]
-    var_pos = torch.einsum("gc,ocr->gor", var, b)
-    return positions_mixture(mean_pos, var_pos, _position_weights(axes, mean.dtype,
-                                                                   mean.device))
+    return positions_mixture(mean_pos, _per_pattern(var, w.square() @ mask.t()), share)
+
+
+class _ReluConv(torch.autograd.Function):
+    """``conv_moments(*relu_moments(mean, var), weight, bias, axes)`` as one autograd node
+    (dense weight), for the same reason as `fused._ReluAffine`: a few large ops instead of
+    ~60 small ones. Backward: the mixture over positions R with shares w_r, mean = sum_r w_r
+    mp_r, var = sum_r w_r (vp_r + (mp_r - mean)^2), gives d/d mp_r = w_r (g_mean + 2 g_var
+    (mp_r - mean)) and d/d vp_r = w_r g_var; then through the tap sums and the ReLU."""
+
+    @staticmethod
+    def forward(ctx, mean, var, weight, bias, mask, share):
+        sd, cdf, pdf, m1, v1_raw = relu_terms(mean, var)
+        v1 = v1_raw.clamp_min(0.0)
+        w = weight.reshape(weight.shape[0], weight.shape[1], -1)  # (C_out, C_in, K)
+        taps, taps2 = w @ mask.t(), w.square() @ mask.t()  # (C_out, C_in, R)
+        mp = _per_pattern(m1, taps)
+        if bias is not None:
+            mp = mp + bias[:, None]
+        out_mean = mp @ share
+        dev = mp - out_mean[..., None]
+        out_var = _per_pattern(v1, taps2) @ share + dev.square() @ share
+        ctx.save_for_backward(var, sd, cdf, pdf, m1, v1_raw, v1, w, taps, taps2, dev, mask,
+                              share)
+        ctx.has_bias, ctx.weight_shape = bias is not None, weight.shape
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None
+        return out_mean, out_var
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_mean, g_var):
+        var, sd, cdf, pdf, m1, v1_raw, v1, w, taps, taps2, dev, mask, share = ctx.saved_tensors
+        g, (o, c, r) = m1.shape[0], taps.shape
+        if g_mean is None:
+            g_mean = dev.new_zeros(g, o)
+        if g_var is None:
+            g_var = dev.new_zeros(g, o)
+        g_mp = torch.addcmul(g_mean[..., None], dev, g_var[..., None], value=2.0) * share
+        g_vp = g_var[..., None] * share  # (G, C_out, R)
+        flat = lambda t: t.permute(1, 0, 2).reshape(c, o * r)  # noqa: E731 (C_in, C_out R)
+        g_m1 = g_mp.reshape(g, o * r) @ flat(taps).t()
+        g_v1 = g_vp.reshape(g, o * r) @ flat(taps2).t()
+        # d/d taps = stats^T g_p, then taps = w mask^T, taps2 = w^2 mask^T
+        g_taps = (m1.t() @ g_mp.reshape(g, o * r)).view(c, o, r).permute(1, 0, 2)
+        g_taps2 = (v1.t() @ g_vp.reshape(g, o * r)).view(c, o, r).permute(1, 0, 2)
+        g_w = torch.addcmul(g_taps @ mask, w, g_taps2 @ mask, value=2.0)
+        g_bias = g_mp.sum((0, 2)) if ctx.has_bias else None
+        g_in_mean, g_in_var = relu_moments_backward(g_m1, g_v1, var, sd, cdf, pdf, m1, v1_raw)
+        return g_in_mean, g_in_var, g_w.reshape(ctx.weight_shape), g_bias, None, None
+
+
+def relu_conv_moments(mean, var, weight, bias, axes, groups: int = 1):
+    """Moments after ReLU then a convolution, borders included: (G, C_in) -> (G, C_out) x2,
+    the values of `relu_moments` then `conv_moments`, as one autograd node (the plain
+    composition under torch.compile, which fuses it)."""
+    if torch.compiler.is_compiling():
+        return conv_moments(*relu_moments(mean, var), weight, bias, axes, groups)
+    w = dense_weight(weight, groups)
+    mask, share = _axes_tensors(tuple(axes), mean.dtype, mean.device)
+    return _ReluConv.apply(mean, var, w, bias, mask, share)
 
 
 def pool_moments(mean, var, axes, divisor_override: int | None = None):
@@ -126,14 +203,13 @@ def pool_moments(mean, var, axes, divisor_override: int | None = None):
     ``valid`` independent inputs and divisor D has mean valid / D mean_in and variance
     valid / D^2 var_in. axes: a `pool_axis` or `adaptive_axis` result per spatial dim.
     mean, var: (G, C) -> (G, C), (G, C)."""
-    valid = div = torch.ones((), dtype=mean.dtype, device=mean.device)
-    for patterns, _, _ in axes:
+    valid = div = share = mean.new_ones(1)
+    for patterns, counts, out in axes:  # per combined pattern, row-major: products over axes
         pv, pd = zip(*patterns)
-        valid = torch.outer(valid.reshape(-1), mean.new_tensor(pv)).reshape(-1)
-        div = torch.outer(div.reshape(-1), mean.new_tensor(pd)).reshape(-1)
+        valid, div = torch.kron(valid, mean.new_tensor(pv)), torch.kron(div, mean.new_tensor(pd))
+        share = torch.kron(share, mean.new_tensor(counts) / out)
     if divisor_override:
         div = torch.full_like(div, float(divisor_override))
-    share = _position_weights(axes, mean.dtype, mean.device)
     mean_pos = mean[..., None] * (valid / div)
     var_pos = var[..., None] * (valid / div.square())
     return positions_mixture(mean_pos, var_pos, share)

@@ -215,13 +215,24 @@ def group_normalize(x, mu_hat, var_hat, p, weight, bias, groups: int, guard: flo
 
 
 # ---------------------------------------------------------------- ReLU -> affine, fused
+def relu_moments_backward(g_m1, g_v1, var, sd, cdf, pdf, m1, v1_raw):
+    """Gradients into (mean, var) of z from those of (E[ReLU z], clamped Var[ReLU z]), with
+    the terms of `relu_terms`. Gaussian identities: d E[ReLU z]/d mean = Phi(a),
+    d E[ReLU z]/d var = phi(a) / (2 sd), d E[(ReLU z)^2]/d mean = 2 E[ReLU z],
+    d E[(ReLU z)^2]/d var = Phi(a); v1 = E[y^2] - m1^2."""
+    g_v1 = g_v1 * (v1_raw >= 0)  # clamp_min passes the gradient at >= 0
+    g_in_mean = torch.addcmul(g_m1 * cdf, g_v1, m1 * (1.0 - cdf), value=2.0)
+    # sd = sqrt(max(var, floor)): the phi terms reach var only above the floor
+    half_pdf_sd = (pdf / sd).mul_(var > VAR_FLOOR)  # phi / sd
+    return g_in_mean, torch.addcmul(g_v1 * cdf, g_m1 - 2.0 * g_v1 * m1, half_pdf_sd, value=0.5)
+
+
 class _ReluAffine(torch.autograd.Function):
     """``affine_moments(*relu_moments(mean, var), weight, bias)`` as one autograd node.
 
     Autograd through the reference rules takes ~60 small ops per transition; at micro-batch
-    sizes their dispatch overhead, not arithmetic, is BKN's cost. The backward uses the
-    Gaussian identities d E[ReLU z]/d mean = Phi(a), d E[ReLU z]/d var = phi(a) / (2 sd),
-    d E[(ReLU z)^2]/d mean = 2 E[ReLU z], d E[(ReLU z)^2]/d var = Phi(a).
+    sizes their dispatch overhead, not arithmetic, is BKN's cost. The backward through the
+    ReLU is `relu_moments_backward`.
     """
 
     @staticmethod
@@ -243,18 +254,13 @@ class _ReluAffine(torch.autograd.Function):
             g_mean = torch.zeros_like(m1[:, :1]).expand(-1, w_sum.shape[0])
         if g_var is None:
             g_var = torch.zeros_like(v1[:, :1]).expand(-1, w2_sum.shape[0])
-        g_m1 = g_mean @ w_sum  # (G, C_in)
-        g_v1 = (g_var @ w2_sum).mul_(v1_raw >= 0)  # clamp_min passes the gradient at >= 0
         # weight: d/dW of sum_k W_k (mean side) and sum_k W_k^2 (variance side)
         w = weight.reshape(weight.shape[0], w_sum.shape[1], -1)
         g_w = torch.addcmul((g_mean.t() @ m1).unsqueeze(-1), w,
                             (g_var.t() @ v1).unsqueeze(-1), value=2.0).reshape(weight.shape)
         g_bias = g_mean.sum(0) if ctx.has_bias else None
-        # through the ReLU moments; v1 = E[y^2] - m1^2
-        g_in_mean = torch.addcmul(g_m1 * cdf, g_v1, m1 * (1.0 - cdf), value=2.0)
-        # sd = sqrt(max(var, floor)): the phi terms reach var only above the floor
-        half_pdf_sd = (pdf / sd).mul_(var > VAR_FLOOR)  # phi / sd
-        g_in_var = torch.addcmul(g_v1 * cdf, g_m1 - 2.0 * g_v1 * m1, half_pdf_sd, value=0.5)
+        g_in_mean, g_in_var = relu_moments_backward(g_mean @ w_sum, g_var @ w2_sum, var, sd,
+                                                    cdf, pdf, m1, v1_raw)
         return g_in_mean, g_in_var, g_w, g_bias
 
 

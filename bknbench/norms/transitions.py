@@ -5,10 +5,10 @@ Analytic (ours): closed-form moments per op, each rule ``rule(mean, var, shape) 
 var, shape)`` carrying the spatial shape of the map (the source layer's input shape at the
 start; convolutions and pooling change it, Flatten and Linear end it). The formulas live in
 kernels/: `relu_moments`, `affine_moments` (reference.py), the border-aware `conv_moments`
-and `pool_moments` (borders.py); `relu_affine_moments` (fused.py) computes ReLU followed by
-a linear or convolution layer, the pair between almost every two norms, as one autograd node
-with the same values where borders change nothing. Sampled (the authors'): push Gaussian
-draws through the ops.
+and `pool_moments` (borders.py). ReLU followed by a linear or convolution layer, the pair
+between almost every two norms, is one autograd node: `relu_affine_moments` (fused.py, and
+its C++ kernel) where borders change nothing, `relu_conv_moments` (borders.py) where they do.
+Sampled (the authors'): push Gaussian draws through the ops.
 
 Borders (``borders=``): "exact" averages over all output positions, zero padding included
 (kernels/borders.py); "ignore" treats every output position as if its kernel lay inside the
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..kernels.borders import (adaptive_axis, conv_axis, conv_moments, dense_weight,
-                               pool_axis, pool_moments, trivial)
+                               pool_axis, pool_moments, relu_conv_moments, trivial)
 from ..kernels.fused import group_moments, relu_affine_moments
 from ..kernels.reference import affine_moments, relu_moments
 
@@ -88,8 +88,8 @@ def _affine(op, borders: str, relu: bool):
             if relu:
                 mean, var = relu_moments(mean, var)
             return (*affine_moments(mean, var, dense_weight(op.weight, groups), op.bias), out)
-        if relu:
-            mean, var = relu_moments(mean, var)
+        if relu:  # the fused node of borders.py
+            return (*relu_conv_moments(mean, var, op.weight, op.bias, axes, groups), out)
         return (*conv_moments(mean, var, op.weight, op.bias, axes, groups), out)
     return rule
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from bknbench.kernels.borders import conv_axis
+from bknbench.kernels.borders import conv_axis, conv_moments, relu_conv_moments
 from bknbench.kernels.reference import affine_moments, conv_moments_by_maps, relu_moments
-from bknbench.norms.transitions import chain_rules, op_moments
+from bknbench.norms.transitions import chain_rules, conv_axes, op_moments
 
 D = torch.float64
 SIZES = [1, 2, 4, 8, 32]
@@ -105,6 +105,41 @@ def test_pattern_form_equals_two_convolutions_of_constant_maps(kind, dims, size)
     for name, a, b in zip(["mean", "var", "g_mean", "g_var", "g_weight", "g_bias"], got, want):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12, msg=name)
     assert got[4].abs().sum() > 0  # gradients reach the weights
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+@pytest.mark.parametrize("kind", ["pad1", "stride2", "groups2"])
+def test_relu_conv_node_equals_the_composition(kind, dims):
+    """`relu_conv_moments` (one autograd node) against `relu_moments` then `conv_moments`
+    with autograd: values and gradients into mean, var, weight and bias, one input channel
+    below the variance floor; and the node passes gradcheck."""
+    conv = _conv(kind, dims)
+    shape = (4,) * dims
+    axes = tuple(conv_axes(conv, shape))
+    mean, var = _moments_in(4, seed=5)
+    var[0, 0] = 1e-14
+
+    def run(fn):
+        m, v = mean.clone().requires_grad_(), var.clone().requires_grad_()
+        conv.zero_grad()
+        out_m, out_v = fn(m, v)
+        w = torch.randn(out_m.shape, generator=_gen(8), dtype=D)
+        (out_m * w + out_v * w.flip(1)).sum().backward()
+        return [out_m, out_v, m.grad, v.grad, conv.weight.grad, conv.bias.grad]
+
+    got = run(lambda m, v: relu_conv_moments(m, v, conv.weight, conv.bias, axes, conv.groups))
+    want = run(lambda m, v: conv_moments(*relu_moments(m, v), conv.weight, conv.bias, axes,
+                                         conv.groups))
+    for name, a, b in zip(["mean", "var", "g_mean", "g_var", "g_weight", "g_bias"], got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+    args = (mean[:, :2].clone().requires_grad_(), (var[:, :2] + 0.5).requires_grad_(),
+            conv.weight[:2, :2 // conv.groups].detach().clone().requires_grad_(),
+            torch.randn(2, dtype=D, requires_grad=True))
+    small = tuple(conv_axes(conv, (3,) * dims))
+    assert torch.autograd.gradcheck(
+        lambda m, v, w, b: relu_conv_moments(m, v, w, b, small, conv.groups), args)
+    assert torch.autograd.gradcheck(  # one output unused
+        lambda m, v, w, b: relu_conv_moments(m, v, w, b, small, conv.groups)[1], args)
 
 
 def test_axis_patterns_by_hand():
