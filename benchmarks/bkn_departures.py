@@ -15,8 +15,10 @@ Seeded, CPU, float64, about a minute (--quick: fewer Monte Carlo draws). Section
   stream    resnet20 at init on Gaussian images (propagate=output, one group of 32): per
             norm1 the mean |m - mu_hat| / sd, by stream rule; and the variance a stride-2
             shortcut keeps, var(avgpool2(x)) / var(x), at the two stage starts
-  sampled   the old sampled stream term through a stride-2 shortcut on a 4x4 map, 1 draw:
-            worst relative variance error over channels (now passed exactly: 0)
+  sampled   the old sampled stream term through a stride-2 shortcut on a 4x4 map, 1 draw,
+            64 groups: relative variance error over channels (now passed exactly: 0); and
+            the sampled transition's own noise through ReLU -> conv3x3 (1 draw, the auto
+            setting on maps) against the exact analytic moments
   guard     mlp on mnist1d at init, micro-batch 2 (64 groups of 2), 20 forwards: per
             chained layer, forwards whose prediction the layer-scope guard kept, and the
             share of groups kept with guard_scope=group
@@ -162,6 +164,13 @@ def sampled(quick: bool) -> None:
     err = ((v[:, lo:lo + 16] / (var / 4)) - 1).abs()
     print(f"sampled  shortcut, 4x4, 1 draw: variance error worst {err.max():.0%}, "
           f"median {err.median():.0%} (exact now)")
+    conv = nn.Conv2d(16, 16, 3, padding=1, bias=False).double()
+    for size in (4, 32):
+        _, v_a, _ = chain_rules((nn.ReLU(), conv), "exact")[0](mean, var, (size, size))
+        _, v_s = sampled_moments(mean, var, (nn.ReLU(), conv), (size, size), 1)
+        err = ((v_s / v_a) - 1).abs()
+        print(f"sampled  ReLU -> conv3x3, {size}x{size}, 1 draw vs exact analytic: variance "
+              f"error median {err.median():.0%}, worst {err.max():.0%}")
 
 
 def guard(quick: bool) -> None:

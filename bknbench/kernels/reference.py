@@ -156,7 +156,8 @@ def affine_moments(mean, var, weight, bias=None):
     (C_out, C_in * P) for a linear layer fed by a flattened (C_in, P) map.
     mean_out = (W summed over kernel positions) @ mean + b; var_out = (W^2 summed) @ var.
     Approximations: inputs independent across channels and positions, identically
-    distributed over positions, and zero padding at the borders ignored.
+    distributed over positions. Exact for a linear layer; for a convolution it ignores
+    zero padding at the borders (`borders=ignore`; borders.py counts them).
     Returns (G, C_out), (G, C_out).
     """
     w_sum, w2_sum = kernel_sums(weight, mean.shape[1])
