@@ -21,7 +21,8 @@ from ..kernels.fused import group_normalize
 from ..kernels.reference import RUNNING_RULES, guarded_gain, running_variance
 from .batch import StatsNorm, check_defined, values_per_stat
 from .registry import EPS, MOMENTUM, Option, register
-from .transitions import BORDERS, chain_rules, exact_without_sampling, sampled_moments
+from .transitions import (BORDERS, chain_rules, exact_without_sampling, full_precision,
+                          sampled_moments)
 
 
 # ---------------------------------------------------------------- priors: what feeds a layer
@@ -39,7 +40,7 @@ class Path:
     source: "BatchKalmanNorm"
     ops: tuple[nn.Module, ...] = ()
     tap: str = "output"
-    _rules: dict = field(default_factory=dict, repr=False)
+    _rules: dict = field(default_factory=dict, repr=False, init=False)
 
     def start(self, propagate: str):
         post = self.source.posterior
@@ -64,13 +65,17 @@ class Path:
         return exact_without_sampling(self.ops)
 
     def predict(self, propagate: str, transition: str, draws: int, borders: str = "exact"):
+        """(mu_hat, var_hat), (G, C_out), in the dtype of the source's statistics (float32
+        under autocast, as the observed ones)."""
         mean, var = self.start(propagate)
         if transition == "sampled" and not self.passes_exactly:
-            return sampled_moments(mean, var, self.ops, self.source.in_shape, draws)
+            out = sampled_moments(mean, var, self.ops, self.source.in_shape, draws)
+            return out[0].to(mean.dtype), out[1].to(mean.dtype)
         # sampled: parameter-free ops (a shortcut) pass exactly, borders as the ops see them
         shape = self.source.in_shape
-        for rule in self.rules(borders if transition == "analytic" else "exact"):
-            mean, var, shape = rule(mean, var, shape)
+        with full_precision(mean.device.type):
+            for rule in self.rules(borders if transition == "analytic" else "exact"):
+                mean, var, shape = rule(mean, var, shape)
         return mean, var
 
 

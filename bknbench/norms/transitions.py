@@ -18,6 +18,8 @@ Gaussian where a ReLU acts.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -172,6 +174,14 @@ def exact_without_sampling(ops) -> bool:
     authors pass statistics through the shortcut."""
     return all(analytic_rule(op) is not None and next(op.parameters(), None) is None
                for op in ops)
+
+
+def full_precision(device_type: str):
+    """A context without autocast, where it is on: moments are statistics, computed in the
+    dtype of the statistics they start from (an autocast matmul would round them to bf16)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------- sampled

@@ -466,3 +466,22 @@ def test_fused_relu_affine_passes_gradcheck(backend):
     assert torch.autograd.gradcheck(relu_affine_moments, (mean, var, w, b))
     assert torch.autograd.gradcheck(lambda m, v, w: relu_affine_moments(m, v, w)[1],
                                     (mean, var, w))  # one output unused
+
+
+@pytest.mark.parametrize("spec", ["bkn", "bkn:transition=sampled", "bkn:borders=ignore"])
+@pytest.mark.parametrize("model", ["cnn", "mlp"])
+def test_predictions_stay_float32_under_autocast(spec, model):
+    """bf16 autocast on the PyTorch nodes (what runs on a GPU): the prediction keeps the
+    dtype of the statistics (float32), so the fused update does not meet a bf16 operand."""
+    from bknbench.kernels import native
+    from bknbench.models.registry import make_model
+
+    torch.manual_seed(0)
+    with native.disabled():
+        m = make_model(model, parse_spec(spec), 2, (1, 16), 4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(torch.randn(8, 1, 16))
+        out.float().sum().backward()
+    layers = [x for x in m.modules() if isinstance(x, BatchKalmanNorm) and x.prior]
+    assert layers and all(x.posterior.mu_hat.dtype == torch.float32 for x in layers)
+    assert out.dtype == torch.bfloat16
