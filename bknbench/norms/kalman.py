@@ -192,7 +192,9 @@ class BatchKalmanNorm(StatsNorm):
         prior the posterior is (m, s) and the layer is BN (`update_running` corrects it)."""
         if var_hat is None:
             return var.detach()
-        pe = guarded_gain(p, s, var_hat, self.guard, self.guard_scope)  # as the node decided
+        # the node's guard decision, recomputed (the C++ kernel sums the ratios in double:
+        # an average within rounding of the guard may decide otherwise, for one update)
+        pe = guarded_gain(p, s, var_hat, self.guard, self.guard_scope)
         return running_variance(var, s, pe, n_values, self.running)
 
     def extra_repr(self) -> str:

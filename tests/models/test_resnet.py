@@ -265,3 +265,19 @@ def test_sampled_transition_passes_the_shortcut_exactly(stream):
         assert torch.equal(x, y) and torch.equal(x, z)
     first_a = branch.predict("raw", "sampled", 1)[1]
     assert not torch.equal(first_a, branch.predict("raw", "sampled", 1)[1])
+
+
+@pytest.mark.parametrize("size", [2, 4, 5, 8, 32])
+def test_shortcut_pooling_rule_equals_the_exact_border_rule(size):
+    """The shortcut's variance / 4 is the exact rule for its 2x2 average pooling (full
+    windows in floor mode, no padding), which tests/norms/test_borders.py holds to Monte
+    Carlo; the spatial shape it hands on is the pooled map's."""
+    from bknbench.norms.transitions import op_moments
+
+    sc = resnet.Shortcut(3, 3, stride=2)
+    mean, var = torch.randn(2, 3, dtype=torch.float64), torch.rand(2, 3, dtype=torch.float64)
+    m, v, shape = sc.moments(mean, var, (size, size))
+    m_x, v_x, shape_x = op_moments(torch.nn.AvgPool2d(2), mean, var, (size, size))
+    torch.testing.assert_close(m, m_x, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(v, v_x, rtol=1e-14, atol=1e-14)
+    assert shape == shape_x == sc(torch.zeros(1, 3, size, size)).shape[2:]

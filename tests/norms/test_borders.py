@@ -237,7 +237,7 @@ def test_pooling_matches_monte_carlo(kind, dims, size):
     assert z_m.max() < 3 and z_v.max() < 3, (z_m.max().item(), z_v.max().item())
 
 
-@pytest.mark.parametrize("size", [1, 2, 4, 8])
+@pytest.mark.parametrize("size", SIZES)
 def test_linear_fed_by_a_flattened_map_matches_monte_carlo(size):
     """ReLU -> Flatten -> Linear on (C, size, size) maps: every input is read, no border;
     the kernel-summed rule (and the fused node) is exact."""
