@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from . import native
-from .reference import (VAR_FLOOR, affine_moments, group_moments_reference, kalman_update,
-                        kernel_sums, normalize, relu_moments, relu_terms)
+from .reference import (VAR_FLOOR, affine_moments, group_moments_reference, guarded_gain,
+                        kalman_update, kernel_sums, normalize, relu_moments, relu_terms)
 
 
 @lru_cache(maxsize=64)
@@ -108,14 +108,15 @@ def group_moments(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Ten
 class GroupNormalize(torch.autograd.Function):
     """Inputs: x (N, C, *S); mu_hat, var_hat (G, C) or None (no prediction: per-group BN);
     p, the weight on the prediction, a float or a 0-d tensor (a learnable gain); weight,
-    bias (C,); groups G; guard; eps. Outputs y (N, C, *S) and the (G, C) statistics m, s
-    (observed), mu, var (used): y = weight (x - mu) / sqrt(var + eps) + bias per group.
+    bias (C,); groups G; guard; eps; scope of the guard ("layer" or "group", see
+    `reference.trusted`). Outputs y (N, C, *S) and the (G, C) statistics m, s (observed),
+    mu, var (used): y = weight (x - mu) / sqrt(var + eps) + bias per group.
     Low-precision inputs (autocast) are normalized in float32 and y is returned in their
     dtype."""
 
     @staticmethod
     def forward(ctx, x, mu_hat, var_hat, p, weight, bias, groups: int, guard: float,
-                eps: float):
+                eps: float, scope: str = "layer"):
         c = x.shape[1]
         xt = to_channels(x, groups)  # (B, K, P)
         if xt.dtype in (torch.float16, torch.bfloat16):
@@ -127,9 +128,7 @@ class GroupNormalize(torch.autograd.Function):
         if mu_hat is None:
             mu, var, pe, d = m, s, None, None
         else:  # kalman_update, inlined to keep d and the guarded p for the backward
-            trusted = (var_hat / s).mean() < guard  # NaN (0/0) compares False
-            pe = (torch.where(trusted, p.to(m.dtype), 0.0) if torch.is_tensor(p)
-                  else trusted.to(m.dtype) * p)
+            pe = guarded_gain(p, s, var_hat, guard, scope)  # () or (G, 1)
             d = m - mu_hat
             mu = torch.lerp(m, mu_hat, pe)
             var = torch.addcmul(torch.lerp(s, var_hat, pe), d.square(), pe * (1.0 - pe))
@@ -181,8 +180,8 @@ class GroupNormalize(torch.autograd.Function):
             g_mu_hat = pe * g_mu_t - g_d
             g_var_hat = pe * g_var_t
             if ctx.p_is_tensor and ctx.needs_input_grad[3]:
-                g_pe = ((var_hat - s + (1.0 - 2.0 * pe) * d * d) * g_var_t - d * g_mu_t).sum()
-                g_p = torch.where(pe != 0, g_pe, 0.0)  # guard rejected: p unused
+                g_pe = (var_hat - s + (1.0 - 2.0 * pe) * d * d) * g_var_t - d * g_mu_t
+                g_p = (g_pe * (pe != 0)).sum()  # where the guard rejected, p was unused
         if g_m is not None:
             g_m_t = g_m_t + g_m
         if g_s is not None:
@@ -194,34 +193,46 @@ class GroupNormalize(torch.autograd.Function):
         g_x = from_channels(g_xt, groups, ctx.shape)
         if g_x.dtype != g_y.dtype:
             g_x = g_x.to(g_y.dtype)
-        return g_x, g_mu_hat, g_var_hat, g_p, g_weight, g_bias, None, None, None
+        return g_x, g_mu_hat, g_var_hat, g_p, g_weight, g_bias, None, None, None, None
 
 
 def group_normalize(x, mu_hat, var_hat, p, weight, bias, groups: int, guard: float = 100.0,
-                    eps: float = 1e-5):
+                    eps: float = 1e-5, scope: str = "layer"):
     """y, m, s, mu, var of `GroupNormalize` (see there), on the C++ kernel of `native` when
     it is built and applies (CPU, float32/64). Under torch.compile the reference composition
     is traced instead: the compiler fuses it, and it does not trace the hand-written node."""
     if torch.compiler.is_compiling():
         m, s = group_moments(x, groups)
-        mu, var = (m, s) if mu_hat is None else kalman_update(m, s, mu_hat, var_hat, p, guard)
+        mu, var = ((m, s) if mu_hat is None
+                   else kalman_update(m, s, mu_hat, var_hat, p, guard, scope))
         return normalize(x, mu, var, weight, bias, eps), m, s, mu, var
     p_tensor = p if torch.is_tensor(p) else None
     if native.usable(x, mu_hat, var_hat, p_tensor, weight, bias):
         return tuple(native.module().group_normalize(
             x, mu_hat, var_hat, p_tensor, 0.0 if p is None or p_tensor is not None else p,
-            weight, bias, groups, guard, eps))
-    return GroupNormalize.apply(x, mu_hat, var_hat, p, weight, bias, groups, guard, eps)
+            weight, bias, groups, guard, eps, scope == "group"))
+    return GroupNormalize.apply(x, mu_hat, var_hat, p, weight, bias, groups, guard, eps, scope)
 
 
 # ---------------------------------------------------------------- ReLU -> affine, fused
+def relu_moments_backward(g_m1, g_v1, var, sd, cdf, pdf, m1, v1_raw):
+    """Gradients into (mean, var) of z from those of (E[ReLU z], clamped Var[ReLU z]), with
+    the terms of `relu_terms`. Gaussian identities: d E[ReLU z]/d mean = Phi(a),
+    d E[ReLU z]/d var = phi(a) / (2 sd), d E[(ReLU z)^2]/d mean = 2 E[ReLU z],
+    d E[(ReLU z)^2]/d var = Phi(a); v1 = E[y^2] - m1^2."""
+    g_v1 = g_v1 * (v1_raw >= 0)  # clamp_min passes the gradient at >= 0
+    g_in_mean = torch.addcmul(g_m1 * cdf, g_v1, m1 * (1.0 - cdf), value=2.0)
+    # sd = sqrt(max(var, floor)): the phi terms reach var only above the floor
+    half_pdf_sd = (pdf / sd).mul_(var > VAR_FLOOR)  # phi / sd
+    return g_in_mean, torch.addcmul(g_v1 * cdf, g_m1 - 2.0 * g_v1 * m1, half_pdf_sd, value=0.5)
+
+
 class _ReluAffine(torch.autograd.Function):
     """``affine_moments(*relu_moments(mean, var), weight, bias)`` as one autograd node.
 
     Autograd through the reference rules takes ~60 small ops per transition; at micro-batch
-    sizes their dispatch overhead, not arithmetic, is BKN's cost. The backward uses the
-    Gaussian identities d E[ReLU z]/d mean = Phi(a), d E[ReLU z]/d var = phi(a) / (2 sd),
-    d E[(ReLU z)^2]/d mean = 2 E[ReLU z], d E[(ReLU z)^2]/d var = Phi(a).
+    sizes their dispatch overhead, not arithmetic, is BKN's cost. The backward through the
+    ReLU is `relu_moments_backward`.
     """
 
     @staticmethod
@@ -243,18 +254,13 @@ class _ReluAffine(torch.autograd.Function):
             g_mean = torch.zeros_like(m1[:, :1]).expand(-1, w_sum.shape[0])
         if g_var is None:
             g_var = torch.zeros_like(v1[:, :1]).expand(-1, w2_sum.shape[0])
-        g_m1 = g_mean @ w_sum  # (G, C_in)
-        g_v1 = (g_var @ w2_sum).mul_(v1_raw >= 0)  # clamp_min passes the gradient at >= 0
         # weight: d/dW of sum_k W_k (mean side) and sum_k W_k^2 (variance side)
         w = weight.reshape(weight.shape[0], w_sum.shape[1], -1)
         g_w = torch.addcmul((g_mean.t() @ m1).unsqueeze(-1), w,
                             (g_var.t() @ v1).unsqueeze(-1), value=2.0).reshape(weight.shape)
         g_bias = g_mean.sum(0) if ctx.has_bias else None
-        # through the ReLU moments; v1 = E[y^2] - m1^2
-        g_in_mean = torch.addcmul(g_m1 * cdf, g_v1, m1 * (1.0 - cdf), value=2.0)
-        # sd = sqrt(max(var, floor)): the phi terms reach var only above the floor
-        half_pdf_sd = (pdf / sd).mul_(var > VAR_FLOOR)  # phi / sd
-        g_in_var = torch.addcmul(g_v1 * cdf, g_m1 - 2.0 * g_v1 * m1, half_pdf_sd, value=0.5)
+        g_in_mean, g_in_var = relu_moments_backward(g_mean @ w_sum, g_var @ w2_sum, var, sd,
+                                                    cdf, pdf, m1, v1_raw)
         return g_in_mean, g_in_var, g_w, g_bias
 
 

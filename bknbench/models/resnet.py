@@ -14,8 +14,19 @@ BKN chain (the statistics of a sum are the sum of the branches' means and varian
     stem norm: no prior
     block's Norm2 <- Path(Norm feeding conv1, (ReLU, conv1))
     next Norm1 and the final Norm <- SumPrior(stream, Path(Norm2, (ReLU, conv2)))
-where stream is the block input's statistics pushed through the shortcut:
-Path(Norm1, (shortcut,), tap="input"), or for the first block Path(stem norm, (ReLU, shortcut)).
+where stream is the statistics of the block's input x pushed through the shortcut, chosen by
+the norms' ``stream`` option:
+- "authors" (default; cifar-kn-microbatch.py's `residual` returns m + m3, v + v3 with m, v
+  the statistics passed into the block): the *prediction* of x's statistics that fed Norm1,
+  Path(Norm1, (PaddedStream(shortcut),), tap="prediction"); for the first block the stem
+  norm's raw posterior, no ReLU, Path(stem norm, (shortcut,), tap="input"). At a stride-2
+  shortcut the variance is kept (the authors pad m and v and do not pool them).
+- "posterior": x's posterior as Norm1 estimated it, Path(Norm1, (shortcut,), tap="input");
+  for the first block, x = ReLU(stem output): Path(stem norm, (ReLU, shortcut)). At a
+  stride-2 shortcut the 2x2 average of independent values: variance / 4, exact under the
+  independence assumption (full windows, no padding: borders change nothing).
+The sum rule adds variances; it is exact for the mixture over positions too, because the
+stream's per-position mean is the same at every position (a shortcut has no zero padding).
 """
 from __future__ import annotations
 
@@ -55,18 +66,36 @@ class Shortcut(nn.Module):
             x = F.pad(x, (0, 0, 0, 0, self.lo, self.hi))  # pads dim 1 (channels)
         return x
 
-    def moments(self, mean: torch.Tensor, var: torch.Tensor):
-        """Per-group channel moments through the shortcut. mean, var: (G, C_in) ->
-        (G, C_out). Pooling keeps the mean and divides the variance by the window area
-        (values independent across positions); padded channels are constant 0: mean 0,
-        var 0. The padding is along dim 1, i.e. inside every group, so group g's real
-        channels stay group g's (padding a flattened (G * C) vector would not)."""
+    def moments(self, mean: torch.Tensor, var: torch.Tensor, shape: tuple[int, ...],
+                pool_variance: bool = True):
+        """Per-group channel moments through the shortcut (a transition rule). mean, var:
+        (G, C_in) -> (G, C_out), and the spatial shape after it. Pooling keeps the mean and
+        divides the variance by the window area (values independent across positions; the
+        windows are full, floor mode without padding), unless ``pool_variance`` is False
+        (the authors' stream); padded channels are constant 0: mean 0, var 0. The padding
+        is along dim 1, i.e. inside every group, so group g's real channels stay group g's
+        (padding a flattened (G * C) vector would not)."""
         if self.stride > 1:
-            var = var / (self.stride * self.stride)
-        return F.pad(mean, (self.lo, self.hi)), F.pad(var, (self.lo, self.hi))
+            shape = tuple(n // self.stride for n in shape)
+            if pool_variance:
+                var = var / (self.stride * self.stride)
+        return F.pad(mean, (self.lo, self.hi)), F.pad(var, (self.lo, self.hi)), shape
 
     def extra_repr(self) -> str:
         return f"{self.c_in}, {self.c_out}, stride={self.stride}"
+
+
+class PaddedStream(nn.Module):
+    """The authors' residual stream through a shortcut: channels padded (aligned in every
+    group), the variance not divided by the pooling area. Parameter-free, with exact moments
+    of its own, so it is never sampled."""
+
+    def __init__(self, shortcut: Shortcut):
+        super().__init__()
+        self.shortcut = shortcut
+
+    def moments(self, mean, var, shape):
+        return self.shortcut.moments(mean, var, shape, pool_variance=False)
 
 
 def conv3x3(c_in: int, c_out: int, stride: int = 1, bias: bool = False) -> nn.Conv2d:
@@ -137,9 +166,13 @@ class PreActResNet(nn.Module):
         return out + [self.final_norm]
 
     def _stream(self, block: PreActBlock) -> Path:
-        """Statistics of block(x)'s shortcut branch: x's, pushed through the shortcut.
-        x is norm1's input (tap "input"); the first block's x is the stem's ReLU output."""
-        if block.first:
+        """Statistics of block(x)'s shortcut branch: x's, pushed through the shortcut
+        (the ``stream`` option: see the module docstring)."""
+        if self.stem_norm.stream == "authors":
+            if block.first:
+                return Path(self.stem_norm, (block.shortcut,), tap="input")
+            return Path(block.norm1, (PaddedStream(block.shortcut),), tap="prediction")
+        if block.first:  # x is the stem's ReLU output
             return Path(self.stem_norm, (self.stem_relu, block.shortcut), tap="output")
         return Path(block.norm1, (block.shortcut,), tap="input")
 

@@ -95,11 +95,12 @@ class StatsNorm(nn.Module):
         return mean, var
 
     @torch.no_grad()
-    def update_running(self, mean, var, n_values: int) -> None:
-        """EMA of per-group statistics; variance made unbiased as torch.nn.BatchNorm does."""
-        unbiased = n_values / (n_values - 1)
+    def update_running(self, mean, var, n_values: int, unbiased: bool = True) -> None:
+        """EMA of per-group statistics; variance made unbiased (n / (n - 1)) as
+        torch.nn.BatchNorm does, or taken as given (``unbiased=False``)."""
+        scale = n_values / (n_values - 1) if unbiased else 1.0
         self.running_mean.copy_(ema_over_groups(self.running_mean, mean, self.momentum))
-        self.running_var.copy_(ema_over_groups(self.running_var, var, self.momentum, unbiased))
+        self.running_var.copy_(ema_over_groups(self.running_var, var, self.momentum, scale))
         self.num_batches_tracked.add_(1)
 
     def extra_repr(self) -> str:

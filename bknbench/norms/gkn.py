@@ -26,8 +26,8 @@ from .registry import Option, register
 
 
 class GroupKalmanNorm(BatchKalmanNorm):
-    """Args as BatchKalmanNorm, plus ``groups`` (channel groups, the GroupNorm rule of
-    `gn_groups`). No running statistics are used: eval computes what training computes,
+    """Args as BatchKalmanNorm (but ``running``: no running statistics), plus ``groups``
+    (channel groups, the GroupNorm rule of `gn_groups`). Eval computes what training computes,
     except that a sampled transition is replaced by its expectation (the analytic one) so
     that evaluation is deterministic.
     Input (N, C, *spatial) or (N, C); output the same shape."""
@@ -43,14 +43,16 @@ class GroupKalmanNorm(BatchKalmanNorm):
         n, c = x.shape[:2]
         self.in_shape = tuple(x.shape[2:])
         m, s = group_moments(x, n)  # (N, C): every sample is its own statistics group
-        if self.prior is None:
-            mu, var = m, s
-        else:
+        mu, var, mu_hat, var_hat = m, s, None, None
+        if self.prior is not None:
             transition = self.transition if self.training else "analytic"
-            mu_hat, var_hat = self.prior.predict(self.propagate, transition, self.draws_for())
+            mu_hat, var_hat = self.prior.predict(self.propagate, transition, self.draws_for(),
+                                                 self.borders)
+            # guard_scope "group": each sample (its own statistics group) decides
             mu, var = kalman_update(m, s, mu_hat, var_hat,
-                                    self.weight_on_prediction(x[0, 0].numel()), self.guard)
-        self.posterior = Posterior(m, s, mu, var)
+                                    self.weight_on_prediction(x[0, 0].numel()), self.guard,
+                                    self.guard_scope)
+        self.posterior = Posterior(m, s, mu, var, mu_hat, var_hat)
         # pool the per-channel mixture over each channel group: (N, J, C / J)
         mu_g = mu.view(n, self.groups, -1)
         mean_j = mu_g.mean(-1, keepdim=True)
@@ -67,8 +69,8 @@ class GroupKalmanNorm(BatchKalmanNorm):
 
 @register("gkn", "Group Kalman Normalization: per-sample GroupNorm statistics fused with "
           "the prediction from the preceding layers (NeurIPS version)",
-          {**BKN_OPTIONS, "groups": Option(int, 8, lambda v: v >= 1, ">= 1",
-                                             "number of channel groups")},
+          {**{k: o for k, o in BKN_OPTIONS.items() if k != "running"},
+           "groups": Option(int, 8, lambda v: v >= 1, ">= 1", "number of channel groups")},
           chained=True)
 def _gkn(num_features, norm_batch, **options):
     return GroupKalmanNorm(num_features, norm_batch, **options)

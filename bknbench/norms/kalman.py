@@ -11,16 +11,18 @@ the observation and `normalize`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
 from torch import nn
 
 from ..kernels.fused import group_normalize
+from ..kernels.reference import RUNNING_RULES, guarded_gain, running_variance
 from .batch import StatsNorm, check_defined, values_per_stat
 from .registry import EPS, MOMENTUM, Option, register
-from .transitions import chain_rules, sampled_moments
+from .transitions import (BORDERS, chain_rules, exact_without_sampling, full_precision,
+                          sampled_moments)
 
 
 # ---------------------------------------------------------------- priors: what feeds a layer
@@ -29,7 +31,8 @@ class Path:
     """The distribution reaching a layer from ``source`` through ``ops``.
 
     tap="input": the statistics of the source's own (pre-normalization) input, used by
-    identity shortcuts. tap="output": what the source hands on; paper-faithful layers use the
+    identity shortcuts. tap="prediction": the source's prediction of them (the authors'
+    residual stream). tap="output": what the source hands on; paper-faithful layers use the
     source's raw posterior here (as the authors' code does), ``propagate=output`` layers use
     the moments of the source's normalized output.
     """
@@ -37,6 +40,7 @@ class Path:
     source: "BatchKalmanNorm"
     ops: tuple[nn.Module, ...] = ()
     tap: str = "output"
+    _rules: dict = field(default_factory=dict, repr=False, init=False)
 
     def start(self, propagate: str):
         post = self.source.posterior
@@ -44,20 +48,35 @@ class Path:
             raise RuntimeError("BKN chain: a predecessor did not run in this forward pass")
         if self.tap == "output" and propagate == "output":
             return post.output_moments(self.source)
+        if self.tap == "prediction":
+            if post.mu_hat is None:
+                raise RuntimeError("BKN chain: tap 'prediction' on a layer without a prior")
+            return post.mu_hat, post.var_hat
         return post.mu, post.var
 
-    @cached_property
-    def rules(self) -> list:
+    def rules(self, borders: str) -> list:
         """The analytic moment rules of the ops, looked up once (the ops never change)."""
-        return chain_rules(self.ops)
+        if borders not in self._rules:
+            self._rules[borders] = chain_rules(self.ops, borders)
+        return self._rules[borders]
 
-    def predict(self, propagate: str, transition: str, draws: int):
+    @cached_property
+    def passes_exactly(self) -> bool:
+        return exact_without_sampling(self.ops)
+
+    def predict(self, propagate: str, transition: str, draws: int, borders: str = "exact"):
+        """(mu_hat, var_hat), (G, C_out), in the dtype of the source's statistics (float32
+        under autocast, as the observed ones)."""
         mean, var = self.start(propagate)
-        if transition == "analytic":
-            for rule in self.rules:
-                mean, var = rule(mean, var)
-            return mean, var
-        return sampled_moments(mean, var, self.ops, self.source.in_shape, draws)
+        if transition == "sampled" and not self.passes_exactly:
+            out = sampled_moments(mean, var, self.ops, self.source.in_shape, draws)
+            return out[0].to(mean.dtype), out[1].to(mean.dtype)
+        # sampled: parameter-free ops (a shortcut) pass exactly, borders as the ops see them
+        shape = self.source.in_shape
+        with full_precision(mean.device.type):
+            for rule in self.rules(borders if transition == "analytic" else "exact"):
+                mean, var, shape = rule(mean, var, shape)
+        return mean, var
 
 
 @dataclass(eq=False)
@@ -66,8 +85,8 @@ class SumPrior:
 
     terms: tuple[Path, ...]
 
-    def predict(self, propagate, transition, draws):
-        parts = [t.predict(propagate, transition, draws) for t in self.terms]
+    def predict(self, propagate, transition, draws, borders="exact"):
+        parts = [t.predict(propagate, transition, draws, borders) for t in self.terms]
         return sum(p[0] for p in parts), sum(p[1] for p in parts)
 
 
@@ -77,6 +96,8 @@ class Posterior:
     s: torch.Tensor  # observed biased variance (G, C)
     mu: torch.Tensor  # posterior mean (G, C)
     var: torch.Tensor  # posterior variance (G, C)
+    mu_hat: torch.Tensor | None = None  # prediction (G, C), None without a prior
+    var_hat: torch.Tensor | None = None
 
     def output_moments(self, layer: "BatchKalmanNorm"):
         """Per-group moments of the layer's normalized output y = w (x - mu) / sqrt(var+eps) + b."""
@@ -93,8 +114,10 @@ class BatchKalmanNorm(StatsNorm):
       2. predict (mu_hat, var_hat) = T(posterior of the preceding layer) via ``prior``;
       3. fuse with ``kalman_update`` (weight p on the prediction, guard);
       4. y = weight * (x - mu) / sqrt(var + eps) + bias;
-      5. running statistics: EMA (momentum) of (mu, var * n / (n - 1)), n values per
-         statistic, the torch.nn.BatchNorm convention, so p = 0 is BN in both modes.
+      5. running statistics: EMA (momentum) of mu and of `running_variance` (n values per
+         statistic): by default var + (1 - p)^2 s / (n - 1), unbiased for the population
+         variance when the prediction is right, and s n / (n - 1) at p = 0, so p = 0 is BN
+         (torch.nn.BatchNorm's convention) in both modes.
     Eval: running statistics, as BatchNorm. Without a prior (first layer): BN per group.
 
     Args: num_features C; norm_batch samples per statistic; p weight on the prediction;
@@ -103,17 +126,24 @@ class BatchKalmanNorm(StatsNorm):
     itself); transition "analytic" | "sampled"; draws samples per group for "sampled"
     (0: 1 when the output has positions, else 16); propagate "raw" (paper-faithful: the
     predecessor's pre-normalization posterior) | "output" (its normalized output's moments);
-    guard (see kalman_update).
+    guard (see kalman_update); guard_scope "layer" (one decision over all groups, the
+    authors') | "group" (each group decides from its own channel average); running "observed"
+    | "posterior" | "authors" (see running_variance); borders "exact" | "ignore" (analytic
+    transition, see transitions.py); stream "authors" | "posterior" (ResNets:
+    models/resnet.py).
     Input (N, C) or (N, C, *spatial); output the same shape.
     """
 
     def __init__(self, num_features, norm_batch, p=0.9, gain="fixed", n0=64.0,
                  transition="analytic", draws=0, propagate="raw", guard=100.0,
+                 guard_scope="layer", running="observed", borders="exact", stream="authors",
                  eps=1e-5, momentum=0.1):
         super().__init__(num_features, norm_batch, eps=eps, momentum=momentum)
         self.p, self.gain, self.n0 = p, gain, n0
         self.transition, self.draws, self.propagate, self.guard = (
             transition, draws, propagate, guard)
+        self.guard_scope, self.running, self.borders, self.stream = (
+            guard_scope, running, borders, stream)
         if gain == "learnable":
             q = min(max(1.0 - p, 1e-4), 1 - 1e-4)
             self.gain_logit = nn.Parameter(torch.tensor(math.log(q / (1 - q))))
@@ -147,23 +177,38 @@ class BatchKalmanNorm(StatsNorm):
         mu_hat = var_hat = p = None
         if self.prior is not None:
             draws = self.draws_for() if self.transition == "sampled" else 0
-            mu_hat, var_hat = self.prior.predict(self.propagate, self.transition, draws)
+            mu_hat, var_hat = self.prior.predict(self.propagate, self.transition, draws,
+                                                 self.borders)
             p = self.weight_on_prediction(n_values)
         # = group_moments, kalman_update (without a prior: none) and normalize, fused
         y, m, s, mu, var = group_normalize(x, mu_hat, var_hat, p, self.weight, self.bias, g,
-                                           self.guard, self.eps)
+                                           self.guard, self.eps, self.guard_scope)
         if self.probe is not None:  # what training uses, nothing updated
             self.probe.stats.update(observed=(m, s), used=(mu, var))
             if mu_hat is not None:
                 self.probe.stats["predicted"] = (mu_hat, var_hat)
         else:
-            self.update_running(mu.detach(), var.detach(), n_values)
-        self.posterior = Posterior(m, s, mu, var)
+            self.update_running(mu.detach(), self.running_target(s, var, var_hat, p, n_values),
+                                n_values, unbiased=mu_hat is None)
+        self.posterior = Posterior(m, s, mu, var, mu_hat, var_hat)
         return y
+
+    @torch.no_grad()
+    def running_target(self, s, var, var_hat, p, n_values: int):
+        """The variance the running average takes in (see `running_variance`); without a
+        prior the posterior is (m, s) and the layer is BN (`update_running` corrects it)."""
+        if var_hat is None:
+            return var.detach()
+        # the node's guard decision, recomputed (the C++ kernel sums the ratios in double:
+        # an average within rounding of the guard may decide otherwise, for one update)
+        pe = guarded_gain(p, s, var_hat, self.guard, self.guard_scope)
+        return running_variance(var, s, pe, n_values, self.running)
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", p={self.p}, gain={self.gain}, "
                 f"transition={self.transition}, propagate={self.propagate}, "
+                f"borders={self.borders}, guard_scope={self.guard_scope}, "
+                f"running={self.running}, stream={self.stream}, "
                 f"chained={self.prior is not None}")
 
 
@@ -188,6 +233,18 @@ BKN_OPTIONS = {
                         help="raw: predecessor's pre-norm posterior (paper); output: its output"),
     "guard": Option(float, 100.0, lambda v: v > 0, "> 0",
                     "distrust the prediction when mean(var_hat / s) reaches this"),
+    "guard_scope": Option(("layer", "group"), "layer",
+                          help="layer: one guard decision over all groups (authors); "
+                          "group: each group decides"),
+    "running": Option(RUNNING_RULES, "observed",
+                      help="running variance: observed: n/(n-1) on the observed part only "
+                      "(unbiased); posterior: on the whole posterior; authors: no factor"),
+    "borders": Option(BORDERS, "exact",
+                      help="analytic transition: exact: zero padding and borders counted; "
+                      "ignore: every position sees a full kernel"),
+    "stream": Option(("authors", "posterior"), "authors",
+                     help="resnet shortcut term: authors: the prediction passed into the "
+                     "block; posterior: the block input's posterior"),
     "eps": EPS,
     "momentum": MOMENTUM,
 }

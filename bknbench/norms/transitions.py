@@ -1,78 +1,187 @@
 """BKN transitions: how per-channel statistics (G, C) travel through the ops between two
 normalization layers.
 
-Analytic (ours): closed-form moments per op. The reference rules (`relu_moments`,
-`affine_moments`, ... in kernels/reference.py) define the values; `relu_affine_moments`
-(kernels/fused.py) computes ReLU followed by a linear or convolution layer, the pair between
-almost every two norms, as one autograd node with the same values. Sampled (the authors'):
-push Gaussian draws through the ops.
+Analytic (ours): closed-form moments per op, each rule ``rule(mean, var, shape) -> (mean,
+var, shape)`` carrying the spatial shape of the map (the source layer's input shape at the
+start; convolutions and pooling change it, Flatten and Linear end it). The formulas live in
+kernels/: `relu_moments`, `affine_moments` (reference.py), the border-aware `conv_moments`
+and `pool_moments` (borders.py). ReLU followed by a linear or convolution layer, the pair
+between almost every two norms, is one autograd node: `relu_affine_moments` (fused.py, and
+its C++ kernel) where borders change nothing, `relu_conv_moments` (borders.py) where they do.
+Sampled (the authors'): push Gaussian draws through the ops.
+
+Borders (``borders=``): "exact" averages over all output positions, zero padding included
+(kernels/borders.py); "ignore" treats every output position as if its kernel lay inside the
+map (and average pooling as non-overlapping full windows), the rule before borders were
+modelled. Approximations of both: inputs independent across channels and positions, and
+Gaussian where a ReLU acts.
 """
 from __future__ import annotations
 
-import math
-from functools import partial
+import contextlib
 
 import torch
 from torch import nn
 
+from ..kernels.borders import (adaptive_axis, conv_axis, conv_moments, dense_weight,
+                               pool_axis, pool_moments, relu_conv_moments, trivial)
 from ..kernels.fused import group_moments, relu_affine_moments
 from ..kernels.reference import affine_moments, relu_moments
 
-
-def _pool_moments(op, mean, var):
-    # non-overlapping windows of independent values: the variance shrinks by the area
-    k = op.kernel_size
-    if isinstance(k, int):
-        k = (k, k) if isinstance(op, nn.AvgPool2d) else (k,)
-    return mean, var / math.prod(k)
+BORDERS = ("exact", "ignore")
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+ADAPTIVE = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
 
 
-def _is_affine(op: nn.Module) -> bool:
-    return isinstance(op, nn.Linear) or (
-        isinstance(op, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and op.groups == 1)
+def _per_dim(value, dims: int) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
+
+
+# ---------------------------------------------------------------- geometry of a module
+def conv_axes(op: nn.Module, shape: tuple[int, ...]):
+    """The `conv_axis` geometry of each spatial dim of a convolution on maps of ``shape``."""
+    dims = len(op.kernel_size)
+    if len(shape) != dims:
+        raise ValueError(f"{op} needs a {dims}-D map, the transition carries shape {shape}")
+    k, s, dil = op.kernel_size, _per_dim(op.stride, dims), _per_dim(op.dilation, dims)
+    if op.padding == "valid":
+        pads = [(0, 0)] * dims
+    elif op.padding == "same":  # torch puts the odd extra pad on the right
+        pads = [(d * (kk - 1) // 2, d * (kk - 1) - d * (kk - 1) // 2) for kk, d in zip(k, dil)]
+    else:
+        pads = [(p, p) for p in _per_dim(op.padding, dims)]
+    zeros = op.padding_mode == "zeros"
+    return tuple(conv_axis(n, kk, ss, lo, hi, d, zeros)
+                 for n, kk, ss, (lo, hi), d in zip(shape, k, s, pads, dil))
+
+
+def pool_axes(op: nn.Module, shape: tuple[int, ...]):
+    """The `pool_axis` / `adaptive_axis` geometry of average pooling on maps of ``shape``."""
+    dims = len(shape)
+    if isinstance(op, ADAPTIVE):
+        out = _per_dim(op.output_size, dims)
+        return tuple(adaptive_axis(n, o if o is not None else n) for n, o in zip(shape, out))
+    k = _per_dim(op.kernel_size, dims)
+    s = _per_dim(op.stride if op.stride is not None else op.kernel_size, dims)
+    pad = _per_dim(op.padding, dims)
+    return tuple(pool_axis(n, kk, ss, pp, op.ceil_mode, op.count_include_pad)
+                 for n, kk, ss, pp in zip(shape, k, s, pad))
+
+
+def _out_shape(axes) -> tuple[int, ...]:
+    return tuple(out for _, _, out in axes)
 
 
 # ---------------------------------------------------------------- rules per op
-def analytic_rule(op: nn.Module):
-    """The moment rule for one module, or None. A module may define ``moments(mean, var)``
-    itself (the ResNet shortcut does)."""
+def _affine(op, borders: str, relu: bool):
+    """The rule of a linear or convolution layer, after a ReLU when ``relu``."""
+    groups = getattr(op, "groups", 1)
+
+    def rule(mean, var, shape):
+        if isinstance(op, nn.Linear):  # a flattened map: every input is read, no borders
+            axes, out = None, ()
+        else:
+            axes = conv_axes(op, shape)
+            out = _out_shape(axes)
+        if axes is None or borders == "ignore" or trivial(axes):
+            if relu and groups == 1:  # the fused node (and C++ kernel)
+                return (*relu_affine_moments(mean, var, op.weight, op.bias), out)
+            if relu:
+                mean, var = relu_moments(mean, var)
+            return (*affine_moments(mean, var, dense_weight(op.weight, groups), op.bias), out)
+        if relu:  # the fused node of borders.py
+            return (*relu_conv_moments(mean, var, op.weight, op.bias, axes, groups), out)
+        return (*conv_moments(mean, var, op.weight, op.bias, axes, groups), out)
+    return rule
+
+
+def _pool(op, borders: str):
+    def rule(mean, var, shape):
+        axes = pool_axes(op, shape)
+        if borders == "ignore" and isinstance(op, POOLS):  # full windows, no overlap
+            area = 1
+            for k in _per_dim(op.kernel_size, len(shape)):
+                area *= k
+            return mean, var / area, _out_shape(axes)
+        return (*pool_moments(mean, var, axes, getattr(op, "divisor_override", None)),
+                _out_shape(axes))
+    return rule
+
+
+def _relu(mean, var, shape):
+    return (*relu_moments(mean, var), shape)
+
+
+def _same(mean, var, shape):
+    return mean, var, shape
+
+
+def _flatten(mean, var, shape):
+    return mean, var, ()
+
+
+def analytic_rule(op: nn.Module, borders: str = "exact"):
+    """The moment rule ``(mean, var, shape) -> (mean, var, shape)`` of one module, or None.
+    A module may define ``moments(mean, var, shape)`` itself (the ResNet shortcut does)."""
     if hasattr(op, "moments"):
         return op.moments
     if isinstance(op, nn.ReLU):
-        return relu_moments
-    if _is_affine(op):
-        return lambda mean, var: affine_moments(mean, var, op.weight, op.bias)
-    if isinstance(op, (nn.AvgPool1d, nn.AvgPool2d)):
-        return lambda mean, var: _pool_moments(op, mean, var)
-    if isinstance(op, (nn.Flatten, nn.Identity, nn.Dropout)):
-        return lambda mean, var: (mean, var)
+        return _relu
+    if isinstance(op, (nn.Linear,) + CONVS):
+        return _affine(op, borders, relu=False)
+    if isinstance(op, POOLS + ADAPTIVE):
+        return _pool(op, borders)
+    if isinstance(op, nn.Flatten):
+        return _flatten
+    if isinstance(op, (nn.Identity, nn.Dropout)):
+        return _same
     return None
 
 
-def op_moments(op: nn.Module, mean, var):
-    """Push per-channel moments (G, C) through one module analytically."""
-    rule = analytic_rule(op)
+def op_moments(op: nn.Module, mean, var, shape=(), borders: str = "exact"):
+    """Push per-channel moments (G, C) of a map of spatial ``shape`` through one module
+    analytically: (mean, var, shape) after it."""
+    rule = analytic_rule(op, borders)
     if rule is None:
         raise TypeError(f"no analytic moments for {op}; use transition=sampled")
-    return rule(mean, var)
+    return rule(mean, var, shape)
 
 
-def chain_rules(ops) -> list:
+def chain_rules(ops, borders: str = "exact") -> list:
     """The analytic rule of each op, a ReLU followed by a linear or convolution layer
-    taken as one fused rule; an op without a rule raises `op_moments`' TypeError when used.
-    (Flatten and Identity between them change nothing and are skipped.)"""
+    taken as one rule (the fused node where borders change nothing); an op without a rule
+    raises `op_moments`' TypeError when used. (Identity between them changes nothing, and
+    a Flatten before a Linear only ends the shape, which the Linear's rule does too.)"""
     ops = [op for op in ops if not isinstance(op, (nn.Flatten, nn.Identity))]
     rules, i = [], 0
     while i < len(ops):
-        if isinstance(ops[i], nn.ReLU) and i + 1 < len(ops) and _is_affine(ops[i + 1]):
-            op = ops[i + 1]
-            rules.append(lambda mean, var, op=op: relu_affine_moments(mean, var, op.weight,
-                                                                        op.bias))
+        if (isinstance(ops[i], nn.ReLU) and i + 1 < len(ops)
+                and isinstance(ops[i + 1], (nn.Linear,) + CONVS)):
+            rules.append(_affine(ops[i + 1], borders, relu=True))
             i += 2
             continue
-        rules.append(analytic_rule(ops[i]) or partial(op_moments, ops[i]))
+        op = ops[i]
+        rules.append(analytic_rule(op, borders)
+                     or (lambda mean, var, shape, op=op: op_moments(op, mean, var, shape)))
         i += 1
     return rules
+
+
+def exact_without_sampling(ops) -> bool:
+    """Whether ops have no parameters and analytic rules: their moments are exact (a
+    shortcut, a ReLU, pooling), so the sampled transition passes them exactly, as the
+    authors pass statistics through the shortcut."""
+    return all(analytic_rule(op) is not None and next(op.parameters(), None) is None
+               for op in ops)
+
+
+def full_precision(device_type: str):
+    """A context without autocast, where it is on: moments are statistics, computed in the
+    dtype of the statistics they start from (an autocast matmul would round them to bf16)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------- sampled

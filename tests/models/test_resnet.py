@@ -75,8 +75,9 @@ def test_train_and_eval_passes(spec):
         assert torch.isfinite(m(x)).all()
 
 
-def test_bkn_chain_is_wired_through_the_blocks():
-    m = _model("bkn")
+@pytest.mark.parametrize("stream", ["authors", "posterior"])
+def test_bkn_chain_is_wired_through_the_blocks(stream):
+    m = _model(f"bkn:stream={stream}")
     assert m.stem_norm.prior is None
     b0, b1 = m.blocks[0], m.blocks[1]
     assert b0.norm1 is None
@@ -85,19 +86,23 @@ def test_bkn_chain_is_wired_through_the_blocks():
     assert b1.norm2.prior.source is b1.norm1
     assert b1.norm2.prior.ops == (b1.relu1, b1.conv1)
     for prev, blk in zip(m.blocks[:-1], m.blocks[1:]):
-        stream, branch = blk.norm1.prior.terms
+        term, branch = blk.norm1.prior.terms
         assert branch.source is prev.norm2 and branch.ops == (prev.relu2, prev.conv2)
-        assert stream.ops[-1] is prev.shortcut
-        if prev.first:
-            assert stream.source is m.stem_norm and stream.ops[0] is m.stem_relu
+        if prev.first and stream == "authors":  # the stem's raw posterior, no ReLU
+            assert (term.source, term.ops, term.tap) == (m.stem_norm, (prev.shortcut,), "input")
+        elif prev.first:  # x = ReLU(stem output)
+            assert term.source is m.stem_norm and term.ops == (m.stem_relu, prev.shortcut)
+        elif stream == "authors":  # the prediction that fed prev.norm1, padded, not pooled
+            assert (term.source, term.tap) == (prev.norm1, "prediction")
+            assert isinstance(term.ops[0], resnet.PaddedStream)
+            assert term.ops[0].shortcut is prev.shortcut
         else:
-            assert stream.source is prev.norm1 and stream.tap == "input"
+            assert (term.source, term.ops, term.tap) == (prev.norm1, (prev.shortcut,), "input")
     # the final norm sees the last block's sum, as the authors' knlast does
     last = m.blocks[-1]
-    stream, branch = m.final_norm.prior.terms
+    term, branch = m.final_norm.prior.terms
     assert isinstance(m.final_norm.prior, SumPrior)
-    assert stream.source is last.norm1 and stream.ops == (last.shortcut,)
-    assert branch.source is last.norm2
+    assert term.source is last.norm1 and branch.source is last.norm2
     priors = [x.prior for x in m.modules() if isinstance(x, BatchKalmanNorm)]
     assert sum(p is None for p in priors) == 1  # only the stem
 
@@ -113,8 +118,8 @@ def test_shortcut_moments_keep_groups_aligned():
     g = 3
     mean = torch.arange(g * 4, dtype=torch.float32).view(g, 4) + 1.0  # all nonzero
     var = 10.0 * mean
-    m, v = sc.moments(mean, var)
-    assert m.shape == v.shape == (g, 8)
+    m, v, shape = sc.moments(mean, var, (5, 4))
+    assert m.shape == v.shape == (g, 8) and shape == (2, 2)
     lo, hi = sc.lo, sc.lo + 4
     assert (lo, hi) == (2, 6)  # zeros on both sides, as the authors pad
     for k in range(g):  # padded channels are exactly 0 in every group
@@ -133,7 +138,7 @@ def test_shortcut_moments_match_the_module_on_real_groups():
     x = torch.randn(8, 16, 8, 8) * scale[:, None, None, None] + shift[:, None, None, None]
     mean, var = group_moments(x, 4)
     out_mean, out_var = group_moments(sc(x), 4)
-    pred_mean, pred_var = sc.moments(mean, var)
+    pred_mean, pred_var, _ = sc.moments(mean, var, (8, 8))
     assert torch.allclose(out_mean, pred_mean, atol=1e-5)
     pad = torch.ones(32, dtype=torch.bool)
     pad[sc.lo:sc.lo + 16] = False
@@ -150,7 +155,7 @@ def test_shortcut_moments_match_monte_carlo():
         g, draws, 6, 4, 4)
     out = sc(z.reshape(g * draws, 6, 4, 4))  # called as a module, as sampled mode does
     mc_mean, mc_var = group_moments(out, g)
-    pm, pv = sc.moments(mean, var)
+    pm, pv, _ = sc.moments(mean, var, (4, 4))
     assert torch.allclose(mc_mean, pm, atol=0.02)
     assert torch.allclose(mc_var, pv, rtol=0.05, atol=1e-6)
 
@@ -187,15 +192,92 @@ def test_rejects_non_image_inputs():
 @pytest.mark.parametrize("transition", ["analytic", "sampled"])
 def test_chain_predicts_the_observed_statistics(transition):
     # the wiring checked by its numbers: with propagate=output (the moments of what each
-    # norm actually hands on), every prediction at init, including the sums through the
-    # shortcuts and the padded channels, matches the statistics the layer then observes
+    # norm actually hands on) and the posterior stream, every prediction at init, including
+    # the sums through the shortcuts and the padded channels, matches the statistics the
+    # layer then observes
     torch.manual_seed(0)
-    m = _model(f"bkn:propagate=output,transition={transition}")
+    m = _model(f"bkn:propagate=output,transition={transition},stream=posterior")
     m(torch.randn(16, *SHAPE))
     for layer in m.norms()[1:]:
         with torch.no_grad():
-            mh, vh = layer.prior.predict("output", transition, layer.draws_for())
+            mh, vh = layer.prior.predict("output", transition, layer.draws_for(),
+                                         layer.borders)
         post = layer.posterior
         sd = post.s.sqrt().mean()
         assert (mh - post.m).abs().mean() < 0.25 * sd
         assert 0.75 < float((vh / post.s.detach()).mean()) < 1.3
+
+
+# ---------------------------------------------------------------- the residual stream
+def test_authors_stream_adds_the_prediction_passed_into_the_block():
+    """stream=authors (cifar-kn-microbatch.py returns m + m3, v + v3, m and v what entered
+    the block): a block's stream term is the prediction that fed its norm1, padded, its
+    variance not divided at a stride-2 shortcut; the first block's is the stem's raw
+    posterior (no ReLU)."""
+    m = _model("bkn:stream=authors")
+    m(torch.randn(8, *SHAPE))
+    n = len(m.blocks) // 3
+    stage_start, inner = m.blocks[n], m.blocks[1]
+    # after the first block: the stem's raw posterior (no ReLU)
+    pm, pv = m.blocks[1].norm1.prior.terms[0].predict("raw", "analytic", 0)
+    post = m.stem_norm.posterior
+    assert torch.equal(pm, post.mu) and torch.equal(pv, post.var)
+    # the stage's first block: the prediction of its norm1, padded, variance kept
+    term = m.blocks[n + 1].norm1.prior.terms[0]
+    pm, pv = term.predict("raw", "analytic", 0)
+    pred = stage_start.norm1.posterior
+    lo = stage_start.shortcut.lo
+    assert torch.equal(pm[:, lo:lo + 16], pred.mu_hat) and torch.equal(pv[:, lo:lo + 16],
+                                                                        pred.var_hat)
+    assert torch.all(pm[:, :lo] == 0) and torch.all(pv[:, lo + 16:] == 0)
+    # an inner block: the prediction that fed its norm1, as it is
+    pm, pv = m.blocks[2].norm1.prior.terms[0].predict("raw", "analytic", 0)
+    assert torch.equal(pm, inner.norm1.posterior.mu_hat)
+    assert not torch.equal(pm, inner.norm1.posterior.mu)  # not the posterior
+
+
+@pytest.mark.parametrize("stream, divided", [("authors", False), ("posterior", True)])
+def test_stride2_variance_rule_follows_the_stream(stream, divided):
+    m = _model(f"bkn:stream={stream}")
+    m(torch.randn(8, *SHAPE))
+    n = len(m.blocks) // 3
+    start = m.blocks[n]
+    term = m.blocks[n + 1].norm1.prior.terms[0]
+    _, pv = term.predict("raw", "analytic", 0)
+    post = start.norm1.posterior
+    source = post.var if stream == "posterior" else post.var_hat
+    lo = start.shortcut.lo
+    torch.testing.assert_close(pv[:, lo:lo + 16], source / 4 if divided else source)
+
+
+@pytest.mark.parametrize("stream", ["authors", "posterior"])
+def test_sampled_transition_passes_the_shortcut_exactly(stream):
+    """transition=sampled: the shortcut's term (parameter-free, exact moments) is not drawn;
+    two predictions agree exactly and equal the analytic one, the branch term is drawn."""
+    m = _model(f"bkn:transition=sampled,stream={stream}")
+    m(torch.randn(8, *SHAPE))
+    layer = m.blocks[len(m.blocks) // 3 + 1].norm1
+    stream_term, branch = layer.prior.terms
+    a = stream_term.predict("raw", "sampled", 1)
+    b = stream_term.predict("raw", "sampled", 1)
+    c = stream_term.predict("raw", "analytic", 0)
+    for x, y, z in zip(a, b, c):
+        assert torch.equal(x, y) and torch.equal(x, z)
+    first_a = branch.predict("raw", "sampled", 1)[1]
+    assert not torch.equal(first_a, branch.predict("raw", "sampled", 1)[1])
+
+
+@pytest.mark.parametrize("size", [2, 4, 5, 8, 32])
+def test_shortcut_pooling_rule_equals_the_exact_border_rule(size):
+    """The shortcut's variance / 4 is the exact rule for its 2x2 average pooling (full
+    windows in floor mode, no padding), which tests/norms/test_borders.py holds to Monte
+    Carlo; the spatial shape it hands on is the pooled map's."""
+    from bknbench.norms.transitions import op_moments
+
+    sc = resnet.Shortcut(3, 3, stride=2)
+    mean, var = torch.randn(2, 3, dtype=torch.float64), torch.rand(2, 3, dtype=torch.float64)
+    m, v, shape = sc.moments(mean, var, (size, size))
+    m_x, v_x, shape_x = op_moments(torch.nn.AvgPool2d(2), mean, var, (size, size))
+    torch.testing.assert_close(m, m_x, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(v, v_x, rtol=1e-14, atol=1e-14)
+    assert shape == shape_x == sc(torch.zeros(1, 3, size, size)).shape[2:]

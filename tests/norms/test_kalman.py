@@ -165,14 +165,16 @@ def test_affine_moments_by_hand():
     assert v.item() == pytest.approx(5 * 3 + 1.25 * 4)
 
 
-def test_avg_pool_moments_divide_variance_by_area():
+@pytest.mark.parametrize("borders", ["exact", "ignore"])
+def test_avg_pool_moments_divide_variance_by_area(borders):
+    # full, non-overlapping windows: both rules divide the variance by the window area
     mean, var = _t(1.0, -2.0), _t(4.0, 8.0)
-    m, v = op_moments(nn.AvgPool2d(2), mean, var)
-    assert torch.equal(m, mean) and torch.allclose(v, var / 4)
-    m, v = op_moments(nn.AvgPool1d(3), mean, var)
-    assert torch.allclose(v, var / 3)
+    m, v, shape = op_moments(nn.AvgPool2d(2), mean, var, (4, 6), borders)
+    assert torch.allclose(m, mean) and torch.allclose(v, var / 4) and shape == (2, 3)
+    m, v, shape = op_moments(nn.AvgPool1d(3), mean, var, (9,), borders)
+    assert torch.allclose(v, var / 3) and shape == (3,)
     with pytest.raises(TypeError, match="sampled"):
-        op_moments(nn.MaxPool1d(2), mean, var)
+        op_moments(nn.MaxPool1d(2), mean, var, (4,))
 
 
 # ---------------------------------------------------------------- transitions
@@ -270,11 +272,12 @@ def test_layer_forward_matches_a_by_hand_computation(spec):
     torch.testing.assert_close(second.posterior.var, var, rtol=1e-10, atol=1e-10)
     expected = normalize(h, mu, var, second.weight, second.bias, second.eps)
     torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
-    # running statistics: one EMA step per group of (mu, unbiased var) from (0, 1)
+    # running statistics: one EMA step per group of (mu, var + (1 - p)^2 s / (n - 1)) from
+    # (0, 1), n = 2 x 6 values: the n / (n - 1) factor on the observed part only
     r_mean, r_var = torch.zeros(5, dtype=D), torch.ones(5, dtype=D)
     for g in range(4):
         r_mean = 0.9 * r_mean + 0.1 * mu[g]
-        r_var = 0.9 * r_var + 0.1 * var[g] * 12 / 11  # n / (n - 1) with n = 2 x 6 values
+        r_var = 0.9 * r_var + 0.1 * (var[g] + (1 - p) ** 2 * s2[g] / 11)
     torch.testing.assert_close(second.running_mean, r_mean.detach(), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(second.running_var, r_var.detach(), rtol=1e-10, atol=1e-10)
 
@@ -463,3 +466,22 @@ def test_fused_relu_affine_passes_gradcheck(backend):
     assert torch.autograd.gradcheck(relu_affine_moments, (mean, var, w, b))
     assert torch.autograd.gradcheck(lambda m, v, w: relu_affine_moments(m, v, w)[1],
                                     (mean, var, w))  # one output unused
+
+
+@pytest.mark.parametrize("spec", ["bkn", "bkn:transition=sampled", "bkn:borders=ignore"])
+@pytest.mark.parametrize("model", ["cnn", "mlp"])
+def test_predictions_stay_float32_under_autocast(spec, model):
+    """bf16 autocast on the PyTorch nodes (what runs on a GPU): the prediction keeps the
+    dtype of the statistics (float32), so the fused update does not meet a bf16 operand."""
+    from bknbench.kernels import native
+    from bknbench.models.registry import make_model
+
+    torch.manual_seed(0)
+    with native.disabled():
+        m = make_model(model, parse_spec(spec), 2, (1, 16), 4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(torch.randn(8, 1, 16))
+        out.float().sum().backward()
+    layers = [x for x in m.modules() if isinstance(x, BatchKalmanNorm) and x.prior]
+    assert layers and all(x.posterior.mu_hat.dtype == torch.float32 for x in layers)
+    assert out.dtype == torch.bfloat16

@@ -116,12 +116,15 @@ void combine(const T* u, const T* v, const Dims& d, const std::vector<double>& a
 // ------------------------------------------------------------------ group_normalize
 // Inputs: x (N, C, *S); mu_hat, var_hat (G, C) or undefined (no prediction: per-group BN);
 // p_tensor (0-d, a learnable gain) or undefined, then p_value is the weight on the
-// prediction; weight, bias (C,). Outputs: y (N, C, *S); m, s (observed); mu, var (used).
+// prediction; weight, bias (C,); guard_per_group: one guard decision per group from its
+// own channel average instead of one over all groups (reference.trusted).
+// Outputs: y (N, C, *S); m, s (observed); mu, var (used).
 struct GroupNormalize : public torch::autograd::Function<GroupNormalize> {
   static variable_list forward(AutogradContext* ctx, Tensor x, std::optional<Tensor> mu_hat_opt,
                                std::optional<Tensor> var_hat_opt,
                                std::optional<Tensor> p_opt, double p_value, Tensor weight,
-                               Tensor bias, int64_t groups, double guard, double eps) {
+                               Tensor bias, int64_t groups, double guard, double eps,
+                               bool guard_per_group) {
     const Tensor mu_hat = mu_hat_opt.value_or(Tensor()), var_hat = var_hat_opt.value_or(Tensor());
     const Tensor p_tensor = p_opt.value_or(Tensor());
     const Tensor xc = x.contiguous();
@@ -131,8 +134,7 @@ struct GroupNormalize : public torch::autograd::Function<GroupNormalize> {
     Tensor m = at::empty({d.g, d.c}, opts), s = at::empty({d.g, d.c}, opts);
     Tensor mu = at::empty({d.g, d.c}, opts), var = at::empty({d.g, d.c}, opts);
     const bool prior = mu_hat.defined();
-    bool trusted = false;
-    double pe = 0.0;
+    std::vector<double> pe(groups, 0.0);  // the weight on the prediction per group, guarded
     AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "bknbench_group_normalize", [&] {
       const int64_t gc_n = d.g * d.c;
       observe<scalar_t>(xc.data_ptr<scalar_t>(), d, m.data_ptr<scalar_t>(),
@@ -145,17 +147,20 @@ struct GroupNormalize : public torch::autograd::Function<GroupNormalize> {
         const Tensor mh = mu_hat.contiguous(), vh = var_hat.contiguous();
         const scalar_t* mh_ = mh.data_ptr<scalar_t>();
         const scalar_t* vh_ = vh.data_ptr<scalar_t>();
-        // guard (kalman.kalman_update): NaN (0 / 0) compares false, not trusted
-        double ratio = 0;
-        for (int64_t i = 0; i < gc_n; ++i) ratio += double(vh_[i]) / double(s_[i]);
-        trusted = ratio / double(gc_n) < guard;
+        // guard (reference.trusted): NaN (0 / 0) compares false, not trusted
         const double p = p_tensor.defined() ? p_tensor.item<double>() : p_value;
-        pe = trusted ? p : 0.0;
+        const int64_t span = guard_per_group ? d.c : gc_n;  // values behind one decision
+        for (int64_t lo = 0; lo < gc_n; lo += span) {
+          double ratio = 0;
+          for (int64_t i = lo; i < lo + span; ++i) ratio += double(vh_[i]) / double(s_[i]);
+          const double decided = ratio / double(span) < guard ? p : 0.0;
+          std::fill(pe.begin() + lo / d.c, pe.begin() + (lo + span) / d.c, decided);
+        }
         for (int64_t i = 0; i < gc_n; ++i) {
-          const double dm = double(m_[i]) - double(mh_[i]);
-          mu_[i] = scalar_t(double(m_[i]) - pe * dm);
-          var_[i] = scalar_t(double(s_[i]) + pe * (double(vh_[i]) - double(s_[i])) +
-                             pe * (1.0 - pe) * dm * dm);
+          const double pg = pe[i / d.c], dm = double(m_[i]) - double(mh_[i]);
+          mu_[i] = scalar_t(double(m_[i]) - pg * dm);
+          var_[i] = scalar_t(double(s_[i]) + pg * (double(vh_[i]) - double(s_[i])) +
+                             pg * (1.0 - pg) * dm * dm);
         }
       } else {
         std::copy(m_, m_ + gc_n, mu_);
@@ -176,7 +181,6 @@ struct GroupNormalize : public torch::autograd::Function<GroupNormalize> {
     });
     ctx->save_for_backward({xc, mu_hat, var_hat, p_tensor, weight, m, s, mu, var});
     ctx->saved_data["pe"] = pe;
-    ctx->saved_data["trusted"] = trusted;
     ctx->saved_data["groups"] = groups;
     ctx->saved_data["eps"] = eps;
     ctx->set_materialize_grads(false);  // unused outputs' gradients stay undefined
@@ -188,8 +192,7 @@ struct GroupNormalize : public torch::autograd::Function<GroupNormalize> {
     const Tensor &xc = saved[0], &mu_hat = saved[1], &var_hat = saved[2], &p_tensor = saved[3],
                  &weight = saved[4], &m = saved[5], &s = saved[6], &mu = saved[7],
                  &var = saved[8];
-    const double pe = ctx->saved_data["pe"].toDouble();
-    const bool trusted = ctx->saved_data["trusted"].toBool();
+    const std::vector<double> pe = ctx->saved_data["pe"].toDoubleVector();
     const double eps = ctx->saved_data["eps"].toDouble();
     const Dims d = dims_of(xc, ctx->saved_data["groups"].toInt());
     const bool prior = mu_hat.defined();
@@ -238,9 +241,9 @@ struct GroupNormalize : public torch::autograd::Function<GroupNormalize> {
       std::vector<double> gw(d.c, 0.0), gb(d.c, 0.0), a(gc_n), b(gc_n), k(gc_n);
       std::vector<double> gmh(prior ? gc_n : 0), gvh(prior ? gc_n : 0);
       double gp = 0.0;
-      const double q = 1.0 - pe;
       for (int64_t i = 0; i < gc_n; ++i) {
         const int64_t c = i % d.c;
+        const double pg = pe[i / d.c], q = 1.0 - pg;
         // y = w (x - mu) r + b, r = (var + eps)^-1/2
         const double r = 1.0 / std::sqrt(double(var_[i]) + eps), w = double(w_[c]);
         gw[c] += s2[i] * r;
@@ -251,13 +254,14 @@ struct GroupNormalize : public torch::autograd::Function<GroupNormalize> {
         if (prior) {
           // mu = m - pe dm;  var = s + pe (var_hat - s) + pe q dm^2;  dm = m - mu_hat
           const double dm = double(m_[i]) - double(mh_[i]);
-          const double g_d = 2.0 * pe * q * dm * g_var_t;
+          const double g_d = 2.0 * pg * q * dm * g_var_t;
           g_m_t = q * g_mu_t + g_d;
           g_s_t = q * g_var_t;
-          gmh[i] = pe * g_mu_t - g_d;
-          gvh[i] = pe * g_var_t;
-          gp += (double(vh_[i]) - double(s_[i]) + (1.0 - 2.0 * pe) * dm * dm) * g_var_t -
-                dm * g_mu_t;
+          gmh[i] = pg * g_mu_t - g_d;
+          gvh[i] = pg * g_var_t;
+          if (pg != 0.0)  // where the guard rejected, p was unused
+            gp += (double(vh_[i]) - double(s_[i]) + (1.0 - 2.0 * pg) * dm * dm) * g_var_t -
+                  dm * g_mu_t;
         }
         g_m_t += value_at(gm_, i);
         g_s_t += value_at(gs_, i);
@@ -281,11 +285,10 @@ struct GroupNormalize : public torch::autograd::Function<GroupNormalize> {
       if (needs(5)) g_bias = to_tensor(gb, {d.c});
       if (needs(1)) g_mu_hat = to_tensor(gmh, {d.g, d.c});
       if (needs(2)) g_var_hat = to_tensor(gvh, {d.g, d.c});
-      if (prior && needs(3))  // guard rejected: unused
-        g_p = at::full({}, trusted ? gp : 0.0, p_tensor.options());
+      if (prior && needs(3)) g_p = at::full({}, gp, p_tensor.options());
     });
     return {g_x, g_mu_hat, g_var_hat, g_p, Tensor(), g_weight, g_bias,
-            Tensor(), Tensor(), Tensor()};
+            Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -428,9 +431,9 @@ struct ReluAffine : public torch::autograd::Function<ReluAffine> {
 variable_list group_normalize(Tensor x, std::optional<Tensor> mu_hat,
                               std::optional<Tensor> var_hat, std::optional<Tensor> p_tensor,
                               double p_value, Tensor weight, Tensor bias, int64_t groups,
-                              double guard, double eps) {
+                              double guard, double eps, bool guard_per_group) {
   return GroupNormalize::apply(x, mu_hat, var_hat, p_tensor, p_value, weight, bias, groups,
-                               guard, eps);
+                               guard, eps, guard_per_group);
 }
 
 variable_list relu_affine(Tensor mean, Tensor var, Tensor weight, std::optional<Tensor> bias) {
