@@ -37,12 +37,24 @@ constexpr double kVarFloor = 1e-12;  // transitions._VAR_FLOOR
 constexpr int64_t kChunk = 1024;     // values summed in the input's precision before double
 constexpr int64_t kGrain = 32768;    // values a task takes at least (ATen's own grain size)
 
-// f(u) for every unit u in [0, units), each costing about `cost` values, split over torch's
-// intra-op threads in tasks of at least kGrain values (inline below that).
+// f(lo, hi) over [0, units), units costing about `cost` values each, split over torch's
+// intra-op threads into ranges of at least kGrain values; below that, one inline call (not
+// even at::parallel_for's thread bookkeeping). The bodies capture raw pointers by value:
+// through references to vectors gcc reloads and stores every step (kernel_sums ran 3x slower).
+template <typename F>
+void for_each_range(int64_t units, int64_t cost, const F& f) {
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, cost));
+  if (units <= grain) {
+    if (units > 0) f(int64_t(0), units);
+    return;
+  }
+  at::parallel_for(0, units, grain, f);
+}
+
+// f(u) for every unit u, split as for_each_range.
 template <typename F>
 void for_each_unit(int64_t units, int64_t cost, const F& f) {
-  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, cost));
-  at::parallel_for(0, units, grain, [&](int64_t lo, int64_t hi) {
+  for_each_range(units, cost, [&](int64_t lo, int64_t hi) {
     for (int64_t u = lo; u < hi; ++u) f(u);
   });
 }
@@ -86,45 +98,70 @@ double row_sum(int64_t len, F f) {
   return total;
 }
 
+// The (g, c) units [lo, hi) group by group: f(g, c0, c1) for the channels [c0, c1) of g.
+// A body visits a group's samples in order, and in each the channels' rows, which lie side
+// by side: the memory is read in order, and every (g, c) sums its rows in sample order.
+template <typename F>
+void channel_blocks(const Dims& d, int64_t lo, int64_t hi, const F& f) {
+  for (int64_t g = lo / d.c; g * d.c < hi; ++g) {
+    f(g, std::max(lo - g * d.c, int64_t(0)), std::min(hi - g * d.c, d.c));
+  }
+}
+
 // Per (g, c): observed mean m and biased variance s, two passes as torch's batch norm.
 template <typename T>
 void observe(const T* x, const Dims& d, T* m, T* s) {
-  for_each_unit(d.g * d.c, 2 * d.b * d.p, [&](int64_t gc) {
-    const int64_t g = gc / d.c, c = gc % d.c;
-    double sum = 0;
-    for (int64_t n = g * d.b; n < (g + 1) * d.b; ++n) {
-      const T* row = x + (n * d.c + c) * d.p;
-      sum += row_sum<T>(d.p, [row](int64_t i) { return row[i]; });
-    }
-    const double mean = sum / d.count();
-    const T mt = T(mean);
-    double sq = 0;
-    for (int64_t n = g * d.b; n < (g + 1) * d.b; ++n) {
-      const T* row = x + (n * d.c + c) * d.p;
-      sq += row_sum<T>(d.p, [row, mt](int64_t i) { T v = row[i] - mt; return v * v; });
-    }
-    m[gc] = mt;
-    s[gc] = T(sq / d.count());
+  std::vector<double> acc_v(d.g * d.c, 0.0);  // per (g, c) sums, in double
+  double* acc = acc_v.data();
+  for_each_range(d.g * d.c, 2 * d.b * d.p, [=](int64_t lo, int64_t hi) {
+    channel_blocks(d, lo, hi, [=](int64_t g, int64_t c0, int64_t c1) {
+      double* sum = acc + g * d.c;
+      for (int64_t n = g * d.b; n < (g + 1) * d.b; ++n) {
+        for (int64_t c = c0; c < c1; ++c) {
+          const T* row = x + (n * d.c + c) * d.p;
+          sum[c] += row_sum<T>(d.p, [row](int64_t i) { return row[i]; });
+        }
+      }
+      for (int64_t c = c0; c < c1; ++c) {
+        m[g * d.c + c] = T(sum[c] / d.count());
+        sum[c] = 0.0;
+      }
+      for (int64_t n = g * d.b; n < (g + 1) * d.b; ++n) {
+        for (int64_t c = c0; c < c1; ++c) {
+          const T* row = x + (n * d.c + c) * d.p;
+          const T mt = m[g * d.c + c];
+          sum[c] += row_sum<T>(d.p, [row, mt](int64_t i) { T v = row[i] - mt; return v * v; });
+        }
+      }
+      for (int64_t c = c0; c < c1; ++c) s[g * d.c + c] = T(sum[c] / d.count());
+    });
   });
 }
 
 // out[n, c, :] = a[g, c] * u[n, c, :] + b[g, c] * v[n, c, :] + k[g, c]; u may be null.
 template <typename T>
-void combine(const T* u, const T* v, const Dims& d, const std::vector<double>& a,
-             const std::vector<double>& b, const std::vector<double>& k, T* out) {
-  for_each_unit(d.n * d.c, d.p, [&](int64_t row) {  // row n * C + c
-    const int64_t n = row / d.c, c = row % d.c;
-    const int64_t gc = n / d.b * d.c + c, off = row * d.p;
-    const T ta = T(a[gc]), tb = T(b[gc]), tk = T(k[gc]);
-    const T* vr = v + off;
-    T* o = out + off;
-    if (u) {
-      const T* ur = u + off;
+void combine(const T* u, const T* v, const Dims& d, const std::vector<double>& a_v,
+             const std::vector<double>& b_v, const std::vector<double>& k_v, T* out) {
+  const double *a = a_v.data(), *b = b_v.data(), *k = k_v.data();
+  for_each_range(d.n * d.c, d.p, [=](int64_t lo, int64_t hi) {  // rows n * C + c
+    int64_t n = lo / d.c, c = lo % d.c, gc0 = n / d.b * d.c;  // gc0: row (g, 0) of the stats
+    for (int64_t row = lo; row < hi; ++row) {
+      const int64_t gc = gc0 + c, off = row * d.p;
+      const T ta = T(a[gc]), tb = T(b[gc]), tk = T(k[gc]);
+      const T* vr = v + off;
+      T* o = out + off;
+      if (u) {
+        const T* ur = u + off;
 #pragma omp simd
-      for (int64_t i = 0; i < d.p; ++i) o[i] = ta * ur[i] + tb * vr[i] + tk;
-    } else {
+        for (int64_t i = 0; i < d.p; ++i) o[i] = ta * ur[i] + tb * vr[i] + tk;
+      } else {
 #pragma omp simd
-      for (int64_t i = 0; i < d.p; ++i) o[i] = tb * vr[i] + tk;
+        for (int64_t i = 0; i < d.p; ++i) o[i] = tb * vr[i] + tk;
+      }
+      if (++c == d.c) {
+        c = 0;
+        gc0 = ++n / d.b * d.c;
+      }
     }
   });
 }
@@ -230,16 +267,21 @@ struct GroupNormalize : public torch::autograd::Function<GroupNormalize> {
       // per (g, c): S1 = sum g_y, S2 = sum g_y (x - mu), over the group's samples in order
       std::vector<double> s1(gc_n, 0.0), s2(gc_n, 0.0);
       if (gy_) {
-        for_each_unit(gc_n, 2 * d.b * d.p, [&](int64_t gc) {
-          const int64_t g = gc / d.c, c = gc % d.c;
-          const T mt = mu_[gc];
-          for (int64_t n = g * d.b; n < (g + 1) * d.b; ++n) {
-            const int64_t off = (n * d.c + c) * d.p;
-            const T* gr = gy_ + off;
-            const T* xr = x_ + off;
-            s1[gc] += row_sum<T>(d.p, [gr](int64_t i) { return gr[i]; });
-            s2[gc] += row_sum<T>(d.p, [gr, xr, mt](int64_t i) { return gr[i] * (xr[i] - mt); });
-          }
+        double *s1_ = s1.data(), *s2_ = s2.data();
+        for_each_range(gc_n, 2 * d.b * d.p, [=](int64_t lo, int64_t hi) {
+          channel_blocks(d, lo, hi, [=](int64_t g, int64_t c0, int64_t c1) {
+            for (int64_t n = g * d.b; n < (g + 1) * d.b; ++n) {
+              for (int64_t c = c0; c < c1; ++c) {
+                const int64_t gc = g * d.c + c, off = (n * d.c + c) * d.p;
+                const T* gr = gy_ + off;
+                const T* xr = x_ + off;
+                const T mt = mu_[gc];
+                s1_[gc] += row_sum<T>(d.p, [gr](int64_t i) { return gr[i]; });
+                s2_[gc] += row_sum<T>(d.p,
+                                      [gr, xr, mt](int64_t i) { return gr[i] * (xr[i] - mt); });
+              }
+            }
+          });
         });
       }
       const Tensor wc = weight.contiguous();
@@ -315,7 +357,7 @@ struct ReluTerms {
 };
 constexpr int64_t kTermsCost = 64;  // relu_terms (erfc, exp, sqrt) in values of a pass, about
 
-ReluTerms relu_terms(double mean, double var) {
+C10_ALWAYS_INLINE ReluTerms relu_terms(double mean, double var) {  // as before the split
   const double sd = std::sqrt(std::max(var, kVarFloor)), a = mean / sd;
   const double cdf = 0.5 * std::erfc(-a * M_SQRT1_2);
   const double pdf = std::exp(-0.5 * a * a) * (0.5 * M_2_SQRTPI * M_SQRT1_2);
@@ -327,14 +369,18 @@ ReluTerms relu_terms(double mean, double var) {
 template <typename T>
 void kernel_sums(const T* w, int64_t pairs, int64_t kk, std::vector<double>& ws,
                  std::vector<double>& w2s) {
-  ws.assign(pairs, 0.0);
-  w2s.assign(pairs, 0.0);
-  for_each_unit(pairs, 2 * kk, [&](int64_t j) {
+  ws.resize(pairs);
+  w2s.resize(pairs);
+  double *ws_ = ws.data(), *w2s_ = w2s.data();
+  for_each_unit(pairs, 2 * kk, [=](int64_t j) {
+    double sum = 0.0, sq = 0.0;
     for (int64_t q = 0; q < kk; ++q) {
       const double v = double(w[j * kk + q]);
-      ws[j] += v;
-      w2s[j] += v * v;
+      sum += v;
+      sq += v * v;
     }
+    ws_[j] = sum;
+    w2s_[j] = sq;
   });
 }
 
@@ -351,25 +397,32 @@ struct ReluAffine : public torch::autograd::Function<ReluAffine> {
     AT_DISPATCH_FLOATING_TYPES(mc.scalar_type(), "bknbench_relu_affine", [&] {
       using T = scalar_t;
       const T *m_ = mc.data_ptr<T>(), *v_ = vc.data_ptr<T>(), *w_ = wc.data_ptr<T>();
-      std::vector<double> m1(g * ci), v1(g * ci), ws, w2s;
-      for_each_unit(g * ci, kTermsCost, [&](int64_t i) {
+      std::vector<double> m1_v(g * ci), v1_v(g * ci), ws_v, w2s_v;
+      double *m1 = m1_v.data(), *v1 = v1_v.data();
+      for_each_unit(g * ci, kTermsCost, [=](int64_t i) {
         const ReluTerms t = relu_terms(double(m_[i]), double(v_[i]));
         m1[i] = t.m1;
         v1[i] = std::max(t.v1_raw, 0.0);
       });
-      kernel_sums(w_, co * ci, kk, ws, w2s);
+      kernel_sums(w_, co * ci, kk, ws_v, w2s_v);
+      const double *ws = ws_v.data(), *w2s = w2s_v.data();
       const Tensor bc = bias.defined() ? bias.contiguous() : Tensor();
       const T* b_ = bc.defined() ? bc.data_ptr<T>() : nullptr;
       T *om = out_mean.data_ptr<T>(), *ov = out_var.data_ptr<T>();
-      for_each_unit(g * co, 2 * ci, [&](int64_t go) {  // go = gg * C_out + o
-        const int64_t gg = go / co, o = go % co;
-        double sm = value_at(b_, o), sv = 0.0;
-        for (int64_t i = 0; i < ci; ++i) {
-          sm += ws[o * ci + i] * m1[gg * ci + i];
-          sv += w2s[o * ci + i] * v1[gg * ci + i];
+      for_each_range(g * co, 2 * ci, [=](int64_t lo, int64_t hi) {  // gg * C_out + o
+        for (int64_t go = lo, gg = lo / co, o = lo % co; go < hi; ++go) {
+          double sm = value_at(b_, o), sv = 0.0;
+          for (int64_t i = 0; i < ci; ++i) {
+            sm += ws[o * ci + i] * m1[gg * ci + i];
+            sv += w2s[o * ci + i] * v1[gg * ci + i];
+          }
+          om[go] = T(sm);
+          ov[go] = T(sv);
+          if (++o == co) {
+            o = 0;
+            ++gg;
+          }
         }
-        om[go] = T(sm);
-        ov[go] = T(sv);
       });
     });
     ctx->save_for_backward({mc, vc, wc});
@@ -390,17 +443,20 @@ struct ReluAffine : public torch::autograd::Function<ReluAffine> {
       using T = scalar_t;
       const T *m_ = mc.data_ptr<T>(), *v_ = vc.data_ptr<T>(), *w_ = wc.data_ptr<T>();
       const T *gom_ = ptr<T>(g_out_m), *gov_ = ptr<T>(g_out_v);
-      std::vector<ReluTerms> terms(g * ci);
+      std::vector<ReluTerms> terms_v(g * ci);
+      ReluTerms* terms = terms_v.data();
       for_each_unit(g * ci, kTermsCost,
-                    [&](int64_t i) { terms[i] = relu_terms(double(m_[i]), double(v_[i])); });
-      std::vector<double> ws, w2s;
-      kernel_sums(w_, co * ci, kk, ws, w2s);
+                    [=](int64_t i) { terms[i] = relu_terms(double(m_[i]), double(v_[i])); });
+      std::vector<double> ws_v, w2s_v;
+      kernel_sums(w_, co * ci, kk, ws_v, w2s_v);
+      const double *ws = ws_v.data(), *w2s = w2s_v.data();
       // weight: d/dW of sum_k W_k (mean side) and of sum_k W_k^2 (variance side)
-      std::vector<double> gws(co * ci, 0.0), gw2s(co * ci, 0.0);
+      std::vector<double> gws_v(co * ci, 0.0), gw2s_v(co * ci, 0.0);
+      double *gws = gws_v.data(), *gw2s = gw2s_v.data();
       Tensor gm = at::empty({g, ci}, mc.options()), gv = at::empty({g, ci}, mc.options());
       T *gmean_ = gm.data_ptr<T>(), *gvar_ = gv.data_ptr<T>();
       // per input channel i, the groups in order: the weight's sums over groups stay in i's unit
-      for_each_unit(ci, 4 * g * co, [&](int64_t i) {
+      for_each_unit(ci, 4 * g * co, [=](int64_t i) {
         for (int64_t gg = 0; gg < g; ++gg) {
           const ReluTerms& t = terms[gg * ci + i];
           const double v1 = std::max(t.v1_raw, 0.0);
@@ -424,7 +480,7 @@ struct ReluAffine : public torch::autograd::Function<ReluAffine> {
       if (ctx->needs_input_grad(2)) {
         g_w = at::empty(wc.sizes(), wc.options());
         T* gw_ = g_w.data_ptr<T>();
-        for_each_unit(co * ci, kk, [&](int64_t j) {
+        for_each_unit(co * ci, kk, [=](int64_t j) {
           for (int64_t q = 0; q < kk; ++q) {
             gw_[j * kk + q] = T(gws[j] + 2.0 * double(w_[j * kk + q]) * gw2s[j]);
           }
