@@ -23,16 +23,31 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py` from a checkout
     sys.path.insert(0, str(ROOT))
 
 
-def parse_args(description: str, threads: int | None = 1,
+def thread_counts(text: str) -> tuple[int, ...]:
+    """'1,2' -> (1, 2): torch thread counts, each at least 1."""
+    try:
+        counts = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected thread counts like 1,2, got {text!r}")
+    return counts
+
+
+def parse_args(description: str, threads: int | tuple[int, ...] | None = 1,
                flags: dict[str, str] | None = None, device: bool = True) -> argparse.Namespace:
-    """--quick (fewer steps, still >= 5 repeats), --repeats, --threads (torch intra-op),
-    --device (where the cases train), and any extra boolean `flags` {name: help}."""
+    """--quick (fewer steps, still >= 5 repeats), --repeats, --threads (torch intra-op; a
+    tuple default: a comma-separated list, every case runs on each count), --device (where
+    the cases train), and any extra boolean `flags` {name: help}."""
     ap = argparse.ArgumentParser(description=description)
     for name, help in (flags or {}).items():
         ap.add_argument(name, action="store_true", help=help)
     ap.add_argument("--quick", action="store_true", help="a fast, smaller version")
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats per case (>= 5)")
-    if threads is not None:
+    if isinstance(threads, tuple):
+        ap.add_argument("--threads", type=thread_counts, default=threads,
+                        help="torch thread counts, comma-separated: every case runs on each")
+    elif threads is not None:
         ap.add_argument("--threads", type=int, default=threads, help="torch threads")
     if device:
         ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")

@@ -1,9 +1,12 @@
 """Optional C++ kernels for the CPU training step: `csrc/fused_cpu.cpp`.
 
 They compute exactly what the Python autograd nodes `fused.GroupNormalize` and
-`transitions._ReluAffine` compute (tests check both against the reference formulas), with
+`fused._ReluAffine` compute (tests check both against the reference formulas), with
 one call per layer forward and one backward instead of ~150 small tensor ops; on CPU those
-ops, not arithmetic, are BKN's cost (docs/PERFORMANCE.md).
+ops, not arithmetic, are BKN's cost (docs/PERFORMANCE.md). Their passes over the
+activations are split over torch's intra-op threads (`torch.set_num_threads`) by channel and
+group, with every sum inside one thread in a fixed order: the results do not depend on the
+thread count.
 
 Built once per environment and torch version by `python -m bknbench.kernels.native` (`make` does
 it; needs a C++ compiler and ninja). Never compiled behind a user's back: when no build is
@@ -22,7 +25,13 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("csrc") / "fused_cpu.cpp"
-_FLAGS = ["-O3", "-fopenmp-simd"]  # simd pragmas only: no OpenMP runtime is linked
+# -fopenmp-simd: the simd pragmas. -fopenmp where torch's intra-op pool is OpenMP (Linux
+# wheels): at::parallel_for is inline code in ATen's headers and runs serially unless
+# compiled with it; its runtime is the one torch has loaded (libgomp, found through
+# libtorch_cpu), so nothing more is linked and torch.set_num_threads rules both. Elsewhere
+# (Apple's compiler has no -fopenmp) the kernels run on one thread.
+_THREADED = sys.platform.startswith("linux") and torch.backends.openmp.is_available()
+_FLAGS = ["-O3", "-fopenmp-simd"] + (["-fopenmp"] if _THREADED else [])
 
 
 def _name() -> str:

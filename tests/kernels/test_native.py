@@ -3,7 +3,9 @@ shapes and precision of training; the reference formulas are checked on both bac
 test_kalman.py (the `backend` fixture)."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import math
 import shutil
 
 import pytest
@@ -154,3 +156,89 @@ def test_kernels_refuse_shapes_they_cannot_split():
         group_normalize(torch.randn(5, 3, 2), None, None, None, torch.ones(3), torch.zeros(3), 2)
     with pytest.raises(RuntimeError, match="input channels"):
         relu_affine_moments(torch.randn(1, 3), torch.rand(1, 3), torch.randn(4, 7))
+
+
+# ---------------------------------------------------------------- threads
+threaded = pytest.mark.skipif(not native._THREADED,
+                              reason="kernels built without torch's OpenMP pool: one thread")
+
+
+@contextlib.contextmanager
+def _threads(n):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_native
+@threaded
+def test_kernels_split_over_the_threads_and_run_tiny_problems_inline():
+    """threads_for(units, values each): the split the kernels' passes take."""
+    tiny = (32, 2 * 2 * 4)  # micro-batch 2, 32 channels, 4 positions: observe's units
+    large = (32, 2 * 128 * 40)  # micro-batch 128 of the 1-D CNN
+    with _threads(2):
+        assert native.module().threads_for(*tiny) == 1
+        assert native.module().threads_for(*large) == 2
+        assert native.module().threads_for(1, 10 ** 6) == 1  # one unit is never split
+    with _threads(1):
+        assert native.module().threads_for(*large) == 1
+
+
+def _group_normalize_run(shape, groups):
+    """Values of the five outputs and the gradients of every input, a prediction with a
+    learnable gain (every path of the node), every output weighted in the loss."""
+    t = _inputs(shape, groups, True, "tensor", seed=5)
+    outs = group_normalize(t["x"], t["mu_hat"], t["var_hat"], t["p"], t["weight"], t["bias"],
+                           groups)
+    g = torch.Generator().manual_seed(6)
+    sum((o * torch.randn(o.shape, generator=g)).sum() for o in outs).backward()
+    return [o.detach() for o in outs] + [t[k].grad for k in sorted(t)]
+
+
+@needs_native
+@threaded
+@pytest.mark.parametrize("shape,groups,split", [
+    ((128, 32, 40), 1, True),  # the 1-D CNN at micro-batch 128
+    ((128, 64, 8, 8), 64, True),  # 2-D maps, bn-accum's 64 groups of 2
+    ((2, 4, 64, 64), 1, True),  # micro-batch 2, few channels, large maps
+    ((1, 3, 128, 128), 1, True),  # micro-batch 1, three channels: an uneven split
+    ((256, 300), 2, True),  # (N, C) input
+    ((2, 32, 4), 1, False),  # tiny: inline
+])
+def test_group_normalize_is_bitwise_the_same_on_1_and_2_threads(shape, groups, split):
+    n, c = shape[:2]
+    p = math.prod(shape[2:])
+    with _threads(2):  # the case is split as its comment says (observe's units)
+        assert native.module().threads_for(groups * c, 2 * n // groups * p) == (2 if split else 1)
+    with _threads(1):
+        one = _group_normalize_run(shape, groups)
+    with _threads(2):
+        two = _group_normalize_run(shape, groups)
+    for a, b in zip(one, two, strict=True):
+        assert torch.equal(a, b)
+
+
+@needs_native
+@threaded
+@pytest.mark.parametrize("wshape,groups", [((64, 64, 3, 3), 64), ((64, 32, 3), 1), ((10, 64), 2)])
+def test_relu_affine_is_bitwise_the_same_on_1_and_2_threads(wshape, groups):
+    def run():
+        g = torch.Generator().manual_seed(7)
+        c_in = wshape[1]
+        mean = torch.randn(groups, c_in, generator=g).requires_grad_()
+        var = (torch.rand(groups, c_in, generator=g) * 4).requires_grad_()
+        w = (torch.randn(wshape, generator=g) * 0.2).requires_grad_()
+        b = torch.randn(wshape[0], generator=g).requires_grad_()
+        out_m, out_v = relu_affine_moments(mean, var, w, b)
+        ((out_m * torch.randn(out_m.shape, generator=g)).sum() + out_v.square().sum()).backward()
+        return [out_m.detach(), out_v.detach(), mean.grad, var.grad, w.grad, b.grad]
+
+    with _threads(1):
+        one = run()
+    with _threads(2):
+        two = run()
+    for a, b in zip(one, two, strict=True):
+        assert torch.equal(a, b)

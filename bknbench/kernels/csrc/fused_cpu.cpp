@@ -1,8 +1,8 @@
-// CPU kernels for the two hand-written autograd nodes of bknbench (fused.py, transitions.py):
+// CPU kernels for the two hand-written autograd nodes of bknbench/kernels/fused.py:
 //   group_normalize: per-group moments -> optional Kalman fusion with a prediction -> normalize
 //   relu_affine:     moments after ReLU then a linear or convolution layer
 // Same inputs, outputs and gradients as the Python nodes `fused.GroupNormalize` and
-// `transitions._ReluAffine`; tests check both against the reference formulas.
+// `fused._ReluAffine`; tests check both against the reference formulas.
 //
 // Why C++: at micro-batch sizes BKN's cost is the number of small tensor ops (about 150 per
 // layer and step from Python, each a dispatch and often an allocation), not arithmetic. Here
@@ -10,8 +10,16 @@
 // (sum, squared deviations, normalize) and two backward (two sums, the gradient), as torch's
 // batch norm takes, and the per-(group, channel) math in plain loops.
 // Layout: x is (N, C, P) contiguous, group g holds samples [g B, (g + 1) B), B = N / G;
-// statistics are (G, C), index g * C + c, accumulated in double. Single-threaded; torch's
-// own ops of the step (the convolutions) keep its thread pool.
+// statistics are (G, C), index g * C + c, accumulated in double.
+//
+// Threads: the passes over the activations are split over independent units, (group,
+// channel) pairs for the sums and (sample, channel) rows for the elementwise passes, on
+// ATen's intra-op pool (at::parallel_for: torch.set_num_threads; below a grain of work a
+// call runs inline, so tiny problems pay no thread start-up). Every sum belongs to one unit
+// and is taken in one thread in a fixed order, and the sums across units (the guard's mean,
+// the weight, bias and gain gradients) run after, in one thread: results are bitwise the
+// same for any thread count (tests/kernels/test_native.py).
+#include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -27,6 +35,29 @@ using torch::autograd::variable_list;
 
 constexpr double kVarFloor = 1e-12;  // transitions._VAR_FLOOR
 constexpr int64_t kChunk = 1024;     // values summed in the input's precision before double
+constexpr int64_t kGrain = 32768;    // values a task takes at least (ATen's own grain size)
+
+// f(lo, hi) over [0, units), units costing about `cost` values each, split over torch's
+// intra-op threads into ranges of at least kGrain values; below that, one inline call (not
+// even at::parallel_for's thread bookkeeping). The bodies capture raw pointers by value:
+// through references to vectors gcc reloads and stores every step (kernel_sums ran 3x slower).
+template <typename F>
+void for_each_range(int64_t units, int64_t cost, const F& f) {
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, cost));
+  if (units <= grain) {
+    if (units > 0) f(int64_t(0), units);
+    return;
+  }
+  at::parallel_for(0, units, grain, f);
+}
+
+// f(u) for every unit u, split as for_each_range.
+template <typename F>
+void for_each_unit(int64_t units, int64_t cost, const F& f) {
+  for_each_range(units, cost, [&](int64_t lo, int64_t hi) {
+    for (int64_t u = lo; u < hi; ++u) f(u);
+  });
+}
 
 struct Dims {
   int64_t n, c, p, g, b;  // samples, channels, positions, groups, samples per group
@@ -67,37 +98,55 @@ double row_sum(int64_t len, F f) {
   return total;
 }
 
+// The (g, c) units [lo, hi) group by group: f(g, c0, c1) for the channels [c0, c1) of g.
+// A body visits a group's samples in order, and in each the channels' rows, which lie side
+// by side: the memory is read in order, and every (g, c) sums its rows in sample order.
+template <typename F>
+void channel_blocks(const Dims& d, int64_t lo, int64_t hi, const F& f) {
+  for (int64_t g = lo / d.c; g * d.c < hi; ++g) {
+    f(g, std::max(lo - g * d.c, int64_t(0)), std::min(hi - g * d.c, d.c));
+  }
+}
+
 // Per (g, c): observed mean m and biased variance s, two passes as torch's batch norm.
 template <typename T>
 void observe(const T* x, const Dims& d, T* m, T* s) {
-  for (int64_t g = 0; g < d.g; ++g) {
-    for (int64_t c = 0; c < d.c; ++c) {
-      double sum = 0;
+  std::vector<double> acc_v(d.g * d.c, 0.0);  // per (g, c) sums, in double
+  double* acc = acc_v.data();
+  for_each_range(d.g * d.c, 2 * d.b * d.p, [=](int64_t lo, int64_t hi) {
+    channel_blocks(d, lo, hi, [=](int64_t g, int64_t c0, int64_t c1) {
+      double* sum = acc + g * d.c;
       for (int64_t n = g * d.b; n < (g + 1) * d.b; ++n) {
-        const T* row = x + (n * d.c + c) * d.p;
-        sum += row_sum<T>(d.p, [row](int64_t i) { return row[i]; });
+        for (int64_t c = c0; c < c1; ++c) {
+          const T* row = x + (n * d.c + c) * d.p;
+          sum[c] += row_sum<T>(d.p, [row](int64_t i) { return row[i]; });
+        }
       }
-      const double mean = sum / d.count();
-      const T mt = T(mean);
-      double sq = 0;
+      for (int64_t c = c0; c < c1; ++c) {
+        m[g * d.c + c] = T(sum[c] / d.count());
+        sum[c] = 0.0;
+      }
       for (int64_t n = g * d.b; n < (g + 1) * d.b; ++n) {
-        const T* row = x + (n * d.c + c) * d.p;
-        sq += row_sum<T>(d.p, [row, mt](int64_t i) { T v = row[i] - mt; return v * v; });
+        for (int64_t c = c0; c < c1; ++c) {
+          const T* row = x + (n * d.c + c) * d.p;
+          const T mt = m[g * d.c + c];
+          sum[c] += row_sum<T>(d.p, [row, mt](int64_t i) { T v = row[i] - mt; return v * v; });
+        }
       }
-      m[g * d.c + c] = mt;
-      s[g * d.c + c] = T(sq / d.count());
-    }
-  }
+      for (int64_t c = c0; c < c1; ++c) s[g * d.c + c] = T(sum[c] / d.count());
+    });
+  });
 }
 
 // out[n, c, :] = a[g, c] * u[n, c, :] + b[g, c] * v[n, c, :] + k[g, c]; u may be null.
 template <typename T>
-void combine(const T* u, const T* v, const Dims& d, const std::vector<double>& a,
-             const std::vector<double>& b, const std::vector<double>& k, T* out) {
-  for (int64_t n = 0; n < d.n; ++n) {
-    const int64_t g = n / d.b;
-    for (int64_t c = 0; c < d.c; ++c) {
-      const int64_t gc = g * d.c + c, off = (n * d.c + c) * d.p;
+void combine(const T* u, const T* v, const Dims& d, const std::vector<double>& a_v,
+             const std::vector<double>& b_v, const std::vector<double>& k_v, T* out) {
+  const double *a = a_v.data(), *b = b_v.data(), *k = k_v.data();
+  for_each_range(d.n * d.c, d.p, [=](int64_t lo, int64_t hi) {  // rows n * C + c
+    int64_t n = lo / d.c, c = lo % d.c, gc0 = n / d.b * d.c;  // gc0: row (g, 0) of the stats
+    for (int64_t row = lo; row < hi; ++row) {
+      const int64_t gc = gc0 + c, off = row * d.p;
       const T ta = T(a[gc]), tb = T(b[gc]), tk = T(k[gc]);
       const T* vr = v + off;
       T* o = out + off;
@@ -109,8 +158,12 @@ void combine(const T* u, const T* v, const Dims& d, const std::vector<double>& a
 #pragma omp simd
         for (int64_t i = 0; i < d.p; ++i) o[i] = tb * vr[i] + tk;
       }
+      if (++c == d.c) {
+        c = 0;
+        gc0 = ++n / d.b * d.c;
+      }
     }
-  }
+  });
 }
 
 // ------------------------------------------------------------------ group_normalize
@@ -214,20 +267,25 @@ struct GroupNormalize : public torch::autograd::Function<GroupNormalize> {
       const T* x_ = xc.data_ptr<T>();
       const T* gy_ = g_y.defined() ? g_y.data_ptr<T>() : nullptr;
       const T* mu_ = mu.data_ptr<T>();
-      // per (g, c): S1 = sum g_y, S2 = sum g_y (x - mu)
+      // per (g, c): S1 = sum g_y, S2 = sum g_y (x - mu), over the group's samples in order
       std::vector<double> s1(gc_n, 0.0), s2(gc_n, 0.0);
       if (gy_) {
-        for (int64_t n = 0; n < d.n; ++n) {
-          const int64_t g = n / d.b;
-          for (int64_t c = 0; c < d.c; ++c) {
-            const int64_t gc = g * d.c + c, off = (n * d.c + c) * d.p;
-            const T* gr = gy_ + off;
-            const T* xr = x_ + off;
-            const T mt = mu_[gc];
-            s1[gc] += row_sum<T>(d.p, [gr](int64_t i) { return gr[i]; });
-            s2[gc] += row_sum<T>(d.p, [gr, xr, mt](int64_t i) { return gr[i] * (xr[i] - mt); });
-          }
-        }
+        double *s1_ = s1.data(), *s2_ = s2.data();
+        for_each_range(gc_n, 2 * d.b * d.p, [=](int64_t lo, int64_t hi) {
+          channel_blocks(d, lo, hi, [=](int64_t g, int64_t c0, int64_t c1) {
+            for (int64_t n = g * d.b; n < (g + 1) * d.b; ++n) {
+              for (int64_t c = c0; c < c1; ++c) {
+                const int64_t gc = g * d.c + c, off = (n * d.c + c) * d.p;
+                const T* gr = gy_ + off;
+                const T* xr = x_ + off;
+                const T mt = mu_[gc];
+                s1_[gc] += row_sum<T>(d.p, [gr](int64_t i) { return gr[i]; });
+                s2_[gc] += row_sum<T>(d.p,
+                                      [gr, xr, mt](int64_t i) { return gr[i] * (xr[i] - mt); });
+              }
+            }
+          });
+        });
       }
       const Tensor wc = weight.contiguous();
       const T* w_ = wc.data_ptr<T>();
@@ -300,8 +358,9 @@ struct GroupNormalize : public torch::autograd::Function<GroupNormalize> {
 struct ReluTerms {
   double sd, cdf, pdf, m1, v1_raw;
 };
+constexpr int64_t kTermsCost = 64;  // relu_terms (erfc, exp, sqrt) in values of a pass, about
 
-ReluTerms relu_terms(double mean, double var) {
+C10_ALWAYS_INLINE ReluTerms relu_terms(double mean, double var) {  // as before the split
   const double sd = std::sqrt(std::max(var, kVarFloor)), a = mean / sd;
   const double cdf = 0.5 * std::erfc(-a * M_SQRT1_2);
   const double pdf = std::exp(-0.5 * a * a) * (0.5 * M_2_SQRTPI * M_SQRT1_2);
@@ -313,15 +372,19 @@ ReluTerms relu_terms(double mean, double var) {
 template <typename T>
 void kernel_sums(const T* w, int64_t pairs, int64_t kk, std::vector<double>& ws,
                  std::vector<double>& w2s) {
-  ws.assign(pairs, 0.0);
-  w2s.assign(pairs, 0.0);
-  for (int64_t j = 0; j < pairs; ++j) {
+  ws.resize(pairs);
+  w2s.resize(pairs);
+  double *ws_ = ws.data(), *w2s_ = w2s.data();
+  for_each_unit(pairs, 2 * kk, [=](int64_t j) {
+    double sum = 0.0, sq = 0.0;
     for (int64_t q = 0; q < kk; ++q) {
       const double v = double(w[j * kk + q]);
-      ws[j] += v;
-      w2s[j] += v * v;
+      sum += v;
+      sq += v * v;
     }
-  }
+    ws_[j] = sum;
+    w2s_[j] = sq;
+  });
 }
 
 struct ReluAffine : public torch::autograd::Function<ReluAffine> {
@@ -337,26 +400,33 @@ struct ReluAffine : public torch::autograd::Function<ReluAffine> {
     AT_DISPATCH_FLOATING_TYPES(mc.scalar_type(), "bknbench_relu_affine", [&] {
       using T = scalar_t;
       const T *m_ = mc.data_ptr<T>(), *v_ = vc.data_ptr<T>(), *w_ = wc.data_ptr<T>();
-      std::vector<double> m1(g * ci), v1(g * ci), ws, w2s;
-      for (int64_t i = 0; i < g * ci; ++i) {
+      std::vector<double> m1_v(g * ci), v1_v(g * ci), ws_v, w2s_v;
+      double *m1 = m1_v.data(), *v1 = v1_v.data();
+      for_each_unit(g * ci, kTermsCost, [=](int64_t i) {
         const ReluTerms t = relu_terms(double(m_[i]), double(v_[i]));
         m1[i] = t.m1;
         v1[i] = std::max(t.v1_raw, 0.0);
-      }
-      kernel_sums(w_, co * ci, kk, ws, w2s);
+      });
+      kernel_sums(w_, co * ci, kk, ws_v, w2s_v);
+      const double *ws = ws_v.data(), *w2s = w2s_v.data();
       const Tensor bc = bias.defined() ? bias.contiguous() : Tensor();
+      const T* b_ = bc.defined() ? bc.data_ptr<T>() : nullptr;
       T *om = out_mean.data_ptr<T>(), *ov = out_var.data_ptr<T>();
-      for (int64_t gg = 0; gg < g; ++gg) {
-        for (int64_t o = 0; o < co; ++o) {
-          double sm = bc.defined() ? double(bc.data_ptr<T>()[o]) : 0.0, sv = 0.0;
+      for_each_range(g * co, 2 * ci, [=](int64_t lo, int64_t hi) {  // gg * C_out + o
+        for (int64_t go = lo, gg = lo / co, o = lo % co; go < hi; ++go) {
+          double sm = value_at(b_, o), sv = 0.0;
           for (int64_t i = 0; i < ci; ++i) {
             sm += ws[o * ci + i] * m1[gg * ci + i];
             sv += w2s[o * ci + i] * v1[gg * ci + i];
           }
-          om[gg * co + o] = T(sm);
-          ov[gg * co + o] = T(sv);
+          om[go] = T(sm);
+          ov[go] = T(sv);
+          if (++o == co) {
+            o = 0;
+            ++gg;
+          }
         }
-      }
+      });
     });
     ctx->save_for_backward({mc, vc, wc});
     ctx->saved_data["has_bias"] = bias.defined();
@@ -376,16 +446,21 @@ struct ReluAffine : public torch::autograd::Function<ReluAffine> {
       using T = scalar_t;
       const T *m_ = mc.data_ptr<T>(), *v_ = vc.data_ptr<T>(), *w_ = wc.data_ptr<T>();
       const T *gom_ = ptr<T>(g_out_m), *gov_ = ptr<T>(g_out_v);
-      std::vector<ReluTerms> terms(g * ci);
-      for (int64_t i = 0; i < g * ci; ++i) terms[i] = relu_terms(double(m_[i]), double(v_[i]));
-      std::vector<double> ws, w2s;
-      kernel_sums(w_, co * ci, kk, ws, w2s);
+      std::vector<ReluTerms> terms_v(g * ci);
+      ReluTerms* terms = terms_v.data();
+      for_each_unit(g * ci, kTermsCost,
+                    [=](int64_t i) { terms[i] = relu_terms(double(m_[i]), double(v_[i])); });
+      std::vector<double> ws_v, w2s_v;
+      kernel_sums(w_, co * ci, kk, ws_v, w2s_v);
+      const double *ws = ws_v.data(), *w2s = w2s_v.data();
       // weight: d/dW of sum_k W_k (mean side) and of sum_k W_k^2 (variance side)
-      std::vector<double> gws(co * ci, 0.0), gw2s(co * ci, 0.0);
+      std::vector<double> gws_v(co * ci, 0.0), gw2s_v(co * ci, 0.0);
+      double *gws = gws_v.data(), *gw2s = gw2s_v.data();
       Tensor gm = at::empty({g, ci}, mc.options()), gv = at::empty({g, ci}, mc.options());
       T *gmean_ = gm.data_ptr<T>(), *gvar_ = gv.data_ptr<T>();
-      for (int64_t gg = 0; gg < g; ++gg) {
-        for (int64_t i = 0; i < ci; ++i) {
+      // per input channel i, the groups in order: the weight's sums over groups stay in i's unit
+      for_each_unit(ci, 4 * g * co, [=](int64_t i) {
+        for (int64_t gg = 0; gg < g; ++gg) {
           const ReluTerms& t = terms[gg * ci + i];
           const double v1 = std::max(t.v1_raw, 0.0);
           double g_m1 = 0.0, g_v1 = 0.0;
@@ -402,17 +477,17 @@ struct ReluAffine : public torch::autograd::Function<ReluAffine> {
           gmean_[gg * ci + i] = T(g_m1 * t.cdf + 2.0 * g_v1 * t.m1 * (1.0 - t.cdf));
           gvar_[gg * ci + i] = T(g_v1 * t.cdf + 0.5 * (g_m1 - 2.0 * g_v1 * t.m1) * half_pdf_sd);
         }
-      }
+      });
       g_mean = gm;
       g_var = gv;
       if (ctx->needs_input_grad(2)) {
         g_w = at::empty(wc.sizes(), wc.options());
         T* gw_ = g_w.data_ptr<T>();
-        for (int64_t j = 0; j < co * ci; ++j) {
+        for_each_unit(co * ci, kk, [=](int64_t j) {
           for (int64_t q = 0; q < kk; ++q) {
             gw_[j * kk + q] = T(gws[j] + 2.0 * double(w_[j * kk + q]) * gw2s[j]);
           }
-        }
+        });
       }
       if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(3)) {
         g_bias = at::empty({co}, mc.options());
@@ -427,6 +502,14 @@ struct ReluAffine : public torch::autograd::Function<ReluAffine> {
     return {g_mean, g_var, g_w, g_bias};
   }
 };
+
+// How many of torch's threads for_each_unit puts to work on `units` units of `cost` values
+// each (tests: the split, and the grain below which a call runs inline).
+int64_t threads_for(int64_t units, int64_t cost) {
+  std::vector<char> seen(std::max<int>(1, at::get_num_threads()), 0);
+  for_each_unit(units, cost, [&](int64_t) { seen[at::get_thread_num()] = 1; });
+  return std::count(seen.begin(), seen.end(), 1);
+}
 
 variable_list group_normalize(Tensor x, std::optional<Tensor> mu_hat,
                               std::optional<Tensor> var_hat, std::optional<Tensor> p_tensor,
@@ -444,5 +527,6 @@ variable_list relu_affine(Tensor mean, Tensor var, Tensor weight, std::optional<
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("group_normalize", &group_normalize, "fused.GroupNormalize on CPU");
-  m.def("relu_affine", &relu_affine, "transitions._ReluAffine on CPU");
+  m.def("relu_affine", &relu_affine, "fused._ReluAffine on CPU");
+  m.def("threads_for", &threads_for, "threads the kernels' split uses (a diagnostic)");
 }
