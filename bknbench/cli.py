@@ -90,6 +90,9 @@ def run(
     milestones: Annotated[Optional[str], typer.Option(help="Epochs at which `step` divides the "
         f"lr by 10, comma-separated. {_default('milestones')}")] = None,
     warmup_epochs: Annotated[Optional[float], typer.Option(help=_default("warmup_epochs"))] = None,
+    evals_per_epoch: Annotated[Optional[int], typer.Option(help="Held-out evaluations per "
+        "epoch, evenly spaced in optimizer steps (convergence curves; the training is the "
+        "same). [default: ceil(20 / epochs), at least 20 per run]")] = None,
     augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment",
         help=f"Random crop + flip (image datasets). {_default('augment')}")] = None,
     accumulate_to: Annotated[Optional[int], typer.Option(help="SGD batch: micro-batches "
@@ -131,6 +134,7 @@ def run(
         run_flags = _flags(dataset=dataset, model=model, epochs=epochs, base_lr=lr,
                            momentum=momentum, weight_decay=weight_decay, schedule=schedule,
                            warmup_epochs=warmup_epochs, augment=augment,
+                           evals_per_epoch=evals_per_epoch,
                            data_dir=str(data_dir) if data_dir else None,
                            milestones=int_list(milestones, "--milestones") if milestones else None)
         run_flags.update(device=device, amp=amp, compile=compile, deterministic=deterministic)

@@ -57,6 +57,7 @@ def results_dir(tmp_path_factory):
     (["--norms", "gn", "--batch-sizes", "100000"], ["100000", "512 training samples"]),
     (["--norms", "gn", "--epochs", "0"], ["--epochs"]),
     (["--norms", "gn", "--epochs", "-1"], ["--epochs"]),
+    (["--norms", "gn", "--evals-per-epoch", "-1"], ["--evals-per-epoch", ">= 0"]),
     (["--norms", "gn", "--dataset", "nope"], ["unknown dataset 'nope'"]),
     (["--norms", "gn", "--model", "nope"], ["unknown model 'nope'"]),
     (["--norms", "gn", "--workers", "0"], ["--workers"]),
