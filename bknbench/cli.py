@@ -187,6 +187,22 @@ def plot(
         plot_command(results, out, format, norms, batch_sizes)
 
 
+@app.command()
+def report(
+    results: Annotated[list[Path], typer.Argument(help="Results folders written by `bknbench "
+        "run`, or study folders whose subfolders hold them; each is a section.")],
+    out: Annotated[Optional[Path], typer.Option(help="The HTML file. [default: RESULTS/"
+        "report.html; several folders: report.html in the folder holding them]")] = None,
+    debug: Debug = False,
+):
+    """One self-contained HTML file (figures embedded, no network request): the question,
+    setup, comparison table, figures, failed runs and the commands that reproduce it."""
+    with errors(debug):
+        from .commands import report_command
+
+        report_command(results, out)
+
+
 @app.command("norms")
 def list_norms():
     """The normalizers of the registry, with their options."""

@@ -171,8 +171,7 @@ def _convergence_figure(runs: pd.DataFrame, metrics: pd.DataFrame,
     order = [s for s in colors if s in handles]  # the same order as the other figure
     fig.legend([handles[s] for s in order], order, title="spec", loc="outside right upper")
     seeds = "/".join(map(str, sorted(n_seeds)))
-    fig.suptitle(f"Validation error during training
-mean over {seeds} seed(s); "
+    fig.suptitle(f"Validation error during training\nmean over {seeds} seed(s); "
                  "band: best to worst seed", fontsize="medium")
     return fig
 
