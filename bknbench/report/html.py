@@ -184,7 +184,7 @@ def _headline(i: int, results: Results) -> str:
     ref = [c for c in cells if c.is_ref]
     worst = min(cells, key=lambda c: c.mean)
     ref_txt = f"reference {name(ref[0])}; " if ref else ""
-    return f'<li><a href="#sweep-{i}">Sweep {i}</a>: {ref_txt}lowest: {name(worst)}</li>
+    return f'<li><a href="#sweep-{i}">Sweep {i}</a>: {ref_txt}lowest: {name(worst)}</li>'
 
 
 def build_report(paths: list[Path], out: Path) -> str:

@@ -2,24 +2,31 @@
 
 One cell is (dataset, model, spec, norm_batch); its n ok seeds give a_i = final_val_acc (%),
 measured on N held-out samples (runs.csv `val_samples`; N_UNKNOWN where older files lack it).
+An accuracy is a count out of N: it moves in steps of r = 100 / N points, and a spread
+below the rounding of one step cannot be measured, so every standard deviation below has
+Sheppard's rounding floor, sd >= r / sqrt(12) for an accuracy (r / sqrt(6) for the
+difference of two). Without it three seeds that happen to agree would give a zero-width
+interval and claim certainty.
 
 Accuracy, "logit-t": a Student-t interval on the empirical-logit scale, mapped back.
     mean    = (1/n) sum_i a_i                                   the arithmetic mean, as printed
     g(a)    = logit((a N / 100 + 1/2) / (N + 1))                finite at 0% and 100%
-    y_i     = g(a_i);  ybar, s_y their mean and sample std
+    y_i     = g(a_i);  ybar their mean
+    s_y     = max(sample std of y_i, g'(mean) r / sqrt(12))     the floor, carried by g
     CI      = g^-1(ybar -+ t(0.975, n - 1) s_y / sqrt(n)),      NaN for n < 2
     g^-1(y) = 100 (expit(y) (N + 1) - 1/2) / N, clipped to [0, 100]
 The logit stretches the scale near 0% and 100%, so an interval never leaves [0, 100] and
-narrows on the side of the bound; all seeds equal gives [a, a] exactly (g^-1(g(a)) = a). The
-+1/2 (a half sample, the empirical logit's continuity correction) is all that N is used for.
+is short on the side of the bound; the +1/2 is the empirical logit's continuity correction.
 
-Difference to the reference cell r (Δ, percentage points), paired when it can be:
-    "paired": the cell and r have the same ok seeds (every spec of a sweep runs the same
-        seeds, so the same data order), m = n >= 2:  d_i = a_i - r_i (same seed),
-        Δ = mean d,  CI = Δ -+ t(0.975, m - 1) s_d / sqrt(m)
-    "welch": otherwise (seeds differ, a seed failed), Δ = mean - mean_r,
-        se^2 = s^2/n + s_r^2/n_r,  dof = se^4 / ((s^2/n)^2/(n-1) + (s_r^2/n_r)^2/(n_r-1)),
-        CI = Δ -+ t(0.975, dof) se;   NaN when n < 2 or n_r < 2
+Difference to the reference cell (Δ, percentage points), paired when it can be:
+    "paired": the cell and the reference have the same ok seeds (every spec of a sweep runs
+        the same seeds, so the same data order), m = n >= 2:  d_i = a_i - ref_i (same seed),
+        Δ = mean d,  s_d = max(sample std of d_i, r / sqrt(6)),
+        CI = Δ -+ t(0.975, m - 1) s_d / sqrt(m)
+    "welch": otherwise (seeds differ, a seed failed), Δ = mean - mean_ref,
+        v = max(s^2, r^2 / 12) / n for each side,  se^2 = v + v_ref,
+        dof = se^4 / (v^2 / (n - 1) + v_ref^2 / (n_ref - 1)),
+        CI = Δ -+ t(0.975, dof) se;   NaN when n < 2 or n_ref < 2
 Both clipped to [-100, 100]. `ref_diff_excludes_0` marks a Δ whose interval excludes 0.
 """
 from __future__ import annotations
@@ -47,6 +54,10 @@ def _t975(dof: float) -> float:
     return float(t.ppf(0.975, dof))
 
 
+def _n_test(n_test: float | None) -> float:
+    return float(n_test) if n_test is not None and n_test > 0 else float(N_UNKNOWN)
+
+
 def acc_interval(values: Iterable[float], n_test: float | None = None
                  ) -> tuple[float, float, float, float]:
     """(mean, std, low, high) of accuracies in % (module docstring, "logit-t"); std, low and
@@ -57,40 +68,41 @@ def acc_interval(values: Iterable[float], n_test: float | None = None
     mean = float(a.mean())
     if len(a) == 1:
         return mean, math.nan, math.nan, math.nan
-    big_n = float(n_test) if n_test is not None and n_test > 0 else float(N_UNKNOWN)
+    big_n = _n_test(n_test)
     p = (np.clip(a, 0.0, 100.0) / 100.0 * big_n + 0.5) / (big_n + 1.0)
     y = np.log(p) - np.log1p(-p)
-    half = _t975(len(a) - 1) * float(y.std(ddof=1)) / math.sqrt(len(a))
+    p_mean = (min(max(mean, 0.0), 100.0) / 100.0 * big_n + 0.5) / (big_n + 1.0)
+    slope = big_n / 100.0 / (big_n + 1.0) / (p_mean * (1.0 - p_mean))  # g'(mean)
+    s_y = max(float(y.std(ddof=1)), slope * (100.0 / big_n) / math.sqrt(12.0))
+    half = _t975(len(a) - 1) * s_y / math.sqrt(len(a))
     ends = 1.0 / (1.0 + np.exp(-np.array([y.mean() - half, y.mean() + half])))
     low, high = np.clip(100.0 * (ends * (big_n + 1.0) - 0.5) / big_n, 0.0, 100.0)
-    if y.std(ddof=1) == 0:  # all seeds equal: exactly [a, a], free of rounding
-        low = high = float(a[0])
     return mean, float(a.std(ddof=1)), float(low), float(high)
 
 
-def diff_interval(cell: pd.Series, ref: pd.Series) -> tuple[float, float, float, str, int]:
+def diff_interval(cell: pd.Series, ref: pd.Series, n_test: float | None = None
+                  ) -> tuple[float, float, float, str, int]:
     """(Δ, low, high, method, n) of mean(cell) - mean(ref); the Series are accuracies (%)
     indexed by seed (module docstring: "paired" when both have the same seeds, else "welch")."""
     a, r = cell.dropna(), ref.dropna()
     if len(a) == 0 or len(r) == 0:
         return math.nan, math.nan, math.nan, "", 0
     diff = float(a.mean() - r.mean())
+    var_floor = (100.0 / _n_test(n_test)) ** 2 / 12.0  # one accuracy's rounding variance
     if (len(a) >= 2 and a.index.is_unique and r.index.is_unique
             and sorted(a.index) == sorted(r.index)):
         d = a - r.reindex(a.index)
-        half = _t975(len(d) - 1) * float(d.std(ddof=1)) / math.sqrt(len(d))
+        s_d = math.sqrt(max(float(d.var(ddof=1)), 2.0 * var_floor))
+        half = _t975(len(d) - 1) * s_d / math.sqrt(len(d))
         method, n = "paired", len(d)
     else:
         method, n = "welch", min(len(a), len(r))
-        va, vr = (float(a.var(ddof=1)) / len(a) if len(a) > 1 else math.nan,
-                  float(r.var(ddof=1)) / len(r) if len(r) > 1 else math.nan)
-        if math.isnan(va) or math.isnan(vr):
+        if len(a) < 2 or len(r) < 2:
             return diff, math.nan, math.nan, method, n
-        if va + vr == 0:  # identical seeds on both sides: no spread to the difference
-            half = 0.0
-        else:
-            dof = (va + vr) ** 2 / (va**2 / (len(a) - 1) + vr**2 / (len(r) - 1))
-            half = _t975(dof) * math.sqrt(va + vr)
+        va = max(float(a.var(ddof=1)), var_floor) / len(a)
+        vr = max(float(r.var(ddof=1)), var_floor) / len(r)
+        dof = (va + vr) ** 2 / (va**2 / (len(a) - 1) + vr**2 / (len(r) - 1))
+        half = _t975(dof) * math.sqrt(va + vr)
     return diff, max(-100.0, diff - half), min(100.0, diff + half), method, n
 
 
@@ -172,7 +184,8 @@ def summarize(runs: pd.DataFrame, reference: str | None = None) -> pd.DataFrame:
                 c["is_ref"] = c is ref
                 c["ref_diff"] = c["mean"] - ref["mean"]
                 if c is not ref:  # a cell against itself has no uncertainty to report
-                    _, low, high, method, n = diff_interval(accs, ref_accs)
+                    _, low, high, method, n = diff_interval(
+                        accs, ref_accs, None if math.isnan(c["val_samples"]) else c["val_samples"])
                     c.update(ref_diff_low=low, ref_diff_high=high, ref_diff_method=method,
                              ref_diff_n=n, ref_diff_excludes_0=bool(low > 0 or high < 0))
             rows.append({"dataset": dataset, "model": model, **c})
@@ -195,7 +208,8 @@ def method_note(summary: pd.DataFrame) -> str:
     assumed = f" (test-set size not recorded: N = {N_UNKNOWN} assumed)" if unknown else ""
     return ("acc: mean over n successful seeds, 95% CI Student-t on the logit scale of the "
             f"accuracy, half-sample corrected{assumed}, never outside [0, 100]; Δ vs ref in "
-            "points with its 95% CI, paired by seed (P) or Welch (W); * = CI excludes 0")
+            "points with its 95% CI, paired by seed (P) or Welch (W); * = CI excludes 0; "
+            "spreads floored at one test sample's rounding")
 
 
 def acc_text(r) -> str:

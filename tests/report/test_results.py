@@ -114,10 +114,13 @@ def test_difference_to_reference_paired_and_welch(sweep):
     # gn@8 ran seeds 0, 1, 2 like the reference: paired; 86-90, 88-92, 90-94 are all -4
     gn = s.loc[("gn", 8)]
     assert (gn["ref_diff"], gn["ref_diff_method"], gn["ref_diff_n"]) == (-4.0, "paired", 3)
-    assert gn["ref_diff_low"] == gn["ref_diff_high"] == -4.0 and gn["ref_diff_excludes_0"]
+    # no spread at all, but accuracies are counts out of 500: the rounding floor remains
+    half = T975_DOF2 * math.sqrt(2 * 0.2**2 / 12) / math.sqrt(3)
+    assert gn["ref_diff_low"] == pytest.approx(-4 - half) and gn["ref_diff_excludes_0"]
+    assert gn["ref_diff_high"] == pytest.approx(-4 + half) and half == pytest.approx(0.2028, abs=1e-4)
     # gn@2 lost seed 2 (oom): Welch over 80, 82 and 90, 92, 94
     gn2 = s.loc[("gn", 2)]
-    va, vr = 2.0 / 2, 4.0 / 3
+    va, vr = 2.0 / 2, 4.0 / 3  # both above the rounding floor (0.2^2 / 12)
     dof = (va + vr) ** 2 / (va**2 / 1 + vr**2 / 2)
     half = t.ppf(0.975, dof) * math.sqrt(va + vr)
     assert (gn2["ref_diff"], gn2["ref_diff_method"], gn2["ref_diff_n"]) == (-11.0, "welch", 2)
@@ -190,13 +193,14 @@ def test_formats(sweep):
     assert (ref["spec"], ref["n"], ref["ci_method"]) == ("bn", 3, "logit-t")
     assert ref["ci_low"] == pytest.approx(low) and ref["ci_high"] == pytest.approx(high)
     assert records[1]["ref_diff_method"] == "paired" and records[1]["ref_diff_n"] == 3
-    assert records[1]["ref_diff_low"] == -4.0 and records[1]["ref_diff_high"] == -4.0
+    assert records[1]["ref_diff_low"] == pytest.approx(-4.2028, abs=1e-4)
+    assert records[1]["ref_diff_high"] == pytest.approx(-3.7972, abs=1e-4)
     assert pd.read_csv(io.StringIO(format_summary(s, "csv")))["n"].tolist() == [2, 3, 0, 3, 1]
     md = format_summary(s, "markdown").splitlines()
     assert md[0] == "| spec | batch | n | acc % [95% CI] | Δ vs ref [95% CI] |"
     assert len(md) == 2 + 5 + 2 and md[-2] == "" and "logit scale" in md[-1]
     assert f"| bn | 128 | 3 | 92.00 [{low:.2f}, {high:.2f}] | ref |" in md
-    assert "| gn | 8 | 3 | 88.00 [" in md[3] and "| -4.00 [-4.00, -4.00] P * |" in md[3]
+    assert "| gn | 8 | 3 | 88.00 [" in md[3] and "| -4.00 [-4.20, -3.80] P * |" in md[3]
     assert "| gn | 2 | 2 (+1 oom) |" in md[2] and md[2].endswith(" W * |")
     with pytest.raises(ConfigError, match="unknown summary format 'html'"):
         format_summary(s, "html")
@@ -210,7 +214,7 @@ def test_rich_table_renders(sweep):
     text = console.file.getvalue()
     low, high = _logit_t([90.0, 92.0, 94.0], 500, T975_DOF2)
     for piece in ("92.00", f"[{low:.2f}, {high:.2f}]", "n/a", "ref", "all failed", "✗ 1 oom",
-                  "-4.00 [-4.00, -4.00] P *", "logit scale"):
+                  "-4.00 [-4.20, -3.80] P *", "logit scale"):
         assert piece in text, piece
 
 

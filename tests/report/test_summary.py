@@ -24,10 +24,22 @@ def test_one_seed_has_a_mean_and_no_interval():
     assert all(math.isnan(v) for v in acc_interval([], 450))
 
 
+T975 = {2: 4.302652729911275, 3: 3.182446305284263}  # t(0.975, dof)
+
+
 @pytest.mark.parametrize("value", [0.0, 37.5, 100.0])
-def test_all_seeds_equal_give_the_point_itself(value):
+def test_all_seeds_equal_leave_the_rounding_of_one_test_sample(value):
+    """Four seeds at the same count out of 450: no measured spread, but an accuracy moves in
+    steps of 100/450 points, so the interval keeps Sheppard's floor (sd >= step / sqrt(12)):
+    about t(0.975, 3) * 0.064 / 2 = 0.10 points a side in the middle, one-sided at a bound."""
     mean, std, low, high = acc_interval([value] * 4, 450)
-    assert (mean, std, low, high) == (value, 0.0, value, value)
+    assert (mean, std) == (value, 0.0)
+    assert 0.0 <= low <= value <= high <= 100.0 and high - low > 0
+    floor = T975[3] * (100 / 450) / math.sqrt(12) / 2
+    if value == 37.5:
+        assert (value - low, high - value) == pytest.approx((floor, floor), rel=0.02)
+    else:  # at a bound the interval reaches it and lies on one side
+        assert (low, high)[value == 100.0] == value and 0 < high - low < 1.0
 
 
 def test_zero_and_hundred_percent_stay_inside_and_include_the_data():
@@ -55,14 +67,15 @@ def test_paired_by_seed_and_welch_otherwise():
     same = pd.Series([91.0, 92.5, 95.5], index=[2, 0, 1])  # same seeds, another order
     d, low, high, method, n = diff_interval(same, ref)
     diffs = np.array([92.5 - 90, 95.5 - 92, 91 - 94])
-    half = 4.302652729911275 * diffs.std(ddof=1) / math.sqrt(3)
+    half = T975[2] * diffs.std(ddof=1) / math.sqrt(3)
     assert (method, n) == ("paired", 3) and d == pytest.approx(diffs.mean())
     assert (low, high) == pytest.approx((diffs.mean() - half, diffs.mean() + half))
     other = pd.Series([91.0, 92.5, 95.5], index=[3, 4, 5])  # other seeds: Welch
     assert diff_interval(other, ref)[3] == "welch"
     # pairing removes the seed-to-seed part both share: a constant shift is exact
     shifted = ref - 30.0
-    assert diff_interval(shifted, ref)[1:3] == (-30.0, -30.0)
+    floor = T975[2] * (100 / 450) / math.sqrt(6) / math.sqrt(3)  # rounding of two counts
+    assert diff_interval(shifted, ref, 450)[1:3] == pytest.approx((-30 - floor, -30 + floor))
     assert diff_interval(shifted.set_axis([5, 6, 7]), ref)[1] < -34  # unpaired: wide
     # a Δ interval is bounded by what is possible too
     d, low, high, _, _ = diff_interval(pd.Series([0.0, 100.0, 0.0]), pd.Series([100.0, 0.0, 100.0]))
