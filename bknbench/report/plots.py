@@ -47,6 +47,13 @@ def spec_colors(specs: Iterable[str]) -> dict[str, str]:
     return {s: to_hex(palette[i % len(palette)]) for i, s in enumerate(dict.fromkeys(specs))}
 
 
+def _dashes(colors: dict[str, str]) -> dict[str, str]:
+    """A line style per spec beside its colour (solid, dashed, dash-dot, dotted, in turn),
+    so that lines that coincide (bn and bn-accum at 128) both stay visible."""
+    styles = ("-", "--", "-.", ":")
+    return {s: styles[i % len(styles)] for i, s in enumerate(colors)}
+
+
 def _error_scale(axes, errors: list[float]) -> str:
     """Log error axes when the plotted mean errors (%) span a factor of 10 or more and are
     all positive; returns the label suffix."""
@@ -70,6 +77,7 @@ def _error_vs_batch_figure(runs: pd.DataFrame, colors: dict[str, str]) -> "Figur
     from matplotlib.ticker import NullLocator
 
     groups = _groups(runs)
+    dashes = _dashes(colors)
     fig = Figure(figsize=(6.4 * len(groups), 4.6), layout="constrained")
     axes = fig.subplots(1, len(groups), squeeze=False)[0]
     errors = []
@@ -81,7 +89,8 @@ def _error_vs_batch_figure(runs: pd.DataFrame, colors: dict[str, str]) -> "Figur
                 continue
             x = line["norm_batch"].to_numpy()
             errors += list(100 - line["mean"])
-            ax.plot(x, 100 - line["mean"], marker="o", color=colors[spec], label=spec)
+            ax.plot(x, 100 - line["mean"], marker="o", color=colors[spec], label=spec,
+                    linestyle=dashes[spec])
             # NaN bounds (n = 1) leave a gap in the band rather than a fake zero-width one.
             ax.fill_between(x, 100 - line["ci_high"], 100 - line["ci_low"],
                             color=colors[spec], alpha=0.2, linewidth=0)
@@ -137,6 +146,7 @@ def _convergence_figure(runs: pd.DataFrame, metrics: pd.DataFrame,
     fig = Figure(figsize=(3.4 * ncols + 1.8, 2.9 * nrows + 0.8), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True if len(groups) == 1 else "row")
     handles, errors, n_seeds = {}, [], set()
+    dashes = _dashes(colors)
     for (r, c), ((dataset, model), b, cell) in zip(places, panels):
         ax = axes[r][c]
         for spec in colors:
@@ -148,7 +158,7 @@ def _convergence_figure(runs: pd.DataFrame, metrics: pd.DataFrame,
             x = line.index.to_numpy()
             errors += list(line["mean"])
             (handles[spec],) = ax.plot(x, line["mean"], color=colors[spec], label=spec,
-                                       linewidth=1.4)
+                                       linewidth=1.4, linestyle=dashes[spec])
             ax.fill_between(x, line["low"], line["high"], color=colors[spec], alpha=0.15,
                             linewidth=0)
         where = f"{dataset} / {model}, " if len(groups) > 1 else ""
