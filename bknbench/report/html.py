@@ -81,8 +81,8 @@ def _table(head: list[str], rows: list[str], table_id: str = "", sortable=False)
 
 
 def _kv(pairs) -> str:
-    return _table(["", ""], [f"<tr>{_cell(k)}{_cell(v)}</tr>" for k, v in pairs]).replace(
-        "<table>", '<table class="kv">', 1)
+    rows = "".join(f"<tr>{_cell(k)}{_cell(v)}</tr>" for k, v in pairs)
+    return f'<table class="kv"><tbody>{rows}</tbody></table>'
 
 
 def _summary_table(summary: pd.DataFrame, table_id: str) -> str:
@@ -215,8 +215,8 @@ percentage points.</p>
 <section id="sweeps"><h2>Sweeps</h2><ul>{contents}</ul></section>
 {sections}
 <section id="reproduce"><h2>Reproduce</h2>
-<p>Each sweep is one <code>bknbench run</code> (every setting spelled out; a run already in
-its folder is skipped), then this report:</p>
+<p>Each sweep is one <code>bknbench&nbsp;run</code> (every setting spelled out; a run already
+in its folder is skipped), then this report:</p>
 <pre>{escape(commands)}</pre></section>
 </main><script>{SCRIPT}</script></body></html>
 """

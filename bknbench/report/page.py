@@ -20,7 +20,7 @@ nav { margin: 14px 0 0; font-size: 14px; }
 nav a { color: var(--accent); margin-right: 14px; text-decoration: none; }
 code, pre, td.num, td.mono { font-family: "DejaVu Sans Mono", Menlo, Consolas, monospace; }
 pre { background: var(--band); border: 1px solid var(--line); border-radius: 6px;
-      padding: 10px 12px; font-size: 12.5px; white-space: pre-wrap; word-break: break-all; }
+      padding: 10px 12px; font-size: 12.5px; white-space: pre-wrap; overflow-wrap: anywhere; }
 table { border-collapse: collapse; font-size: 13.5px; margin: 6px 0; }
 th, td { padding: 4px 10px; border-bottom: 1px solid var(--line); text-align: left;
          vertical-align: top; }

@@ -36,8 +36,11 @@ def resolved_config(runs: pd.DataFrame) -> list[tuple[str, str]]:
     configs = _configs(runs)
     names = list(dict.fromkeys(k for c in configs for k in c))
     rows = []
+    def text(v) -> str:
+        return v if isinstance(v, str) else json.dumps(v)
+
     for name in names:
-        values = list(dict.fromkeys(json.dumps(c.get(name)) for c in configs))
+        values = list(dict.fromkeys(text(c.get(name)) for c in configs))
         rows.append((name, ", ".join(values) if len(values) > 1 else values[0]))
     return rows
 
@@ -110,8 +113,22 @@ def run_command(folder: Path, runs: pd.DataFrame) -> str:
         args += ["--accumulate-to", str(sweep["accumulate_to"])]
     for name, value in sweep.get("base", {}).items():
         args += _flag(name, value)
-    return shlex.join(args + ["--out", str(folder)])
+    return _wrap(args + ["--out", str(folder)])
 
 
 def report_command(folders: list[Path], out: Path) -> str:
-    return shlex.join(["bknbench", "report", *map(str, folders), "--out", str(out)])
+    return _wrap(["bknbench", "report", *map(str, folders), "--out", str(out)])
+
+
+def _wrap(args: list[str], width: int = 88) -> str:
+    """A shell command line, broken with a backslash before an option once a line is full."""
+    lines, line = [], ""
+    for i, arg in enumerate(args):
+        piece = shlex.quote(arg)
+        if line and arg.startswith("--") and len(line) + 1 + len(piece) + len(
+                shlex.quote(args[i + 1]) if i + 1 < len(args) else "") > width:
+            lines.append(line + " \\")
+            line = "    " + piece
+        else:
+            line = f"{line} {piece}" if line else piece
+    return "\n".join(lines + [line])
