@@ -138,7 +138,7 @@ def _grid_text(runs: pd.DataFrame) -> str:
             f"{len(runs)} runs ({len(ok)} ok) = specs {escape(', '.join(dict.fromkeys(runs['spec'])))}"
             f" &times; micro-batch {', '.join(map(str, sorted(set(runs['norm_batch']))))}"
             f" &times; seeds {', '.join(map(str, sorted(set(runs['seed']))))}; "
-            f"{int(runs['epochs'].max())} epochs; {steps}.")
+            f"{int(runs['epochs'].max())} epoch(s); {steps}.")
 
 
 def _sweep_section(i: int, folder: Path, results: Results) -> str:

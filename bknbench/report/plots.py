@@ -145,7 +145,7 @@ def _convergence_figure(runs: pd.DataFrame, metrics: pd.DataFrame,
     nrows = max(r for r, _ in places) + 1
     fig = Figure(figsize=(3.4 * ncols + 1.8, 2.9 * nrows + 0.8), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True if len(groups) == 1 else "row")
-    handles, errors, n_seeds = {}, [], set()
+    handles, errors, highs, n_seeds = {}, [], [], set()
     dashes = _dashes(colors)
     for (r, c), ((dataset, model), b, cell) in zip(places, panels):
         ax = axes[r][c]
@@ -157,6 +157,7 @@ def _convergence_figure(runs: pd.DataFrame, metrics: pd.DataFrame,
             line = _seed_spread(of_spec)
             x = line.index.to_numpy()
             errors += list(line["mean"])
+            highs.append(float(line["high"].max()))
             (handles[spec],) = ax.plot(x, line["mean"], color=colors[spec], label=spec,
                                        linewidth=1.4, linestyle=dashes[spec])
             ax.fill_between(x, line["low"], line["high"], color=colors[spec], alpha=0.15,
@@ -168,8 +169,8 @@ def _convergence_figure(runs: pd.DataFrame, metrics: pd.DataFrame,
         if (r + 1, c) not in places:  # lowest panel of its column
             ax.set_xlabel("training samples seen")
     scale = _error_scale([axes[r][c] for r, c in places], errors)
-    if not scale:
-        top = max(errors) if errors else 100.0
+    if not scale:  # linear: from 0 to the worst seed, so no band is cut
+        top = max(highs) if highs else 100.0
         for r, c in places:
             axes[r][c].set_ylim(0, min(100.0, 1.05 * top))
     for r in range(nrows):
