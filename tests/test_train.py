@@ -114,7 +114,7 @@ def test_default_gives_at_least_20_evaluations():
     assert RunConfig(spec="bn", evals_per_epoch=5).run_id == RunConfig(spec="bn").run_id
 
 
-@pytest.mark.parametrize("spec", ["bn", "bkn:transition=sampled"])
+@pytest.mark.parametrize("spec", ["bn", "bn-accum", "bkn:transition=sampled"])
 def test_evaluations_change_nothing_but_the_rows(data, spec):
     """K = 4 evaluations per epoch against K = 1, deterministic: the end-of-epoch rows are
     identical (a sampled transition draws from the global RNG, which evaluation must not
