@@ -77,8 +77,8 @@ def run(
         f"each statistic. [default: {','.join(map(str, DEFAULT_BATCH_SIZES))}]")] = None,
     seeds: Annotated[Optional[str], typer.Option(help="Comma-separated seeds. [default: "
         f"{','.join(map(str, DEFAULT_SEEDS))}]")] = None,
-    dataset: Annotated[Optional[str], typer.Option(help="mnist1d, digits, digits32, synthetic, cifar10, "
-        f"cifar100. {_default('dataset')}")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="mnist1d, digits, digits32, synthetic, "
+        f"cifar10, cifar100. {_default('dataset')}")] = None,
     model: Annotated[Optional[str], typer.Option(help="cnn, mlp, resnet20/32/56/110. "
         f"{_default('model')}")] = None,
     epochs: Annotated[Optional[int], typer.Option(help=_default("epochs"))] = None,
