@@ -11,9 +11,10 @@ import pytest
 from typer.testing import CliRunner
 
 from bknbench.cli import app
+from bknbench.report.schema import RUN_COLUMNS
 from bknbench.report.summary import acc_interval, diff_interval, summarize
 
-from test_results import run_row, write_results
+from test_results import run_row, write_csv, write_results
 
 runner = CliRunner()
 
@@ -132,3 +133,17 @@ def test_no_interval_printed_by_compare_leaves_0_100(tmp_path):
         for fmt in ("table", "markdown"):
             for a, b in re.findall(r"\[(\d+\.\d+), (\d+\.\d+)\]", out[fmt].stdout):
                 assert 0.0 <= float(a) <= float(b) <= 100.0, (fmt, a, b)
+
+
+def test_older_results_without_val_samples_say_what_was_assumed(tmp_path):
+    runs = [run_row("bn", 128, s, a) for s, a in enumerate([90.0, 92.0, 94.0])]
+    for r in runs:
+        del r["val_samples"]
+    folder = tmp_path / "old"
+    folder.mkdir()
+    write_csv(folder / "runs.csv", [c for c in RUN_COLUMNS if c != "val_samples"], runs)
+    result = runner.invoke(app, ["compare", str(folder), "--format", "markdown"])
+    assert result.exit_code == 0, result.output
+    assert "test-set size not recorded: N = 1000 assumed" in result.stdout
+    low, high = acc_interval([90.0, 92.0, 94.0], 1000)[2:]
+    assert f"92.00 [{low:.2f}, {high:.2f}]" in result.stdout
