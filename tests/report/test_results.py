@@ -279,3 +279,11 @@ def test_ok_run_without_accuracy_is_rejected(tmp_path):
     row["final_val_acc"] = ""
     with pytest.raises(ConfigError, match="is ok but has no final_val_acc"):
         load_results(write_results(tmp_path / "r", [row], with_metrics=False))
+
+
+def test_metrics_without_step_still_load(tmp_path):
+    """A folder resumed across the upgrade holds rows written before `step` existed."""
+    folder = write_results(tmp_path / "r", [run_row("bn", 4, 0, 90.0)])
+    _rewrite(folder, "metrics.csv", lambda t: t.replace(",1,125,4000,", ",1,,4000,", 1))
+    m = load_results(folder).metrics
+    assert math.isnan(m["step"].iloc[0]) and m["step"].iloc[1] == 250
