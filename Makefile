@@ -39,6 +39,7 @@ venv-test: $(VENV)/.installed-test $(VENV)/.native
 run: venv
 	$(BIN)/bknbench run --out results/default $(RUN_ARGS)
 	$(BIN)/bknbench plot results/default --out results/default/plots
+	$(BIN)/bknbench report results/default --out results/report.html
 
 test: venv-test
 	$(BIN)/python -m pytest -q

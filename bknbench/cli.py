@@ -77,8 +77,8 @@ def run(
         f"each statistic. [default: {','.join(map(str, DEFAULT_BATCH_SIZES))}]")] = None,
     seeds: Annotated[Optional[str], typer.Option(help="Comma-separated seeds. [default: "
         f"{','.join(map(str, DEFAULT_SEEDS))}]")] = None,
-    dataset: Annotated[Optional[str], typer.Option(help="mnist1d, digits, synthetic, cifar10, "
-        f"cifar100. {_default('dataset')}")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="mnist1d, digits, digits32, synthetic, "
+        f"cifar10, cifar100. {_default('dataset')}")] = None,
     model: Annotated[Optional[str], typer.Option(help="cnn, mlp, resnet20/32/56/110. "
         f"{_default('model')}")] = None,
     epochs: Annotated[Optional[int], typer.Option(help=_default("epochs"))] = None,
@@ -90,6 +90,9 @@ def run(
     milestones: Annotated[Optional[str], typer.Option(help="Epochs at which `step` divides the "
         f"lr by 10, comma-separated. {_default('milestones')}")] = None,
     warmup_epochs: Annotated[Optional[float], typer.Option(help=_default("warmup_epochs"))] = None,
+    evals_per_epoch: Annotated[Optional[int], typer.Option(help="Held-out evaluations per "
+        "epoch, evenly spaced in optimizer steps (convergence curves; the training is the "
+        "same). [default: ceil(20 / epochs), at least 20 per run]")] = None,
     augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment",
         help=f"Random crop + flip (image datasets). {_default('augment')}")] = None,
     accumulate_to: Annotated[Optional[int], typer.Option(help="SGD batch: micro-batches "
@@ -131,6 +134,7 @@ def run(
         run_flags = _flags(dataset=dataset, model=model, epochs=epochs, base_lr=lr,
                            momentum=momentum, weight_decay=weight_decay, schedule=schedule,
                            warmup_epochs=warmup_epochs, augment=augment,
+                           evals_per_epoch=evals_per_epoch,
                            data_dir=str(data_dir) if data_dir else None,
                            milestones=int_list(milestones, "--milestones") if milestones else None)
         run_flags.update(device=device, amp=amp, compile=compile, deterministic=deterministic)
@@ -181,6 +185,22 @@ def plot(
         from .commands import plot_command
 
         plot_command(results, out, format, norms, batch_sizes)
+
+
+@app.command()
+def report(
+    results: Annotated[list[Path], typer.Argument(help="Results folders written by `bknbench "
+        "run`, or study folders whose subfolders hold them; each is a section.")],
+    out: Annotated[Optional[Path], typer.Option(help="The HTML file. [default: RESULTS/"
+        "report.html; several folders: report.html in the folder holding them]")] = None,
+    debug: Debug = False,
+):
+    """One self-contained HTML file (figures embedded, no network request): the question,
+    setup, comparison table, figures, failed runs and the commands that reproduce it."""
+    with errors(debug):
+        from .commands import report_command
+
+        report_command(results, out)
 
 
 @app.command("norms")

@@ -118,3 +118,11 @@ def plot_command(results: Path, out, fmt: str, norms, batch_sizes) -> None:
     paths = plot_results(res, out if out is not None else Path(results) / "plots", formats)
     for p in paths:
         stderr.print(f"wrote {p}", highlight=False, soft_wrap=True)
+
+
+def report_command(results: list[Path], out) -> None:
+    from .render import stderr
+    from .report.html import write_report
+
+    path = write_report(results, out)
+    stderr.print(f"wrote {path}", highlight=False, soft_wrap=True)

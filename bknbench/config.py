@@ -9,12 +9,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 
 from .errors import ConfigError
 
 # The SGD batch the base learning rate refers to; lr = base_lr * sgd_batch / LR_REF_BATCH.
 LR_REF_BATCH = 128
+# Evaluation points per run when --evals-per-epoch is not given: K = ceil(MIN_EVALS / epochs).
+MIN_EVALS = 20
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
@@ -42,6 +45,9 @@ class RunConfig:
     compile: bool = False  # torch.compile the model
     deterministic: bool = False  # bitwise repeatable kernels
     eval_batch: int = 1024  # samples per evaluation forward (eval mode: no effect on results)
+    # held-out evaluations per epoch, evenly spaced in optimizer steps (0: ceil(MIN_EVALS /
+    # epochs)); they change the metric rows only, never the training, so the run id omits it
+    evals_per_epoch: int = 0
 
     def __post_init__(self):
         if self.norm_batch <= 0 or self.sgd_batch % self.norm_batch or (
@@ -53,6 +59,11 @@ class RunConfig:
     def lr(self) -> float:
         """Peak learning rate after the linear scaling rule."""
         return self.base_lr * self.sgd_batch / LR_REF_BATCH
+
+    @property
+    def evals(self) -> int:
+        """Evaluations per epoch, resolved."""
+        return self.evals_per_epoch or math.ceil(MIN_EVALS / max(1, self.epochs))
 
     @property
     def run_id(self) -> str:
@@ -73,10 +84,11 @@ class RunConfig:
 
 
 def run_id(cfg: RunConfig) -> str:
-    """Stable id: the hash of the fully resolved configuration (eval_batch excluded:
-    it cannot change a result)."""
+    """Stable id: the hash of the fully resolved configuration (eval_batch and
+    evals_per_epoch excluded: they cannot change a result)."""
     d = cfg.to_dict()
     d.pop("eval_batch")
+    d.pop("evals_per_epoch")
     blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 

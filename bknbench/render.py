@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .config import RunConfig
-from .report.summary import delta_text
+from .report.summary import delta_text, method_note
 from .sweep.plan import SweepEvents
 
 if TYPE_CHECKING:
@@ -98,20 +98,22 @@ class Progress:
 
 
 def summary_table(summary: pd.DataFrame, title: str) -> Table:
-    """A rich table for the terminal: mean ± half-width, [low, high], Δ vs ref with its CI."""
+    """A rich table for the terminal: mean [95% CI], Δ vs ref [95% CI] (P paired, W Welch;
+    bold when its interval excludes 0), with the method in the caption."""
     multi = "dataset" in summary.columns
-    table = Table(title=title, caption="95% Student-t CI over seeds; Δ in percentage points "
-                  "with a 95% Welch CI; n = successful seeds")
+    table = Table(title=title, caption=method_note(summary) + "; n = successful seeds")
     for name in (["dataset", "model"] if multi else []) + ["spec"]:
         table.add_column(name)
-    for name in ("batch", "n", "acc %", "95% CI", "Δ vs ref", "failed"):
+    for name in ("batch", "n", "acc %", "95% CI", "Δ vs ref [95% CI]", "failed"):
         table.add_column(name, justify="right" if name in ("batch", "n") else "left")
     for r in summary.itertuples(index=False):
-        acc = "[red]all failed[/]" if r.n == 0 else f"{r.mean:.2f}" + (
-            f" ± {r.ci_high - r.mean:.2f}" if r.n > 1 else "")
+        acc = "[red]all failed[/]" if r.n == 0 else f"{r.mean:.2f}"
         ci = "" if r.n == 0 else "n/a" if r.n == 1 else f"[{r.ci_low:.2f}, {r.ci_high:.2f}]"
+        delta = escape(delta_text(r))
+        if r.ref_diff_excludes_0:
+            delta = f"[bold]{delta}[/]"
         failed = f"[red]✗ {r.failed_statuses}[/]" if r.failed else ""
         table.add_row(*([r.dataset, r.model] if multi else []), escape(r.spec),
-                      str(r.norm_batch), str(r.n), acc, escape(ci), delta_text(r), failed,
+                      str(r.norm_batch), str(r.n), acc, escape(ci), delta, failed,
                       style="bold" if r.is_ref else None)
     return table

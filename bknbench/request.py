@@ -75,6 +75,8 @@ def build_sweep(req: RunRequest) -> tuple[SweepConfig, Path]:
 
         run["device"] = resolve_device(run["device"])
     base = RunConfig(spec="", **run)
+    if base.evals_per_epoch >= 0:  # store the resolved K (negative: refused by validate)
+        base = dataclasses.replace(base, evals_per_epoch=base.evals)
     specs = split_specs(req.norms) if req.norms else list(
         preset.specs if preset else split_specs(DEFAULT_NORMS))
     batches = (int_list(req.batch_sizes, "--batch-sizes") if req.batch_sizes
@@ -107,6 +109,8 @@ def validate(sweep: SweepConfig) -> None:
         raise ConfigError(f"--schedule must be cosine or step, got {base.schedule!r}")
     if not 0 <= base.momentum < 1:
         raise ConfigError(f"--momentum must be in [0, 1), got {base.momentum}")
+    if base.evals_per_epoch < 0:
+        raise ConfigError(f"--evals-per-epoch must be >= 0, got {base.evals_per_epoch}")
     if base.weight_decay < 0:
         raise ConfigError(f"--weight-decay must be >= 0, got {base.weight_decay}")
     if sweep.accumulate_to is not None and sweep.accumulate_to <= 0:

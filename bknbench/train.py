@@ -1,7 +1,9 @@
-"""One run: build, train, evaluate in eval mode every epoch. Prints nothing.
+"""One run: build, train, evaluate in eval mode K times per epoch. Prints nothing.
 
-Metrics are accumulated on the device and read once per epoch, so a step never waits for
-the host. A run checkpoints after every epoch when given a path, and continues from it.
+Metrics are accumulated on the device and read only at an evaluation, so a step never waits
+for the host. Evaluations (eval_steps) touch neither the weights nor any RNG, so K changes
+the number of metric rows and nothing else. A run checkpoints after every epoch when given a
+path, and continues from it.
 """
 from __future__ import annotations
 
@@ -25,8 +27,9 @@ from .norms import parse_spec
 
 @dataclass
 class RunOutcome:
-    """What a run produced: status, per-epoch metrics, timing. `reason` explains a non-ok
-    status. Metric dicts use the keys of schema.METRIC_COLUMNS (without run_id)."""
+    """What a run produced: status, metrics, timing. `reason` explains a non-ok status.
+    `epochs` holds a metric dict per evaluation (keys of schema.METRIC_COLUMNS without
+    run_id), in order; the last of each epoch is at its end."""
 
     status: str = "ok"
     reason: str = ""
@@ -34,6 +37,7 @@ class RunOutcome:
     train_time_s: float = 0.0
     samples: int = 0
     peak_mem_mb: float | None = None
+    val_samples: int | None = None  # held-out samples behind each val_acc
 
 
 def resolve_device(name: str) -> str:
@@ -70,6 +74,14 @@ def lr_factor(cfg: RunConfig, steps_per_epoch: int) -> Callable[[int], float]:
         return 0.5 * (1.0 + math.cos(math.pi * (t - warm) / max(1, total - warm)))
 
     return factor
+
+
+def eval_steps(steps_per_epoch: int, evals_per_epoch: int) -> list[int]:
+    """The optimizer steps within an epoch (1-based counts) after which the model is
+    evaluated: K evenly spaced, the last at the epoch's end; at most one per step.
+    E.g. (10, 4) -> [2, 5, 8, 10] (round(10 j / 4), half to even)."""
+    k = max(1, min(evals_per_epoch, steps_per_epoch))
+    return sorted({max(1, round(steps_per_epoch * j / k)) for j in range(1, k + 1)})
 
 
 def make_optimizer(model, cfg: RunConfig) -> torch.optim.SGD:
@@ -145,7 +157,7 @@ def train_run(cfg: RunConfig, data: Dataset | None = None,
     # exactly norm_batch samples
     model, opt, sched, order = fresh_state(cfg, data, device, steps)
     data = data.to(device)
-    out = RunOutcome()
+    out = RunOutcome(val_samples=len(data.x_test))
     start_epoch = 0
     if checkpoint is not None and checkpoint.exists():
         try:
@@ -153,7 +165,7 @@ def train_run(cfg: RunConfig, data: Dataset | None = None,
         except (OSError, RuntimeError, KeyError, ValueError, EOFError):
             # unreadable (e.g. written by another version): start over, never fail the run
             model, opt, sched, order = fresh_state(cfg, data, device, steps)
-            out = RunOutcome()
+            out = RunOutcome(val_samples=len(data.x_test))
     step_fn = model
     if cfg.compile:
         step_fn = torch.compile(model)
@@ -171,7 +183,8 @@ def train_run(cfg: RunConfig, data: Dataset | None = None,
             perm = perm.to(device).view(steps, cfg.sgd_batch)
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device, dtype=torch.long)
-            for idx in perm:
+            evals = set(eval_steps(steps, cfg.evals))
+            for i, idx in enumerate(perm, 1):
                 x, y = data.x_train[idx], data.y_train[idx]
                 if augment is not None:
                     x = augment(x)
@@ -186,19 +199,27 @@ def train_run(cfg: RunConfig, data: Dataset | None = None,
                 sched.step()
                 loss_sum += loss.detach()
                 correct += (logits.detach().argmax(1) == y).sum()
-            sync(device)
-            out.train_time_s += time.perf_counter() - t_epoch
-            out.samples += steps * cfg.sgd_batch
-            train_loss = loss_sum.item() / steps
+                if i not in evals:
+                    continue
+                sync(device)  # the training time stops here; the evaluation is not in it
+                out.train_time_s += time.perf_counter() - t_epoch
+                # train_loss and train_acc: over this epoch's steps so far
+                train_loss = loss_sum.item() / i
+                if not math.isfinite(train_loss):
+                    break
+                val_loss, val_acc = evaluate(model, data.x_test, data.y_test, cfg.eval_batch)
+                out.epochs.append({
+                    "epoch": epoch + 1, "step": epoch * steps + i,
+                    "samples_seen": out.samples + i * cfg.sgd_batch, "train_loss": train_loss,
+                    "train_acc": 100.0 * correct.item() / (i * cfg.sgd_batch),
+                    "val_loss": val_loss, "val_acc": val_acc,
+                    "lr": opt.param_groups[0]["lr"], "wall_s": time.perf_counter() - t0})
+                t_epoch = time.perf_counter()
             if not math.isfinite(train_loss):
                 out.status, out.reason = "diverged", f"training loss became {train_loss} in epoch {epoch + 1}"
                 break
-            val_loss, val_acc = evaluate(model, data.x_test, data.y_test, cfg.eval_batch)
-            row = {"epoch": epoch + 1, "samples_seen": out.samples, "train_loss": train_loss,
-                   "train_acc": 100.0 * correct.item() / (steps * cfg.sgd_batch),
-                   "val_loss": val_loss, "val_acc": val_acc,
-                   "lr": opt.param_groups[0]["lr"], "wall_s": time.perf_counter() - t0}
-            out.epochs.append(row)
+            out.samples += steps * cfg.sgd_batch
+            row = out.epochs[-1]
             if on_epoch is not None:
                 on_epoch(row)
             if checkpoint is not None and epoch + 1 < cfg.epochs:

@@ -36,8 +36,15 @@ def test_run_writes_csvs_and_prints_table(sweep_dir):
     assert len(runs) == 5 * 2 * 2
     assert len({r["run_id"] for r in runs}) == len(runs)
     assert all(r["status"] == "ok" for r in runs)
+    # a metric row per evaluation: the default ceil(20 / 3) = 7 per epoch, at most one per
+    # step (512 samples / sgd_batch steps), the last at the end of training
     metrics = read_rows(out / "metrics.csv")
-    assert len(metrics) == len(runs) * 3
+    for r in runs:
+        steps = 512 // int(r["sgd_batch"])
+        mine = [m for m in metrics if m["run_id"] == r["run_id"]]
+        assert len(mine) == 3 * min(7, steps)
+        assert int(mine[-1]["step"]) == 3 * steps and mine[-1]["epoch"] == "3"
+        assert float(mine[-1]["val_acc"]) == float(r["final_val_acc"])
     # the micro-batch / SGD batch relation: only the accumulating spec steps per 128
     for r in runs:
         expect = "128" if r["spec"] == "bn-accum" else r["norm_batch"]

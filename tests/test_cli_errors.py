@@ -62,6 +62,7 @@ def results_dir(tmp_path_factory):
     (["--norms", "gn", "--batch-sizes", "100000"], ["100000", "512 training samples"]),
     (["--norms", "gn", "--epochs", "0"], ["--epochs"]),
     (["--norms", "gn", "--epochs", "-1"], ["--epochs"]),
+    (["--norms", "gn", "--evals-per-epoch", "-1"], ["--evals-per-epoch", ">= 0"]),
     (["--norms", "gn", "--dataset", "nope"], ["unknown dataset 'nope'"]),
     (["--norms", "gn", "--model", "nope"], ["unknown model 'nope'"]),
     (["--norms", "gn", "--workers", "0"], ["--workers"]),
@@ -179,3 +180,26 @@ def test_real_process_traceback_only_with_debug(tmp_path, debug):
         assert proc.returncode == 2 and proc.stdout == ""
         assert proc.stderr.splitlines() == [
             "error: unknown normalizer 'foo'; known: " + proc.stderr.split("known: ")[1].strip()]
+
+
+def test_report_errors(tmp_path, results_dir):
+    """report: a missing folder, a folder with no results, a sweep without one ok run, an
+    --out that cannot be written: one line each, exit 2, no file left behind."""
+    assert_one_line_error(runner.invoke(app, ["report", str(tmp_path / "nowhere")]),
+                          "does not exist")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(runner.invoke(app, ["report", str(tmp_path / "empty")]),
+                          "no results in", "runs.csv")
+    failed = tmp_path / "failed"
+    result = runner.invoke(app, RUN + ["--model", "mlp", "--norms", "bn", "--batch-sizes", "1",
+                                       "--out", str(failed)])
+    assert result.exit_code == 0, result.output
+    assert_one_line_error(runner.invoke(app, ["report", str(failed)]),
+                          "no successful runs in", "nothing to report")
+    assert not (failed / "report.html").exists()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert_one_line_error(runner.invoke(app, ["report", str(results_dir), "--out",
+                                              str(blocker / "r.html")]), "cannot write")
+    assert_one_line_error(runner.invoke(app, ["report", str(results_dir), "--out",
+                                              str(tmp_path)]), "cannot write", "is a folder")

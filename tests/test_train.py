@@ -8,11 +8,11 @@ from bknbench.config import RunConfig
 from bknbench.data.registry import load_dataset
 from bknbench.models.registry import make_model
 from bknbench.norms.registry import parse_spec
-from bknbench.train import lr_factor, make_optimizer, train_run
+from bknbench.train import eval_steps, lr_factor, make_optimizer, train_run
 
 
 
-METRICS = ("epoch", "samples_seen", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
+METRICS = ("epoch", "step", "samples_seen", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def data():
 
 def _cfg(**kw):
     base = dict(spec="bn", dataset="synthetic", model="mlp", norm_batch=32, sgd_batch=32,
-                epochs=2, base_lr=0.2)
+                epochs=2, base_lr=0.2, evals_per_epoch=1)
     base.update(kw)
     return RunConfig(**base)
 
@@ -72,7 +72,8 @@ def test_checkpoint_resume_is_exact(data, tmp_path, stop_at):
     """Interrupt a 3-epoch run (KeyboardInterrupt from the epoch callback of epoch
     `stop_at`), call train_run again with the same checkpoint: every metric equals the
     uninterrupted run's. A sampled transition makes the global torch RNG matter too."""
-    cfg = _cfg(spec="bkn:transition=sampled", norm_batch=8, sgd_batch=16, epochs=3)
+    cfg = _cfg(spec="bkn:transition=sampled", norm_batch=8, sgd_batch=16, epochs=3,
+               evals_per_epoch=3)
     full = train_run(cfg, data)
     assert full.status == "ok"
 
@@ -89,10 +90,51 @@ def test_checkpoint_resume_is_exact(data, tmp_path, stop_at):
     assert torch.load(ckpt, weights_only=True)["epoch"] == stop_at - 1
     resumed = train_run(cfg, data, checkpoint=ckpt)
     assert resumed.status == "ok"
-    assert len(resumed.epochs) == 3
+    assert len(resumed.epochs) == 3 * 3  # three evaluations per epoch
     for a, b in zip(full.epochs, resumed.epochs):
         assert [a[k] for k in METRICS] == [b[k] for k in METRICS]
     assert resumed.samples == full.samples
+
+
+# ---------------------------------------------------------------- evaluation schedule
+def test_eval_steps_are_evenly_spaced_and_end_the_epoch():
+    assert eval_steps(10, 1) == [10]
+    assert eval_steps(10, 4) == [2, 5, 8, 10]
+    assert eval_steps(16, 4) == [4, 8, 12, 16]
+    assert eval_steps(3, 7) == [1, 2, 3]  # at most one evaluation per step
+    assert eval_steps(1347, 7)[-1] == 1347 and len(eval_steps(1347, 7)) == 7
+
+
+def test_default_gives_at_least_20_evaluations():
+    for epochs in (1, 2, 3, 7, 10, 15, 20, 400):
+        cfg = RunConfig(spec="bn", epochs=epochs)
+        assert cfg.evals * epochs >= 20 and (cfg.evals - 1) * epochs < 20
+    assert RunConfig(spec="bn", epochs=3, evals_per_epoch=2).evals == 2
+    # K cannot change a result, so it is not part of the run id
+    assert RunConfig(spec="bn", evals_per_epoch=5).run_id == RunConfig(spec="bn").run_id
+
+
+@pytest.mark.parametrize("spec", ["bn", "bn-accum", "bkn:transition=sampled"])
+def test_evaluations_change_nothing_but_the_rows(data, spec):
+    """K = 4 evaluations per epoch against K = 1, deterministic: the end-of-epoch rows are
+    identical (a sampled transition draws from the global RNG, which evaluation must not
+    touch), and the extra rows sit at evenly spaced steps with their samples counted."""
+    kw = dict(spec=spec, norm_batch=8, sgd_batch=16, epochs=2, deterministic=True)
+    one = train_run(_cfg(evals_per_epoch=1, **kw), data)
+    four = train_run(_cfg(evals_per_epoch=4, **kw), data)
+    assert one.status == four.status == "ok"
+    assert [r["step"] for r in one.epochs] == [32, 64]  # 512 samples / 16 per step
+    assert [r["step"] for r in four.epochs] == [8, 16, 24, 32, 40, 48, 56, 64]
+    assert [r["samples_seen"] for r in four.epochs] == [16 * r["step"] for r in four.epochs]
+    assert [r["epoch"] for r in four.epochs] == [1, 1, 1, 1, 2, 2, 2, 2]
+    ends = [four.epochs[3], four.epochs[7]]
+    for a, b in zip(one.epochs, ends):
+        assert [a[k] for k in METRICS] == [b[k] for k in METRICS]
+    assert one.samples == four.samples == 1024
+    assert one.val_samples == four.val_samples == 256
+    # each row is an evaluation of its own (a model that is still changing), not a copy
+    assert len({r["val_loss"] for r in four.epochs}) == 8
+    assert four.epochs[0]["train_loss"] > four.epochs[3]["train_loss"]
 
 
 def test_undefined_configuration_fails_with_a_reason(data):

@@ -3,7 +3,7 @@
 Public names: ``DATASETS`` (name -> loader), ``load_dataset(name, data_dir)``, ``Dataset``.
 
 Modules: ``registry`` (Dataset, register_dataset, load_dataset, standardize, cache folder),
-``embedded`` (mnist1d, digits, synthetic), ``cifar`` (CIFAR-10/100 from a local copy, with a
+``embedded`` (mnist1d, digits, digits32, synthetic), ``cifar`` (CIFAR-10/100 from a local copy, with a
 restricted unpickler), ``augment`` (random crop and flip on the device).
 
 To add a dataset: one file here with a loader ``@register_dataset(name)`` returning

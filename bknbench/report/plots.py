@@ -1,11 +1,16 @@
-"""Figures from a results folder: error vs micro-batch size, and convergence per epoch.
+"""Figures from a results folder: error vs micro-batch size, and convergence.
 
-Error is 100 - accuracy, in %. Bands are the 95% Student-t CI of the mean over seeds,
-    mean -+ t(0.975, n - 1) * std / sqrt(n)        (results.mean_ci; no band when n = 1),
-and only runs with status ok enter a line. A spec has one colour in every figure
-(spec_colors), so the figures can be read side by side. When the mean errors of a figure
-span a factor of 10 or more (a collapse at micro-batch 1 beside 2% elsewhere), its error axis
-is logarithmic, so that differences of a point between good runs stay visible.
+Error is 100 - accuracy, in %, and only runs with status ok enter a line.
+- error_vs_batch: the final error, mean over seeds, with the 95% interval of summary.py
+  (Student-t on the logit scale: never outside [0, 100]; no band when n = 1).
+- convergence: the held-out error at each evaluation against the training samples seen,
+  mean over seeds, with a band from the best to the worst seed (a plain spread: with 3 seeds
+  a 95% interval would fill the panel). Samples seen, not optimizer steps, so that specs
+  stepping per micro-batch and specs accumulating to a large batch share one x axis.
+A spec has one colour in every figure (spec_colors), so the figures can be read side by
+side. When the plotted mean errors of a figure span a factor of 10 or more (a collapse at
+micro-batch 1 beside 2% elsewhere), its error axis is logarithmic, so that differences of a
+point between good runs stay visible.
 
 matplotlib is imported inside functions: `import bknbench.plots` stays fast. Figures are
 built with matplotlib.figure.Figure rather than pyplot, so nothing needs a display, no global
@@ -21,7 +26,7 @@ import pandas as pd
 
 from ..errors import ConfigError
 from .results import Results
-from .summary import mean_ci, summarize
+from .summary import summarize
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -40,6 +45,13 @@ def spec_colors(specs: Iterable[str]) -> dict[str, str]:
     # tab20's even entries are exactly tab10; its odd entries are the lighter partners.
     palette = list(colormaps["tab10"].colors) + list(colormaps["tab20"].colors[1::2])
     return {s: to_hex(palette[i % len(palette)]) for i, s in enumerate(dict.fromkeys(specs))}
+
+
+def _dashes(colors: dict[str, str]) -> dict[str, str]:
+    """A line style per spec beside its colour (solid, dashed, dash-dot, dotted, in turn),
+    so that lines that coincide (bn and bn-accum at 128) both stay visible."""
+    styles = ("-", "--", "-.", ":")
+    return {s: styles[i % len(styles)] for i, s in enumerate(colors)}
 
 
 def _error_scale(axes, errors: list[float]) -> str:
@@ -65,6 +77,7 @@ def _error_vs_batch_figure(runs: pd.DataFrame, colors: dict[str, str]) -> "Figur
     from matplotlib.ticker import NullLocator
 
     groups = _groups(runs)
+    dashes = _dashes(colors)
     fig = Figure(figsize=(6.4 * len(groups), 4.6), layout="constrained")
     axes = fig.subplots(1, len(groups), squeeze=False)[0]
     errors = []
@@ -76,7 +89,8 @@ def _error_vs_batch_figure(runs: pd.DataFrame, colors: dict[str, str]) -> "Figur
                 continue
             x = line["norm_batch"].to_numpy()
             errors += list(100 - line["mean"])
-            ax.plot(x, 100 - line["mean"], marker="o", color=colors[spec], label=spec)
+            ax.plot(x, 100 - line["mean"], marker="o", color=colors[spec], label=spec,
+                    linestyle=dashes[spec])
             # NaN bounds (n = 1) leave a gap in the band rather than a fake zero-width one.
             ax.fill_between(x, 100 - line["ci_high"], 100 - line["ci_low"],
                             color=colors[spec], alpha=0.2, linewidth=0)
@@ -95,21 +109,29 @@ def _error_vs_batch_figure(runs: pd.DataFrame, colors: dict[str, str]) -> "Figur
     n_failed = int((runs["status"] != "ok").sum())
     excluded = f"; {n_failed} failed run(s) excluded" if n_failed else ""
     fig.suptitle(f"Validation error vs micro-batch size\n"
-                 f"mean over seeds with 95% CI{excluded}", fontsize="medium")
+                 f"mean over seeds; band: 95% CI, Student-t on the logit scale{excluded}",
+                 fontsize="medium")
     return fig
+
+
+def _seed_spread(cell: pd.DataFrame) -> pd.DataFrame:
+    """Per evaluation point (samples_seen): mean, best and worst error (%) over seeds."""
+    err = cell.assign(err=100.0 - cell["val_acc"]).groupby("samples_seen")["err"]
+    return pd.DataFrame({"mean": err.mean(), "low": err.min(), "high": err.max()})
 
 
 def _convergence_figure(runs: pd.DataFrame, metrics: pd.DataFrame,
                         colors: dict[str, str]) -> "Figure":
-    """Validation error per epoch, a panel per micro-batch size (a row per (dataset, model)
-    when there are several), a line per spec: the mean over seeds with its 95% CI band."""
+    """Validation error against training samples seen, a panel per micro-batch size (a row
+    per (dataset, model) when there are several), a line per spec: the mean over seeds with
+    the seeds' spread as a band."""
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import EngFormatter
 
     ok = runs.loc[runs["status"] == "ok", ["run_id", "dataset", "model", "spec", "norm_batch"]]
-    m = metrics[["run_id", "epoch", "val_acc"]].merge(ok, on="run_id")
+    m = metrics[["run_id", "samples_seen", "val_acc"]].merge(ok, on="run_id")
     if m.empty:
-        raise ConfigError("metrics.csv has no epochs of successful runs: nothing to plot")
+        raise ConfigError("metrics.csv has no evaluations of successful runs: nothing to plot")
     groups = _groups(m)
     panels = [(key, b, part[part["norm_batch"] == b])
               for key, part in groups for b in sorted(set(part["norm_batch"]))]
@@ -121,28 +143,36 @@ def _convergence_figure(runs: pd.DataFrame, metrics: pd.DataFrame,
         places = [(r, c) for r, (_, part) in enumerate(groups)
                   for c in range(len(set(part["norm_batch"])))]
     nrows = max(r for r, _ in places) + 1
-    fig = Figure(figsize=(3.6 * ncols + 1.6, 3.0 * nrows + 0.6), layout="constrained")
+    fig = Figure(figsize=(3.4 * ncols + 1.8, 2.9 * nrows + 0.8), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True if len(groups) == 1 else "row")
-    handles, errors = {}, []
+    handles, errors, highs, n_seeds = {}, [], [], set()
+    dashes = _dashes(colors)
     for (r, c), ((dataset, model), b, cell) in zip(places, panels):
         ax = axes[r][c]
         for spec in colors:
             of_spec = cell[cell["spec"] == spec]
             if of_spec.empty:
                 continue
-            stats = [(e, *mean_ci(g["val_acc"])) for e, g in of_spec.groupby("epoch")]
-            epoch, mean, _, half = (pd.Series(v, dtype="float64") for v in zip(*stats))
-            errors += list(100 - mean)
-            (handles[spec],) = ax.plot(epoch, 100 - mean, color=colors[spec], label=spec)
-            ax.fill_between(epoch, 100 - mean - half, 100 - mean + half,
-                            color=colors[spec], alpha=0.2, linewidth=0)
+            n_seeds.add(of_spec["run_id"].nunique())
+            line = _seed_spread(of_spec)
+            x = line.index.to_numpy()
+            errors += list(line["mean"])
+            highs.append(float(line["high"].max()))
+            (handles[spec],) = ax.plot(x, line["mean"], color=colors[spec], label=spec,
+                                       linewidth=1.4, linestyle=dashes[spec])
+            ax.fill_between(x, line["low"], line["high"], color=colors[spec], alpha=0.15,
+                            linewidth=0)
         where = f"{dataset} / {model}, " if len(groups) > 1 else ""
-        ax.set_title(f"{where}micro-batch {b}")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(f"{where}micro-batch {b}", fontsize="medium")
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))
         ax.grid(alpha=0.3, which="both")
         if (r + 1, c) not in places:  # lowest panel of its column
-            ax.set_xlabel("epoch")
+            ax.set_xlabel("training samples seen")
     scale = _error_scale([axes[r][c] for r, c in places], errors)
+    if not scale:  # linear: from 0 to the worst seed, so no band is cut
+        top = max(highs) if highs else 100.0
+        for r, c in places:
+            axes[r][c].set_ylim(0, min(100.0, 1.05 * top))
     for r in range(nrows):
         axes[r][0].set_ylabel(f"validation error (%{scale})")
     for r in range(nrows):  # grid cells without a panel
@@ -151,8 +181,9 @@ def _convergence_figure(runs: pd.DataFrame, metrics: pd.DataFrame,
                 axes[r][c].set_visible(False)
     order = [s for s in colors if s in handles]  # the same order as the other figure
     fig.legend([handles[s] for s in order], order, title="spec", loc="outside right upper")
-    fig.suptitle("Validation error during training\nmean over seeds with 95% CI",
-                 fontsize="medium")
+    seeds = "/".join(map(str, sorted(n_seeds)))
+    fig.suptitle(f"Validation error during training\nmean over {seeds} seed(s); "
+                 "band: best to worst seed", fontsize="medium")
     return fig
 
 

@@ -17,9 +17,10 @@ RUN_REQUIRED = ("run_id", "spec", "dataset", "model", "norm_batch", "sgd_batch",
 METRIC_REQUIRED = ("run_id", "epoch", "val_acc")
 _RUN_INTS = ("norm_batch", "sgd_batch", "seed", "epochs")
 _RUN_FLOATS = ("final_val_acc", "best_val_acc", "final_train_loss", "train_time_s",
-               "samples_per_s", "peak_mem_mb", "lr")
+               "samples_per_s", "peak_mem_mb", "lr", "val_samples")
 _METRIC_INTS = ("epoch", "samples_seen")
-_METRIC_FLOATS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "wall_s")
+# step may be empty: rows of runs finished before it was recorded, in a resumed folder
+_METRIC_FLOATS = ("step", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "wall_s")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ RUN_COLUMNS = (
     "status",  # ok | failed | diverged | oom
     "reason",  # why a run is not ok; empty otherwise
     "final_val_acc",  # validation accuracy after the last epoch, %
-    "best_val_acc",  # best validation accuracy over epochs, %
+    "best_val_acc",  # best validation accuracy at the end of an epoch, %
+    "val_samples",  # held-out samples behind each accuracy (the intervals' N)
     "final_train_loss",
     "train_time_s",  # seconds in training steps (evaluation excluded)
     "samples_per_s",  # training samples per second
@@ -31,16 +32,18 @@ RUN_COLUMNS = (
     "config",  # JSON: the fully resolved RunConfig
 )
 
-# One row per run and epoch (metrics.csv).
+# One row per run and evaluation (metrics.csv): --evals-per-epoch K evenly spaced in each
+# epoch, the last at its end.
 METRIC_COLUMNS = (
     "run_id",
-    "epoch",  # 1-based
+    "epoch",  # 1-based, the epoch the evaluation falls in
+    "step",  # optimizer steps so far
     "samples_seen",  # training samples processed so far
-    "train_loss",  # mean over the epoch's training steps
-    "train_acc",  # %, in training mode
+    "train_loss",  # mean over the epoch's training steps so far
+    "train_acc",  # %, in training mode, over the same steps
     "val_loss",
     "val_acc",  # %, in eval mode on the held-out split
-    "lr",  # learning rate at the end of the epoch
+    "lr",  # learning rate at the evaluation
     "wall_s",  # seconds since the run started
 )
 

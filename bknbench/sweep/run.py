@@ -64,8 +64,11 @@ def kernels(cfg: RunConfig) -> str:
 def make_row(cfg: RunConfig, outcome) -> dict:
     from ..norms import parse_spec
 
-    last = outcome.epochs[-1] if outcome.epochs else {}
-    accs = [e["val_acc"] for e in outcome.epochs]
+    rows = outcome.epochs  # a row per evaluation; best_val_acc looks at epoch ends only,
+    # so it does not depend on --evals-per-epoch
+    last = rows[-1] if rows else {}
+    accs = [r["val_acc"] for i, r in enumerate(rows)
+            if i + 1 == len(rows) or rows[i + 1]["epoch"] != r["epoch"]]
     ok = outcome.status == "ok"
     return {
         "run_id": cfg.run_id, "spec": cfg.spec, "norm": parse_spec(cfg.spec).name,
@@ -74,6 +77,7 @@ def make_row(cfg: RunConfig, outcome) -> dict:
         "status": outcome.status, "reason": outcome.reason,
         "final_val_acc": last.get("val_acc") if ok else None,
         "best_val_acc": max(accs) if ok and accs else None,
+        "val_samples": outcome.val_samples,
         "final_train_loss": last.get("train_loss"),
         "train_time_s": round(outcome.train_time_s, 4),
         "samples_per_s": round(outcome.samples / outcome.train_time_s, 2)

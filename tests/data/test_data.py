@@ -95,3 +95,36 @@ def test_dataset_to_device_keeps_everything():
     e = d.to("cpu")
     assert e.name == d.name and e.num_classes == d.num_classes and e.image == d.image
     assert torch.equal(e.x_test, d.x_test)
+
+
+def test_digits32_shapes_cache_and_split(tmp_path, monkeypatch):
+    """digits upsampled to 32x32 with fixed noise: CIFAR-sized maps, generated once into
+    the cache (then read back bitwise), the same samples in the same split as digits."""
+    monkeypatch.setenv("BKNBENCH_CACHE", str(tmp_path))
+    d = load_dataset("digits32")
+    assert d.x_train.shape == (1347, 1, 32, 32) and d.x_test.shape == (450, 1, 32, 32)
+    assert d.image and d.num_classes == 10 and d.x_train.dtype == torch.float32
+    _check_standardized(d.x_train)
+    files = list(tmp_path.iterdir())
+    assert len(files) == 1 and files[0].name.startswith("digits32-") and files[0].suffix == ".npz"
+    stamp = files[0].stat().st_mtime_ns
+    again = load_dataset("digits32")  # from the cache, not regenerated
+    assert files[0].stat().st_mtime_ns == stamp
+    for k in ("x_train", "y_train", "x_test", "y_test"):
+        assert torch.equal(getattr(again, k), getattr(d, k))
+    (tmp_path / files[0].name).unlink()  # regenerated from scratch: the same bits
+    fresh = load_dataset("digits32")
+    assert torch.equal(fresh.x_train, d.x_train) and torch.equal(fresh.x_test, d.x_test)
+
+    small = load_dataset("digits")
+    assert torch.equal(d.y_train, small.y_train) and torch.equal(d.y_test, small.y_test)
+    # each 32x32 image, pooled back to 8x8, is its digits image (noise sd 0.3 / 4 per pool)
+    for big, little in ((d.x_train, small.x_train), (d.x_test, small.x_test)):
+        pooled = torch.nn.functional.avg_pool2d(big, 4).flatten(1)
+        c = torch.corrcoef(torch.stack([pooled.flatten(), little.flatten()]))[0, 1]
+        assert c > 0.95
+        # and not merely alike overall: each pooled image is nearest to its own digit
+        nearest = torch.cdist(pooled[:200], little[:200].flatten(1)).argmin(1)
+        assert (nearest == torch.arange(200)).float().mean() > 0.95
+    # the noise is there: neighbouring pixels of the smooth upsampling differ by more
+    assert (d.x_train[..., 1:] - d.x_train[..., :-1]).std() > 0.3

@@ -44,7 +44,8 @@ def results_dir(tmp_path):
                              "final_val_acc": acc if ok else "",
                              "best_val_acc": acc + 0.3 if ok else ""})
                 if ok:
-                    metrics += [{"run_id": run_id, "epoch": e, "samples_seen": 4000 * e,
+                    metrics += [{"run_id": run_id, "epoch": e, "step": 125 * e,
+                                 "samples_seen": 4000 * e,
                                  "val_acc": acc - 4 * (3 - e), "train_loss": 1 / e}
                                 for e in (1, 2, 3)]
     folder = tmp_path / "res"
@@ -137,9 +138,32 @@ def test_convergence_panels_share_the_colours(results_dir):
     for spec, line in first.items():
         assert line.get_color() == colors[spec]
     gn = first["gn:groups=8"]  # mean of seeds 0 and 1 (92, 93) minus 4 per epoch left
-    assert list(gn.get_xdata()) == [1, 2, 3]
+    assert list(gn.get_xdata()) == [4000, 8000, 12000]  # training samples seen
     assert list(gn.get_ydata()) == pytest.approx([100 - 84.5, 100 - 88.5, 100 - 92.5])
     assert [t.get_text() for t in fig.legends[0].get_texts()] == list(SPECS)
+    # the band runs from the best seed to the worst (errors 7, 8 at the end), not a t-interval
+    from matplotlib.colors import to_rgb
+
+    band, = [c for c in panels[0].collections
+             if tuple(c.get_facecolor()[0][:3]) == pytest.approx(to_rgb(gn.get_color()))]
+    ys = band.get_paths()[0].vertices[:, 1]
+    assert ys.min() == pytest.approx(7.0)  # best seed at the end: 100 - 93
+    assert ys.max() == pytest.approx(16.0)  # worst seed after epoch 1: 100 - (92 - 8)
+    assert panels[-1].get_xlabel() == "training samples seen"
+    assert panels[0].get_yscale() == "linear" and panels[0].get_ylim()[0] == 0
+
+
+def test_convergence_bands_never_leave_what_is_possible(results_dir):
+    """Seeds at 0% and 100%: the spread band stays in [0, 100] (a t-band would not)."""
+    res = load_results(results_dir)
+    metrics = res.metrics.copy()
+    metrics["val_acc"] = [100.0 if i % 2 else 0.0 for i in range(len(metrics))]
+    fig = _convergence_figure(res.runs, metrics, spec_colors(res.runs["spec"]))
+    for ax in fig.axes:
+        for band in ax.collections:
+            for path in band.get_paths():
+                ys = path.vertices[:, 1]
+                assert ys.min() >= 0.0 and ys.max() <= 100.0
 
 
 def test_selection_can_be_plotted(results_dir, tmp_path):

@@ -29,6 +29,7 @@ def run_row(spec, norm_batch, seed, acc, status="ok", dataset="mnist1d", model="
         "lr": 0.2 * norm_batch / 128, "status": status,
         "reason": "" if ok else f"{status}: CUDA out of memory, tried 2.0 GiB",
         "final_val_acc": acc if ok else "", "best_val_acc": acc + 0.5 if ok else "",
+        "val_samples": 500 if ok else "",
         "final_train_loss": 0.31 if ok else "", "train_time_s": 12.5,
         "samples_per_s": 3900.0, "peak_mem_mb": "", "device": "cpu", "amp": False,
         "compile": False, "deterministic": False, "torch_version": "2.4.0",
@@ -38,7 +39,7 @@ def run_row(spec, norm_batch, seed, acc, status="ok", dataset="mnist1d", model="
 
 
 def metric_rows(run_id, final_acc, epochs=3):
-    return [{"run_id": run_id, "epoch": e, "samples_seen": 4000 * e,
+    return [{"run_id": run_id, "epoch": e, "step": 125 * e, "samples_seen": 4000 * e,
              "train_loss": 1.0 / e, "train_acc": final_acc - 5 + e, "val_loss": 1.2 / e,
              "val_acc": final_acc - (epochs - e) * 3.0, "lr": 0.1 / e, "wall_s": 4.0 * e}
             for e in range(1, epochs + 1)]
@@ -83,21 +84,49 @@ def test_load_coerces_types_and_reads_metrics(sweep):
     assert res.metrics["epoch"].dtype == "int64" and len(res.metrics) == 9 * 3
 
 
-def test_mean_and_t_interval_match_hand_computation(sweep):
+def _logit_t(accs, n_test, t975):
+    """The logit-t interval of summary.py, by hand (with math, not numpy)."""
+    y = [math.log(p / (1 - p)) for p in ((a / 100 * n_test + 0.5) / (n_test + 1) for a in accs)]
+    m = sum(y) / len(y)
+    half = t975 * math.sqrt(sum((v - m) ** 2 for v in y) / (len(y) - 1)) / math.sqrt(len(y))
+    back = lambda v: 100 * ((n_test + 1) / (1 + math.exp(-v)) - 0.5) / n_test  # noqa: E731
+    return back(m - half), back(m + half)
+
+
+def test_mean_and_logit_t_interval_match_hand_computation(sweep):
     s = summarize(load_results(sweep).runs).set_index(["spec", "norm_batch"])
     bn = s.loc[("bn", 128)]
-    half = T975_DOF2 * 2.0 / math.sqrt(3)  # std of 90, 92, 94 is 2
-    assert (bn["n"], bn["mean"], bn["std"]) == (3, 92.0, 2.0)
-    assert bn["ci_low"] == pytest.approx(92 - half) and bn["ci_high"] == pytest.approx(92 + half)
+    low, high = _logit_t([90.0, 92.0, 94.0], 500, T975_DOF2)
+    assert (bn["n"], bn["mean"], bn["std"], bn["val_samples"]) == (3, 92.0, 2.0, 500)
+    assert bn["ci_low"] == pytest.approx(low) and bn["ci_high"] == pytest.approx(high)
+    assert bn["ci_method"] == "logit-t"
+    # bounded above by 100 where Student-t on the raw scale gave 96.97: narrower toward it
+    assert 92 - bn["ci_low"] > bn["ci_high"] - 92 and bn["ci_high"] < 100
     assert bn["best_mean"] == pytest.approx(92.5)
 
 
-def test_difference_to_reference_with_welch_interval(sweep):
+def test_difference_to_reference_paired_and_welch(sweep):
+    from scipy.stats import t
+
     s = summarize(load_results(sweep).runs).set_index(["spec", "norm_batch"])
     assert bool(s.loc[("bn", 128), "is_ref"]) and s.loc[("bn", 128), "ref_diff"] == 0.0
-    gn = s.loc[("gn", 8)]  # 86, 88, 90 vs 90, 92, 94: equal spreads, so Welch dof = 4
-    assert gn["ref_diff"] == pytest.approx(-4.0)
-    assert gn["ref_diff_ci"] == pytest.approx(T975_DOF4 * math.sqrt(4 / 3 + 4 / 3))
+    assert s.loc[("bn", 128), "ref_diff_method"] == ""  # the reference has no Δ interval
+    # gn@8 ran seeds 0, 1, 2 like the reference: paired; 86-90, 88-92, 90-94 are all -4
+    gn = s.loc[("gn", 8)]
+    assert (gn["ref_diff"], gn["ref_diff_method"], gn["ref_diff_n"]) == (-4.0, "paired", 3)
+    # no spread at all, but accuracies are counts out of 500: the rounding floor remains
+    half = T975_DOF2 * math.sqrt(2 * 0.2**2 / 12) / math.sqrt(3)
+    assert gn["ref_diff_low"] == pytest.approx(-4 - half) and gn["ref_diff_excludes_0"]
+    assert gn["ref_diff_high"] == pytest.approx(-4 + half) and half == pytest.approx(0.2028, abs=1e-4)
+    # gn@2 lost seed 2 (oom): Welch over 80, 82 and 90, 92, 94
+    gn2 = s.loc[("gn", 2)]
+    va, vr = 2.0 / 2, 4.0 / 3  # both above the rounding floor (0.2^2 / 12)
+    dof = (va + vr) ** 2 / (va**2 / 1 + vr**2 / 2)
+    half = t.ppf(0.975, dof) * math.sqrt(va + vr)
+    assert (gn2["ref_diff"], gn2["ref_diff_method"], gn2["ref_diff_n"]) == (-11.0, "welch", 2)
+    assert gn2["ref_diff_low"] == pytest.approx(-11 - half)
+    assert gn2["ref_diff_high"] == pytest.approx(-11 + half)
+    assert gn2["ref_diff_excludes_0"] == (half < 11)
 
 
 def test_single_seed_has_no_interval(sweep):
@@ -105,7 +134,8 @@ def test_single_seed_has_no_interval(sweep):
     one = s.loc[("bkn:p=0.5", 2)]
     assert one["n"] == 1 and one["mean"] == 91.0 and one["ref_diff"] == pytest.approx(-1.0)
     assert math.isnan(one["ci_low"]) and math.isnan(one["ci_high"])
-    assert math.isnan(one["ref_diff_ci"])
+    assert math.isnan(one["ref_diff_low"]) and math.isnan(one["ref_diff_high"])
+    assert one["ref_diff_method"] == "welch" and one["ci_method"] == ""
     assert "91.00 (CI n/a)" in format_summary(s.reset_index(), "markdown")
 
 
@@ -158,11 +188,20 @@ def test_formats(sweep):
     records = json.loads(format_summary(s, "json"))
     assert len(records) == 5 and records[0]["spec"] == "gn"
     assert records[4]["ci_low"] is None  # NaN -> null
+    ref = records[3]
+    low, high = _logit_t([90.0, 92.0, 94.0], 500, T975_DOF2)
+    assert (ref["spec"], ref["n"], ref["ci_method"]) == ("bn", 3, "logit-t")
+    assert ref["ci_low"] == pytest.approx(low) and ref["ci_high"] == pytest.approx(high)
+    assert records[1]["ref_diff_method"] == "paired" and records[1]["ref_diff_n"] == 3
+    assert records[1]["ref_diff_low"] == pytest.approx(-4.2028, abs=1e-4)
+    assert records[1]["ref_diff_high"] == pytest.approx(-3.7972, abs=1e-4)
     assert pd.read_csv(io.StringIO(format_summary(s, "csv")))["n"].tolist() == [2, 3, 0, 3, 1]
     md = format_summary(s, "markdown").splitlines()
-    assert md[0] == "| spec | batch | n | acc % (95% CI) | Δ vs ref |" and len(md) == 2 + 5
-    assert "| bn | 128 | 3 | 92.00 ± 4.97 [87.03, 96.97] | ref |" in md
-    assert "| gn | 2 | 2 (+1 oom) |" in md[2]
+    assert md[0] == "| spec | batch | n | acc % [95% CI] | Δ vs ref [95% CI] |"
+    assert len(md) == 2 + 5 + 2 and md[-2] == "" and "logit scale" in md[-1]
+    assert f"| bn | 128 | 3 | 92.00 [{low:.2f}, {high:.2f}] | ref |" in md
+    assert "| gn | 8 | 3 | 88.00 [" in md[3] and "| -4.00 [-4.20, -3.80] P * |" in md[3]
+    assert "| gn | 2 | 2 (+1 oom) |" in md[2] and md[2].endswith(" W * |")
     with pytest.raises(ConfigError, match="unknown summary format 'html'"):
         format_summary(s, "html")
 
@@ -173,8 +212,10 @@ def test_rich_table_renders(sweep):
     console = Console(file=io.StringIO(), width=200, color_system=None)
     console.print(table)
     text = console.file.getvalue()
-    for piece in ("92.00 ± 4.97", "[87.03, 96.97]", "n/a", "ref", "all failed", "✗ 1 oom"):
-        assert piece in text
+    low, high = _logit_t([90.0, 92.0, 94.0], 500, T975_DOF2)
+    for piece in ("92.00", f"[{low:.2f}, {high:.2f}]", "n/a", "ref", "all failed", "✗ 1 oom",
+                  "-4.00 [-4.20, -3.80] P *", "logit scale"):
+        assert piece in text, piece
 
 
 def test_select_filters_runs_and_metrics(sweep):
@@ -228,7 +269,7 @@ def test_bad_folders_are_config_errors(tmp_path):
 
 def test_bad_metrics_csv_is_a_config_error(tmp_path):
     folder = write_results(tmp_path / "r", [run_row("bn", 4, 0, 90.0)])
-    _rewrite(folder, "metrics.csv", lambda t: t.replace(",1,4000,", ",one,4000,", 1))
+    _rewrite(folder, "metrics.csv", lambda t: t.replace(",1,125,4000,", ",one,125,4000,", 1))
     with pytest.raises(ConfigError, match=r"metrics.csv:2: epoch='one' is not an integer"):
         load_results(folder)
 
@@ -238,3 +279,11 @@ def test_ok_run_without_accuracy_is_rejected(tmp_path):
     row["final_val_acc"] = ""
     with pytest.raises(ConfigError, match="is ok but has no final_val_acc"):
         load_results(write_results(tmp_path / "r", [row], with_metrics=False))
+
+
+def test_metrics_without_step_still_load(tmp_path):
+    """A folder resumed across the upgrade holds rows written before `step` existed."""
+    folder = write_results(tmp_path / "r", [run_row("bn", 4, 0, 90.0)])
+    _rewrite(folder, "metrics.csv", lambda t: t.replace(",1,125,4000,", ",1,,4000,", 1))
+    m = load_results(folder).metrics
+    assert math.isnan(m["step"].iloc[0]) and m["step"].iloc[1] == 250

@@ -26,8 +26,9 @@ from bknbench.config import RunConfig, SweepConfig
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 # 8 runs of 0.3-1 s each on one core: long enough that the three kills below (each at most
 # 0.6 s after a run finished) cannot let the whole sweep finish
+# (one evaluation per epoch: a metric row per epoch keeps the checks below simple)
 GRID = ["--dataset", "synthetic", "--norms", "gn,ln", "--batch-sizes", "2,4",
-        "--seeds", "0,1", "--epochs", "3", "--quiet"]
+        "--seeds", "0,1", "--epochs", "3", "--evals-per-epoch", "1", "--quiet"]
 TIMING = {"train_time_s", "samples_per_s", "wall_s"}  # the only columns allowed to differ
 runner = CliRunner()
 
@@ -236,7 +237,8 @@ def test_divergence_strict_and_fail_fast(tmp_path):
 
 # ---------------------------------------------------------------- determinism, checkpoints
 DET = ["--dataset", "synthetic", "--norms", "bn,gn", "--batch-sizes", "8", "--seeds", "0",
-       "--epochs", "3", "--deterministic", "--workers", "1", "--quiet"]
+       "--epochs", "3", "--evals-per-epoch", "1", "--deterministic", "--workers", "1",
+       "--quiet"]
 
 
 def without_timing(table: list[dict]) -> list[dict]:

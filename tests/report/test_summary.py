@@ -1,0 +1,149 @@
+"""summary.py's intervals in their corners: one seed, all seeds equal, 0% and 100%, pairing;
+and, over random inputs, that no interval `compare` prints (table, csv, json, markdown)
+leaves [0, 100]."""
+import json
+import math
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from bknbench.cli import app
+from bknbench.report.schema import RUN_COLUMNS
+from bknbench.report.summary import acc_interval, diff_interval, summarize
+
+from test_results import run_row, write_csv, write_results
+
+runner = CliRunner()
+
+
+def test_one_seed_has_a_mean_and_no_interval():
+    assert acc_interval([97.5], 450)[0] == 97.5
+    assert all(math.isnan(v) for v in acc_interval([97.5], 450)[1:])
+    assert all(math.isnan(v) for v in acc_interval([], 450))
+
+
+T975 = {2: 4.302652729911275, 3: 3.182446305284263}  # t(0.975, dof)
+
+
+@pytest.mark.parametrize("value", [0.0, 37.5, 100.0])
+def test_all_seeds_equal_leave_the_rounding_of_one_test_sample(value):
+    """Four seeds at the same count out of 450: no measured spread, but an accuracy moves in
+    steps of 100/450 points, so the interval keeps Sheppard's floor (sd >= step / sqrt(12)):
+    about t(0.975, 3) * 0.064 / 2 = 0.10 points a side in the middle, one-sided at a bound."""
+    mean, std, low, high = acc_interval([value] * 4, 450)
+    assert (mean, std) == (value, 0.0)
+    assert 0.0 <= low <= value <= high <= 100.0 and high - low > 0
+    floor = T975[3] * (100 / 450) / math.sqrt(12) / 2
+    if value == 37.5:
+        assert (value - low, high - value) == pytest.approx((floor, floor), rel=0.02)
+    else:  # at a bound the interval reaches it and lies on one side
+        assert (low, high)[value == 100.0] == value and 0 < high - low < 1.0
+
+
+def test_zero_and_hundred_percent_stay_inside_and_include_the_data():
+    for accs in ([100.0, 100.0, 99.0], [0.0, 0.0, 1.0], [0.0, 100.0], [0.0, 50.0, 100.0]):
+        mean, _, low, high = acc_interval(accs, 450)
+        assert 0.0 <= low <= high <= 100.0
+        assert low <= min(accs) + 1e-9 or high >= max(accs) - 1e-9
+    _, _, low, high = acc_interval([100.0, 100.0, 99.0], 450)
+    assert high == 100.0 and 90.0 < low < 99.0  # the side of the bound is short, not cut
+    _, _, low, high = acc_interval([0.0, 100.0], 450)
+    assert (low, high) == (0.0, 100.0)  # two seeds at the extremes: nothing is known
+
+
+def test_the_correction_uses_the_test_set_size():
+    """The half-sample correction: with more test samples an accuracy of 100% sits
+    further out on the logit scale, so the same spread of seeds is wider there."""
+    small = acc_interval([100.0, 99.0, 98.0], 100)
+    large = acc_interval([100.0, 99.0, 98.0], 10000)
+    assert large[2] < small[2]
+    assert acc_interval([90.0, 92.0], None) == acc_interval([90.0, 92.0], 1000)  # unknown N
+
+
+def test_paired_by_seed_and_welch_otherwise():
+    ref = pd.Series([90.0, 92.0, 94.0], index=[0, 1, 2])
+    same = pd.Series([91.0, 92.5, 95.5], index=[2, 0, 1])  # same seeds, another order
+    d, low, high, method, n = diff_interval(same, ref)
+    diffs = np.array([92.5 - 90, 95.5 - 92, 91 - 94])
+    half = T975[2] * diffs.std(ddof=1) / math.sqrt(3)
+    assert (method, n) == ("paired", 3) and d == pytest.approx(diffs.mean())
+    assert (low, high) == pytest.approx((diffs.mean() - half, diffs.mean() + half))
+    other = pd.Series([91.0, 92.5, 95.5], index=[3, 4, 5])  # other seeds: Welch
+    assert diff_interval(other, ref)[3] == "welch"
+    # pairing removes the seed-to-seed part both share: a constant shift is exact
+    shifted = ref - 30.0
+    floor = T975[2] * (100 / 450) / math.sqrt(6) / math.sqrt(3)  # rounding of two counts
+    assert diff_interval(shifted, ref, 450)[1:3] == pytest.approx((-30 - floor, -30 + floor))
+    assert diff_interval(shifted.set_axis([5, 6, 7]), ref)[1] < -34  # unpaired: wide
+    # a Δ interval is bounded by what is possible too
+    d, low, high, _, _ = diff_interval(pd.Series([0.0, 100.0, 0.0]), pd.Series([100.0, 0.0, 100.0]))
+    assert -100.0 <= low <= d <= high <= 100.0 and (low, high) == (-100.0, 100.0)
+
+
+NUMBER = re.compile(r"-?\d+\.\d+")
+
+
+def _random_sweep(rng, tmp_path, i):
+    """A random results folder: accuracies drawn near the bounds and in the middle, some
+    cells with one seed, some all equal, some failures."""
+    runs = []
+    for spec in ("bn", "gn", "bkn"):
+        for b in (1, 2, 128):
+            kind = rng.integers(5)
+            n = int(rng.integers(1, 6))
+            for seed in range(n):
+                if kind == 0:
+                    acc = float(rng.choice([0.0, 100.0, 100.0 / 450]))
+                elif kind == 1:
+                    acc = 100.0 * round(float(rng.uniform(0.97, 1.0)) * 450) / 450
+                elif kind == 2:
+                    acc = 55.0
+                else:
+                    acc = float(rng.uniform(0, 100))
+                status = "ok" if rng.random() > 0.1 else "diverged"
+                runs.append(run_row(spec, b, seed, acc, status))
+    if not any(r["status"] == "ok" for r in runs):
+        runs[0] = run_row("bn", 128, 0, 50.0)
+    return write_results(tmp_path / f"r{i}", runs)
+
+
+def test_no_interval_printed_by_compare_leaves_0_100(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        folder = _random_sweep(rng, tmp_path, i)
+        s = summarize(pd.read_csv(folder / "runs.csv"))
+        ok = s[s["n"] > 1]
+        assert ((ok["ci_low"] >= 0) & (ok["ci_low"] <= ok["ci_high"]) & (ok["ci_high"] <= 100)).all()
+        out = {fmt: runner.invoke(app, ["compare", str(folder), "--format", fmt])
+               for fmt in ("table", "csv", "json", "markdown")}
+        assert all(r.exit_code == 0 for r in out.values()), [r.output for r in out.values()]
+        for rec in json.loads(out["json"].stdout):
+            for key in ("ci_low", "ci_high", "mean"):
+                assert rec[key] is None or 0.0 <= rec[key] <= 100.0, (key, rec)
+            for key in ("ref_diff_low", "ref_diff_high"):
+                assert rec[key] is None or -100.0 <= rec[key] <= 100.0, (key, rec)
+            assert rec["ci_method"] == ("logit-t" if rec["n"] > 1 else "")
+        csv = pd.read_csv(__import__("io").StringIO(out["csv"].stdout))
+        bounds = csv[["ci_low", "ci_high"]].to_numpy().ravel()
+        assert ((bounds >= 0) & (bounds <= 100) | np.isnan(bounds)).all()
+        # the text formats: every bracketed accuracy interval [a, b] within [0, 100]
+        for fmt in ("table", "markdown"):
+            for a, b in re.findall(r"\[(\d+\.\d+), (\d+\.\d+)\]", out[fmt].stdout):
+                assert 0.0 <= float(a) <= float(b) <= 100.0, (fmt, a, b)
+
+
+def test_older_results_without_val_samples_say_what_was_assumed(tmp_path):
+    runs = [run_row("bn", 128, s, a) for s, a in enumerate([90.0, 92.0, 94.0])]
+    for r in runs:
+        del r["val_samples"]
+    folder = tmp_path / "old"
+    folder.mkdir()
+    write_csv(folder / "runs.csv", [c for c in RUN_COLUMNS if c != "val_samples"], runs)
+    result = runner.invoke(app, ["compare", str(folder), "--format", "markdown"])
+    assert result.exit_code == 0, result.output
+    assert "test-set size not recorded: N = 1000 assumed" in result.stdout
+    low, high = acc_interval([90.0, 92.0, 94.0], 1000)[2:]
+    assert f"92.00 [{low:.2f}, {high:.2f}]" in result.stdout
