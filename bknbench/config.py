@@ -41,6 +41,8 @@ class RunConfig:
     amp: bool = False  # bf16 autocast
     compile: bool = False  # torch.compile the model
     deterministic: bool = False  # bitwise repeatable kernels
+    threads: int | None = None  # torch intra-op threads; None: 1 if deterministic, else the
+    # executor's share of the cores (see sweep/run.py run_threads)
     eval_batch: int = 1024  # samples per evaluation forward (eval mode: no effect on results)
 
     def __post_init__(self):
@@ -74,9 +76,11 @@ class RunConfig:
 
 def run_id(cfg: RunConfig) -> str:
     """Stable id: the hash of the fully resolved configuration (eval_batch excluded:
-    it cannot change a result)."""
+    it cannot change a result; threads only when set, so ids from before it existed hold)."""
     d = cfg.to_dict()
     d.pop("eval_batch")
+    if d["threads"] is None:
+        d.pop("threads")
     blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
