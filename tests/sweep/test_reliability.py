@@ -286,6 +286,40 @@ def test_failures_are_recorded_and_the_sweep_goes_on(tmp_path):
     assert "  bn b=1 seed=0: failed: BatchNorm is undefined" in result.stderr
 
 
+def test_retry_failed_reruns_the_failed_runs_only(tmp_path, monkeypatch):
+    import bknbench.train
+
+    out = tmp_path / "sweep"
+    real = bknbench.train.train_run
+
+    def flaky(cfg, *args, **kw):  # a fault that goes away (a full disk, a lost GPU)
+        if cfg.seed == 1:
+            raise RuntimeError("a passing fault")
+        return real(cfg, *args, **kw)
+
+    monkeypatch.setattr(bknbench.train, "train_run", flaky)
+    first = runner.invoke(app, ["run", "--dataset", "synthetic", "--norms", "gn",
+                                "--batch-sizes", "16", "--seeds", "0,1", "--epochs", "1",
+                                "--workers", "1", "--out", str(out)])
+    monkeypatch.undo()
+    assert first.exit_code == 0, first.output
+    before = {r["seed"]: r for r in rows(out / "runs.csv")}
+    assert before["1"]["status"] == "failed" and before["1"]["reason"] == (
+        "RuntimeError: a passing fault")
+    kept = records(out)
+    again = runner.invoke(app, ["run", "--resume", str(out)])  # failed runs count as done
+    assert again.exit_code == 0 and "2 already finished, 0 to run" in again.stderr
+    assert "1 run(s) did not finish ok" in again.stderr and records(out) == kept
+    retry = runner.invoke(app, ["run", "--resume", str(out), "--retry-failed"])
+    assert retry.exit_code == 0 and "1 already finished, 1 to run" in retry.stderr
+    assert "did not finish ok" not in retry.stderr
+    after = {r["seed"]: r for r in rows(out / "runs.csv")}
+    assert len(rows(out / "runs.csv")) == 2 and after["0"] == before["0"]
+    assert after["1"]["status"] == "ok" and after["1"]["run_id"] == before["1"]["run_id"]
+    assert records(out)[before["0"]["run_id"]] == kept[before["0"]["run_id"]]  # untouched
+    assert len(rows(out / "metrics.csv")) == 2  # one epoch each, the failed run had none
+
+
 def test_divergence_strict_and_fail_fast(tmp_path):
     def sweep(out, *flags):
         return runner.invoke(app, ["run", "--dataset", "synthetic", "--norms", "gn,bn",
