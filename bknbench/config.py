@@ -7,6 +7,7 @@ resumed sweep recognises finished runs. Execution choices that must not change r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -56,12 +57,12 @@ class RunConfig:
         """Peak learning rate after the linear scaling rule."""
         return self.base_lr * self.sgd_batch / LR_REF_BATCH
 
-    @property
-    def run_id(self) -> str:
+    @functools.cached_property
+    def run_id(self) -> str:  # computed once: a sweep of 10,000 runs asks often
         return run_id(self)
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # all scalars
         d["milestones"] = list(self.milestones)
         return d
 
@@ -119,14 +120,8 @@ class SweepConfig:
         runs = []
         for spec in self.specs:
             for b in self.batch_sizes:
+                sgd = self.sgd_batch_for(spec, b)
                 for seed in self.seeds:
-                    runs.append(
-                        dataclasses.replace(
-                            self.base,
-                            spec=spec,
-                            norm_batch=b,
-                            sgd_batch=self.sgd_batch_for(spec, b),
-                            seed=seed,
-                        )
-                    )
+                    runs.append(dataclasses.replace(self.base, spec=spec, norm_batch=b,
+                                                    sgd_batch=sgd, seed=seed))
         return runs

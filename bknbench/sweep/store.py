@@ -51,11 +51,12 @@ class Store:
             probe.write_text("")
             probe.unlink()
             self._take_lock()
-            for tmp in [*self.root.glob("*.tmp"), *self.root.glob("runs/*/*.tmp")]:
+            ids, tmps = self._scan()
+            for tmp in [*self.root.glob("*.tmp"), *tmps]:
                 tmp.unlink(missing_ok=True)
         except OSError as e:
             raise ConfigError(f"cannot write to output folder {self.root}: {e.strerror}") from None
-        self._recover()
+        self._recover(ids)
 
     def _take_lock(self) -> None:
         try:
@@ -93,13 +94,24 @@ class Store:
         except (OSError, ValueError):
             return None
 
-    def record_ids(self) -> set[str]:
-        """The ids of every committed record: one listing of runs/, no record read."""
+    def _scan(self) -> tuple[set[str], list[Path]]:
+        """One listing of each run folder, no record read: the ids of the committed
+        records, and the temporary files a kill left in run folders."""
+        ids, tmps = set(), []
         try:
-            entries = list(os.scandir(self.root / "runs"))
+            folders = [e for e in os.scandir(self.root / "runs") if e.is_dir()]
         except FileNotFoundError:
-            return set()
-        return {e.name for e in entries if os.path.isfile(os.path.join(e.path, "record.json"))}
+            return ids, tmps
+        for folder in folders:
+            names = os.listdir(folder.path)
+            if "record.json" in names:
+                ids.add(folder.name)
+            tmps += [Path(folder.path, n) for n in names if n.endswith(".tmp")]
+        return ids, tmps
+
+    def record_ids(self) -> set[str]:
+        """The ids of every committed record."""
+        return self._scan()[0]
 
     def records(self) -> list[dict]:
         """Every committed record, in the order runs finished (reads them all)."""
@@ -109,7 +121,7 @@ class Store:
     def finished(self) -> dict[str, str]:
         """{run id: status} of every finished run, from the index (no record read)."""
         if self._status is None:
-            self._recover()
+            self._recover(self.record_ids())
         return dict(self._status)
 
     # ------------------------------------------------------------ commit
@@ -117,7 +129,7 @@ class Store:
         """Write one run's record, drop its checkpoint, append its rows to the index."""
         run_id = record["row"]["run_id"]
         if self._status is None:
-            self._recover()
+            self._recover(self.record_ids())
         if run_id in self._status:  # a rerun: the old rows leave the index first
             self._drop(run_id)
         self.run_dir(run_id).mkdir(parents=True, exist_ok=True)
@@ -145,10 +157,9 @@ class Store:
         self._status[run_id] = status
 
     # ------------------------------------------------------------ repair and rebuild
-    def _recover(self) -> None:
-        """Bring the index in line with the records: cut what a killed commit left past
-        index.log's lengths, append the records it lacks; anything else: rebuild."""
-        ids = self.record_ids()
+    def _recover(self, ids: set[str]) -> None:
+        """Bring the index in line with the records (their ids): cut what a killed commit
+        left past index.log's lengths, append the records it lacks; anything else: rebuild."""
         log = index.read_log(self.root / LOG)
         if log is None:
             if ids or any((self.root / t.name).exists() for t in index.TABLES):
