@@ -229,13 +229,15 @@ def test_linear_scaling_rule(base_lr, sgd_batch, lr):
 
 
 # ---------------------------------------------------------------- inconsistent batches
-# A RunConfig built directly (or read back with from_dict) must not train with statistics
-# that disagree with its recorded norm_batch.
-def test_sgd_batch_below_norm_batch_is_a_config_error(data):
-    with pytest.raises(ConfigError, match="norm_batch|micro-batch"):
-        train_run(_cfg(norm_batch=8, sgd_batch=4, epochs=1), data)
-
-
-def test_sgd_batch_not_a_multiple_of_norm_batch_is_a_config_error(data):
-    with pytest.raises(ConfigError):
-        train_run(_cfg(norm_batch=4, sgd_batch=6, epochs=1), data)
+# A RunConfig built directly or read back with from_dict (a hand-edited sweep.json) must
+# not exist with statistics that disagree with its recorded norm_batch: it cannot be made,
+# so it never trains.
+@pytest.mark.parametrize("norm_batch, sgd_batch", [(8, 4), (4, 6), (0, 4)])
+def test_sgd_batch_not_a_multiple_of_norm_batch_is_a_config_error(norm_batch, sgd_batch):
+    message = (f"SGD batch {sgd_batch} must be a positive multiple of the micro-batch "
+               rf"\(norm_batch\) {norm_batch}")
+    with pytest.raises(ConfigError, match=message):
+        _cfg(norm_batch=norm_batch, sgd_batch=sgd_batch)
+    good = _cfg(norm_batch=4, sgd_batch=8).to_dict()
+    with pytest.raises(ConfigError, match=message):
+        RunConfig.from_dict({**good, "norm_batch": norm_batch, "sgd_batch": sgd_batch})
