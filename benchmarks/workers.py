@@ -1,19 +1,21 @@
-"""Wall time of one small sweep with 1 worker (serial, in process) vs 2 worker processes.
+"""Wall time of one sweep with 1 worker (serial, in process) vs 2 worker processes, and
+the default worker count (one per CPU core) where that is another number.
 
-    python benchmarks/workers.py [--quick] [--repeats 5]
+    python benchmarks/workers.py [--quick] [--make-run] [--repeats 5]
 
 The sweep (cnn on mnist1d; bn, gn, bkn x micro-batch 4, 8, 16, 32 x 2 seeds, 2 epochs:
-about half a minute on one worker; --quick: 1 seed, 1 epoch) runs through
+about half a minute on one worker; --quick: 1 seed, 1 epoch; --make-run: the sweep of
+`make run`, 96 runs on digits, a few minutes per sweep) runs through
 `bknbench.sweep.run_sweep` into a fresh temporary folder each repeat, with SerialExecutor
-(1 worker: this process, torch threads = all cores) and ProcessExecutor(2) (two spawned
-workers, cores // 2 threads each; the pool is created per sweep, so its start-up, spawning
-and importing torch, is part of the figure). With
+(1 worker: this process, torch threads = all cores), ProcessExecutor(2) (two spawned
+workers, cores // 2 threads each) and, when the machine does not have 2 cores, what
+`bknbench run` picks without --workers (commands.make_executor). Each pool is created per
+sweep, so its start-up, spawning and importing torch, is part of the figure. With
 --one-process, ProcessExecutor(1) is timed too. No warm-up round: every repeat is a whole
 sweep. Target (issue "Performance"): 2 workers on 2 cores >= 1.7x faster than 1 worker.
 """
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
@@ -22,20 +24,29 @@ from common import header, interleaved, median, parse_args, spread, timed, verdi
 
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], threads=None,
-                      flags={"--one-process": "also time ProcessExecutor(1)"}, device=False)
+                      flags={"--one-process": "also time ProcessExecutor(1)",
+                             "--make-run": "time the sweep of `make run` (96 runs)"},
+                      device=False)
     import torch
 
-    from bknbench.config import RunConfig, SweepConfig
-    from bknbench.sweep.local import ProcessExecutor
+    from bknbench.commands import make_executor
+    from bknbench.config import DEFAULT_BATCH_SIZES, RunConfig, SweepConfig
+    from bknbench.request import DEFAULT_NORMS
+    from bknbench.sweep.local import ProcessExecutor, cpu_cores
     from bknbench.sweep.plan import SerialExecutor, run_sweep
 
-    cores = os.cpu_count() or 1
+    cores = cpu_cores()
     torch.set_num_threads(cores)  # the serial executor's share: the whole machine
     header("workers: one sweep, 1 vs 2 worker processes", args)
-    sweep = SweepConfig(specs=("bn", "gn", "bkn"), batch_sizes=(4, 8, 16, 32),
-                        seeds=(0,) if args.quick else (0, 1),
-                        base=RunConfig(spec="", dataset="mnist1d", model="cnn",
-                                       epochs=1 if args.quick else 2))
+    if args.make_run:  # bknbench's defaults with --seeds 0,1,2 (the Makefile's RUN_ARGS)
+        sweep = SweepConfig(specs=tuple(DEFAULT_NORMS.split(",")),
+                            batch_sizes=DEFAULT_BATCH_SIZES, seeds=(0, 1, 2),
+                            base=RunConfig(spec=""))
+    else:
+        sweep = SweepConfig(specs=("bn", "gn", "bkn"), batch_sizes=(4, 8, 16, 32),
+                            seeds=(0,) if args.quick else (0, 1),
+                            base=RunConfig(spec="", dataset="mnist1d", model="cnn",
+                                           epochs=1 if args.quick else 2))
     print(f"sweep: {len(sweep.expand())} runs; cores: {cores}\n")
 
     def sweep_with(make_executor):
@@ -49,6 +60,11 @@ def main() -> None:
 
     cases = {"1 worker (serial)": sweep_with(SerialExecutor),
              "2 workers": sweep_with(lambda: ProcessExecutor(2))}
+    default = make_executor(None, "cpu")
+    n = getattr(default, "workers", 1)
+    if n not in (1, 2):
+        cases[f"default ({n} workers)"] = sweep_with(lambda: make_executor(None, "cpu"))
+    print(f"bknbench run without --workers: {n} worker(s) here\n")
     if args.one_process:
         cases["1 worker process"] = sweep_with(lambda: ProcessExecutor(1))
     r = interleaved(cases, args.repeats, warmup=0)

@@ -101,13 +101,20 @@ def run(
     preset: Annotated[Optional[str], typer.Option(help="A published setup: "
         f"{', '.join(PRESETS)}; every value can be overridden by its flag.")] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="Local copy of a dataset (CIFAR).")] = None,
-    verify: Annotated[bool, typer.Option(help="Check the dataset files' MD5 sums first.")] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    amp: Annotated[bool, typer.Option(help="bf16 autocast.")] = False,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
-    deterministic: Annotated[bool, typer.Option(help="Bitwise repeatable runs.")] = False,
-    workers: Annotated[Optional[int], typer.Option(help="Parallel runs. [default: one per GPU, "
-        "else one per two CPU cores]")] = None,
+    verify: Annotated[bool, typer.Option(help="Check the CIFAR files' MD5 sums first.")] = False,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps. "
+        "[default: auto]")] = None,
+    amp: Annotated[Optional[bool], typer.Option("--amp", help="bf16 autocast.")] = None,
+    compile: Annotated[Optional[bool], typer.Option("--compile", help="torch.compile the "
+        "model.")] = None,
+    deterministic: Annotated[Optional[bool], typer.Option("--deterministic", help="Bitwise "
+        "repeatable runs, the same on every executor (1 torch thread per run unless "
+        "--threads).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="Torch threads per run. [default: 1 "
+        "with --deterministic, else the executor's share: all cores when serial, cores / "
+        "workers, --cpus-per-run on Ray]")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Parallel runs. [default: one per "
+        "CPU core; with --device cuda one per GPU]")] = None,
     executor: Annotated[str, typer.Option(help="local (this machine) or ray (each run a Ray "
         "task; needs pip install 'bknbench[ray]').")] = "local",
     address: Annotated[Optional[str], typer.Option(help="Ray cluster to use, e.g. HEAD:6379. "
@@ -136,14 +143,12 @@ def run(
                            warmup_epochs=warmup_epochs, augment=augment,
                            evals_per_epoch=evals_per_epoch,
                            data_dir=str(data_dir) if data_dir else None,
-                           milestones=int_list(milestones, "--milestones") if milestones else None)
-        run_flags.update(device=device, amp=amp, compile=compile, deterministic=deterministic)
+                           milestones=int_list(milestones, "--milestones") if milestones else None,
+                           device=device, amp=amp, compile=compile,
+                           deterministic=deterministic, threads=threads)
         req = RunRequest(norms=norms, batch_sizes=batch_sizes, seeds=seeds, preset=preset,
-                         accumulate_to=accumulate_to, out=out, resume=resume, run=run_flags)
-        if verify:
-            from .data.cifar import verify_cifar
-
-            verify_cifar((preset or "").removeprefix("paper-") or dataset or "", str(data_dir))
+                         accumulate_to=accumulate_to, out=out, resume=resume, run=run_flags,
+                         verify=verify)
         sweep, out_dir = build_sweep(req)
         from .commands import run_command
 

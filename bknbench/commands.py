@@ -10,7 +10,7 @@ from .errors import ConfigError
 
 def make_executor(workers: int | None, device: str, executor: str = "local",
                   address: str | None = None, cpus_per_run: int = 1,
-                  gpus_per_run: float = 0.0, retries: int = 0):
+                  gpus_per_run: float = 0.0, retries: int = 0, threads: int | None = None):
     from .sweep.local import ProcessExecutor, default_workers
     from .sweep.plan import SerialExecutor
 
@@ -23,17 +23,18 @@ def make_executor(workers: int | None, device: str, executor: str = "local",
         if device.startswith("cuda") != (gpus_per_run > 0):
             raise ConfigError(f"--device {device} with --gpus-per-run {gpus_per_run:g}: "
                               "runs on cuda need --gpus-per-run > 0, and only they")
+        if threads is not None and threads > cpus_per_run:
+            raise ConfigError(f"--threads {threads} is more than the --cpus-per-run "
+                              f"{cpus_per_run} a Ray task reserves")
         from .sweep.ray import RayExecutor
 
         return RayExecutor(address, cpus_per_run, gpus_per_run, retries)
     if address is not None:
         raise ConfigError("--address is for --executor ray")
-    n = default_workers() if workers is None else workers
+    n = default_workers(device) if workers is None else workers
     if n < 1:
         raise ConfigError(f"--workers must be at least 1, got {n}")
-    if n > 1 and device.startswith(("cuda", "mps")) and workers is None:
-        n = 1  # several processes on one default GPU device would contend; see --workers
-    return SerialExecutor() if n == 1 else ProcessExecutor(n)
+    return SerialExecutor() if n == 1 else ProcessExecutor(n, device=device)
 
 
 def run_command(sweep: SweepConfig, out: Path, workers, fail_fast, retry_failed, strict,
@@ -43,7 +44,8 @@ def run_command(sweep: SweepConfig, out: Path, workers, fail_fast, retry_failed,
     from .sweep.plan import run_sweep
     from .sweep.run import wants_kernels
 
-    executor = make_executor(workers, sweep.base.device, **(executor_opts or {}))
+    executor = make_executor(workers, sweep.base.device, **(executor_opts or {}),
+                             threads=sweep.base.threads)
     local = (executor_opts or {}).get("executor", "local") == "local"
     if not quiet and local and wants_kernels(sweep.base) and native.module() is None:
         stderr.print("note: bknbench's C++ CPU kernels are not built (python -m "

@@ -7,6 +7,7 @@ resumed sweep recognises finished runs. Execution choices that must not change r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -44,6 +45,8 @@ class RunConfig:
     amp: bool = False  # bf16 autocast
     compile: bool = False  # torch.compile the model
     deterministic: bool = False  # bitwise repeatable kernels
+    threads: int | None = None  # torch intra-op threads; None: 1 if deterministic, else the
+    # executor's share of the cores (see sweep/run.py run_threads)
     eval_batch: int = 1024  # samples per evaluation forward (eval mode: no effect on results)
     # held-out evaluations per epoch, evenly spaced in optimizer steps (0: ceil(MIN_EVALS /
     # epochs)); they change the metric rows only, never the training, so the run id omits it
@@ -65,12 +68,12 @@ class RunConfig:
         """Evaluations per epoch, resolved."""
         return self.evals_per_epoch or math.ceil(MIN_EVALS / max(1, self.epochs))
 
-    @property
-    def run_id(self) -> str:
+    @functools.cached_property
+    def run_id(self) -> str:  # computed once: a sweep of 10,000 runs asks often
         return run_id(self)
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # all scalars
         d["milestones"] = list(self.milestones)
         return d
 
@@ -85,10 +88,13 @@ class RunConfig:
 
 def run_id(cfg: RunConfig) -> str:
     """Stable id: the hash of the fully resolved configuration (eval_batch and
-    evals_per_epoch excluded: they cannot change a result)."""
+    evals_per_epoch excluded: they cannot change a result; threads only when set, so ids
+    from before it existed hold)."""
     d = cfg.to_dict()
     d.pop("eval_batch")
     d.pop("evals_per_epoch")
+    if d["threads"] is None:
+        d.pop("threads")
     blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
@@ -127,14 +133,8 @@ class SweepConfig:
         runs = []
         for spec in self.specs:
             for b in self.batch_sizes:
+                sgd = self.sgd_batch_for(spec, b)
                 for seed in self.seeds:
-                    runs.append(
-                        dataclasses.replace(
-                            self.base,
-                            spec=spec,
-                            norm_batch=b,
-                            sgd_batch=self.sgd_batch_for(spec, b),
-                            seed=seed,
-                        )
-                    )
+                    runs.append(dataclasses.replace(self.base, spec=spec, norm_batch=b,
+                                                    sgd_batch=sgd, seed=seed))
         return runs

@@ -28,6 +28,15 @@ class RunRequest:
     out: Path | None = None
     resume: Path | None = None
     run: dict = field(default_factory=dict)  # RunConfig fields given as flags (not None)
+    verify: bool = False  # check the CIFAR files' MD5 sums before anything reads them
+
+
+DEFAULT_DEVICE = "auto"  # cuda when present, else mps, else cpu
+
+
+def flag(field_name: str) -> str:
+    """The CLI flag of a RunRequest or RunConfig field."""
+    return {"base_lr": "--lr"}.get(field_name, "--" + field_name.replace("_", "-"))
 
 
 def int_list(text: str, what: str) -> tuple[int, ...]:
@@ -60,7 +69,17 @@ def build_sweep(req: RunRequest) -> tuple[SweepConfig, Path]:
     if req.resume is not None:
         if req.out is not None and Path(req.out) != Path(req.resume):
             raise ConfigError("give either --resume DIR or --out DIR, not two different folders")
-        sweep = sweep_from_dict(Store(req.resume).load_sweep())
+        given = [flag(k) for k in ("norms", "batch_sizes", "seeds", "preset", "accumulate_to")
+                 if getattr(req, k) is not None] + [flag(k) for k in req.run]
+        if given:
+            raise ConfigError(f"--resume continues the sweep saved in {req.resume}/sweep.json "
+                              f"as it was; {', '.join(given)} would change it (start a new "
+                              "sweep with --out instead)")
+        try:
+            sweep = sweep_from_dict(Store(req.resume).load_sweep())
+        except ConfigError as e:
+            raise ConfigError(f"{Path(req.resume) / 'sweep.json'}: {e}") from None
+        check_files(sweep.base, req.verify)
         validate(sweep)
         return sweep, Path(req.resume)
     preset = get_preset(req.preset) if req.preset else None
@@ -70,13 +89,15 @@ def build_sweep(req: RunRequest) -> tuple[SweepConfig, Path]:
     unknown = set(run) - names
     if unknown:
         raise ConfigError(f"unknown run setting(s): {', '.join(sorted(unknown))}")
-    if "device" in run:
-        from .train import resolve_device
+    from .train import resolve_device
 
-        run["device"] = resolve_device(run["device"])
+    run["device"] = resolve_device(run.get("device", DEFAULT_DEVICE))
+    if run.get("deterministic") and run.get("threads") == 1:
+        del run["threads"]  # what --deterministic means anyway: one id for both spellings
     base = RunConfig(spec="", **run)
     if base.evals_per_epoch >= 0:  # store the resolved K (negative: refused by validate)
         base = dataclasses.replace(base, evals_per_epoch=base.evals)
+    check_files(base, req.verify)
     specs = split_specs(req.norms) if req.norms else list(
         preset.specs if preset else split_specs(DEFAULT_NORMS))
     batches = (int_list(req.batch_sizes, "--batch-sizes") if req.batch_sizes
@@ -92,6 +113,21 @@ def build_sweep(req: RunRequest) -> tuple[SweepConfig, Path]:
     return sweep, Path(req.out) if req.out is not None else default_out()
 
 
+def check_files(base: RunConfig, verify: bool) -> None:
+    """--verify: the dataset's files against their MD5 sums, before anything reads them."""
+    if not verify:
+        return
+    from .data.cifar import MD5, verify_cifar
+
+    if base.dataset not in MD5:
+        raise ConfigError(f"--verify checks the files of {', '.join(MD5)}; --dataset "
+                          f"{base.dataset} has none to check")
+    if base.data_dir is None:
+        raise ConfigError(f"--verify needs --data-dir: the folder that holds the "
+                          f"{base.dataset} files to check")
+    verify_cifar(base.dataset, base.data_dir)
+
+
 def validate(sweep: SweepConfig) -> None:
     """Check every value a run would trip over later, and that each spec builds on the
     model (an analytic transition the model has no rule for fails here)."""
@@ -101,6 +137,8 @@ def validate(sweep: SweepConfig) -> None:
     from .train import resolve_device
 
     base = sweep.base
+    if base.threads is not None and base.threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {base.threads}")
     if base.epochs <= 0:
         raise ConfigError(f"--epochs must be positive, got {base.epochs}")
     if base.base_lr <= 0:
@@ -113,6 +151,8 @@ def validate(sweep: SweepConfig) -> None:
         raise ConfigError(f"--evals-per-epoch must be >= 0, got {base.evals_per_epoch}")
     if base.weight_decay < 0:
         raise ConfigError(f"--weight-decay must be >= 0, got {base.weight_decay}")
+    if base.warmup_epochs < 0:
+        raise ConfigError(f"--warmup-epochs must be >= 0, got {base.warmup_epochs}")
     if sweep.accumulate_to is not None and sweep.accumulate_to <= 0:
         raise ConfigError(f"--accumulate-to must be positive, got {sweep.accumulate_to}")
     if any(s < 0 for s in sweep.seeds):

@@ -65,22 +65,40 @@ def test_bkn_with_p0_is_bn(sweep_dir):
             assert abs(acc[("bkn:p=0", b, seed)] - value) <= 0.2
 
 
+def table_cells(text: str, bar: str) -> list[list[str]]:
+    """The rows of a markdown (bar "|") or terminal (bar "│") table, as stripped cells."""
+    return [[c.strip() for c in line.strip().strip(bar).split(bar)]
+            for line in text.splitlines() if line.strip().startswith(bar)]
+
+
 @pytest.mark.parametrize("fmt", ["csv", "json", "markdown", "table"])
 def test_compare_formats(sweep_dir, fmt):
     out, _ = sweep_dir
+    summary = json.loads(runner.invoke(app, ["compare", str(out), "--format", "json"]).stdout)
     result = runner.invoke(app, ["compare", str(out), "--format", fmt])
     assert result.exit_code == 0, result.output
     text = result.stdout
     if fmt == "json":
-        rows = json.loads(text)
-        assert {r["spec"] for r in rows} == {"bn", "bn-accum", "gn", "bkn", "bkn:p=0"}
-        ref = [r for r in rows if r["spec"] == "bn" and r["norm_batch"] == 64][0]
+        assert {r["spec"] for r in summary} == {"bn", "bn-accum", "gn", "bkn", "bkn:p=0"}
+        ref = [r for r in summary if r["spec"] == "bn" and r["norm_batch"] == 64][0]
         assert ref["ref_diff"] == 0 and ref["n"] == 2
-    elif fmt == "csv":
-        assert text.splitlines()[0].startswith(("spec", "dataset"))
-        assert len(text.strip().splitlines()) == 1 + 10
-    else:
-        assert "bn-accum" in text
+        return
+    if fmt == "csv":
+        rows = list(csv.DictReader(text.splitlines()))
+        assert [(r["spec"], int(r["norm_batch"]), float(r["mean"])) for r in rows] == [
+            (r["spec"], r["norm_batch"], pytest.approx(r["mean"])) for r in summary]
+        return
+    # markdown and the terminal table: one row per spec and batch, in the summary's order,
+    # with its seed count and its mean accuracy as printed to 2 decimals
+    cells = table_cells(text, "|" if fmt == "markdown" else "\u2502")
+    if fmt == "markdown":
+        header, rule, *cells = cells
+        assert header[:3] == ["spec", "batch", "n"] and len(rule) == len(header)
+        assert all(set(c) <= set("-:") for c in rule)
+    assert [c[:3] for c in cells] == [[r["spec"], str(r["norm_batch"]), str(r["n"])]
+                                      for r in summary]
+    for c, r in zip(cells, summary):
+        assert c[3].startswith(f"{r['mean']:.2f}")
 
 
 def test_compare_reference_and_filter(sweep_dir):
@@ -145,8 +163,9 @@ def test_norms_lists_registry():
 
     result = runner.invoke(app, ["norms"])
     assert result.exit_code == 0
-    for name in names():
-        assert name in result.stdout
+    # a line per normalizer (its options indented below it), in the registry's order
+    listed = [line.split()[0] for line in result.stdout.splitlines() if not line[:1].isspace()]
+    assert listed == names()
 
 
 def test_python_m_and_fast_help():

@@ -66,6 +66,30 @@ def results_dir(tmp_path_factory):
     (["--norms", "gn", "--dataset", "nope"], ["unknown dataset 'nope'"]),
     (["--norms", "gn", "--model", "nope"], ["unknown model 'nope'"]),
     (["--norms", "gn", "--workers", "0"], ["--workers"]),
+    (["--norms", "gn", "--lr", "0"], ["--lr must be positive, got 0.0"]),
+    (["--norms", "gn", "--lr", "-0.1"], ["--lr must be positive"]),
+    (["--norms", "gn", "--schedule", "linear"], ["--schedule must be cosine or step", "linear"]),
+    (["--norms", "gn", "--momentum", "1"], ["--momentum must be in [0, 1), got 1.0"]),
+    (["--norms", "gn", "--momentum", "-0.5"], ["--momentum must be in [0, 1)"]),
+    (["--norms", "gn", "--weight-decay", "-1"], ["--weight-decay must be >= 0"]),
+    (["--norms", "gn", "--warmup-epochs", "-1"], ["--warmup-epochs must be >= 0"]),
+    (["--norms", "gn", "--milestones", "3,x"], ["--milestones", "'x' is not an integer"]),
+    (["--norms", "gn", "--accumulate-to", "0"], ["--accumulate-to must be positive, got 0"]),
+    (["--norms", "gn", "--batch-sizes", "4", "--accumulate-to", "6"],
+     ["--accumulate-to 6 is not a multiple of micro-batch 4"]),
+    (["--norms", "gn", "--seeds", "-1"], ["--seeds must be non-negative"]),
+    (["--norms", "gn", "--seeds", "1,2,1"], ["--seeds", "repeats a value"]),
+    (["--norms", "gn", "--device", "tpu"], ["unknown device 'tpu'"]),
+    pytest.param(["--norms", "gn", "--device", "cuda"], ["no CUDA device is available"],
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here")),
+    (["--norms", "gn", "--threads", "0"], ["--threads must be at least 1, got 0"]),
+    (["--norms", "gn", "--preset", "nope"], ["unknown preset 'nope'"]),
+    (["--norms", "gn", "--verify"], ["--verify checks the files of cifar10, cifar100",
+                                     "--dataset synthetic has none to check"]),
+    (["--norms", "gn", "--dataset", "cifar10", "--verify"], ["--verify needs --data-dir"]),
+    (["--norms", "gn", "--executor", "dask"], ["--executor must be local or ray, got 'dask'"]),
+    (["--norms", "gn", "--address", "127.0.0.1:6379"], ["--address is for --executor ray"]),
+    (["--norms", "gn", "--executor", "ray"], ["--workers is for --executor local"]),
 ])
 def test_bad_run_input(tmp_path, args, words):
     out = tmp_path / "out"
@@ -99,6 +123,54 @@ def test_unwritable_out(tmp_path):
 def test_resume_without_sweep(tmp_path):
     assert_one_line_error(runner.invoke(app, ["run", "--resume", str(tmp_path)]),
                           "nothing to resume")
+
+
+@pytest.mark.parametrize("text", ["{not json", '{"specs": ["gn"]}'])
+def test_resume_with_corrupt_sweep_json(tmp_path, text):
+    (tmp_path / "sweep.json").write_text(text)
+    assert_one_line_error(runner.invoke(app, ["run", "--resume", str(tmp_path)]),
+                          f"{tmp_path / 'sweep.json'}")
+
+
+def test_resume_with_flags_that_change_the_sweep(results_dir):
+    result = runner.invoke(app, ["run", "--resume", str(results_dir), "--epochs", "5",
+                                 "--norms", "bn", "--quiet"])
+    assert_one_line_error(result, "--norms, --epochs would change it", "--out")
+
+
+def test_folder_in_use_by_another_sweep(results_dir):
+    from bknbench.sweep.store import Store
+
+    other = Store(results_dir)
+    other.prepare()  # as a `bknbench run` on the folder would, until it ends
+    try:
+        result = runner.invoke(app, ["run", "--resume", str(results_dir), "--quiet"])
+    finally:
+        other.close()
+    assert_one_line_error(result, f"{results_dir} is in use by another `bknbench run`")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--cpus-per-run", "0"], ["--cpus-per-run must be at least 1, got 0"]),
+    (["--gpus-per-run", "1.5", "--device", "cuda"], ["--gpus-per-run must be a fraction"]),
+    (["--gpus-per-run", "0.5", "--device", "cpu"], ["--device cpu with --gpus-per-run 0.5"]),
+    (["--retries", "-1"], ["--retries must be >= 0, got -1"]),
+    (["--cpus-per-run", "2", "--threads", "3"],
+     ["--threads 3 is more than the --cpus-per-run 2 a Ray task reserves"]),
+])
+def test_bad_ray_input(tmp_path, monkeypatch, args, words):
+    """Checked before Ray is imported or started (a stand-in module proves it)."""
+    import types
+
+    import bknbench.train
+
+    monkeypatch.setitem(sys.modules, "ray", types.ModuleType("ray"))
+    monkeypatch.setattr(bknbench.train, "resolve_device", lambda name: name)  # cuda or not
+    i = RUN.index("--workers")
+    base = RUN[:i] + RUN[i + 2:]  # --workers is for the local executor
+    result = runner.invoke(app, base + ["--norms", "gn", "--batch-sizes", "16", "--executor",
+                                        "ray", "--out", str(tmp_path / "out")] + args)
+    assert_one_line_error(result, *words)
 
 
 def test_usage_error_exits_2():

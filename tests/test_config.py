@@ -36,6 +36,16 @@ def test_run_id_ignores_eval_batch():
     assert dataclasses.replace(a, eval_batch=17).run_id == a.run_id
 
 
+def test_run_ids_of_earlier_versions_hold():
+    """Ids computed by the release before `threads` existed (commit 809a45e): a folder it
+    wrote resumes without rerunning its finished runs. threads enters the id when set."""
+    a = RunConfig(spec="bkn")
+    b = RunConfig(spec="bn", dataset="synthetic", norm_batch=8, sgd_batch=8, deterministic=True)
+    assert (a.run_id, b.run_id) == ("8a24112b9d99", "f1535407c316")
+    assert dataclasses.replace(a, threads=2).run_id not in (a.run_id,
+                                                            dataclasses.replace(a, threads=1).run_id)
+
+
 def test_all_run_ids_of_a_sweep_are_distinct():
     runs = SweepConfig(specs=("bn", "bkn", "gn"), batch_sizes=(1, 2, 4), seeds=(0, 1)).expand()
     assert len({r.run_id for r in runs}) == len(runs) == 18

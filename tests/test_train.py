@@ -1,5 +1,7 @@
 """One training run on the tiny synthetic dataset: it learns, it resumes from a checkpoint
 bit for bit, bad runs become statuses, and the learning-rate schedule and scaling rule."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -144,6 +146,75 @@ def test_undefined_configuration_fails_with_a_reason(data):
     assert out.epochs == []
 
 
+def test_out_of_memory_is_a_status(data, monkeypatch):
+    """An OutOfMemoryError in a step (simulated: the third loss) ends the run as `oom`
+    with the error's first line; execute_run records it, so the sweep goes on."""
+    import bknbench.train
+    from bknbench.sweep.run import execute_run
+
+    real, calls = bknbench.train.F.cross_entropy, []
+
+    def cross_entropy(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\n"
+                                         "(GPU 0; 79.3 GiB total)")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(bknbench.train.F, "cross_entropy", cross_entropy)
+    out = train_run(_cfg(), data)
+    assert (out.status, out.reason) == ("oom", "CUDA out of memory. Tried to allocate 20.00 GiB")
+    assert out.epochs == [] and len(calls) == 3
+    calls.clear()
+    row = execute_run(_cfg(seed=1))["row"]
+    assert row["status"] == "oom" and row["reason"].startswith("CUDA out of memory")
+    assert row["final_val_acc"] is None
+
+
+@pytest.mark.parametrize("spec", ["bn", "bkn"])
+def test_chunked_evaluation_equals_one_pass(data, spec):
+    """eval_batch splits evaluation (eval mode: samples are independent), so it is left out
+    of the run id; the numbers agree whether the 256 test samples go in 1 or 37 pieces."""
+    one = train_run(_cfg(spec=spec, norm_batch=16, sgd_batch=16, epochs=1), data)
+    chunked = train_run(_cfg(spec=spec, norm_batch=16, sgd_batch=16, epochs=1, eval_batch=7),
+                        data)
+    assert len(data.x_test) // 7 + 1 == 37 and len(data.x_test) % 7
+    [a], [b] = one.epochs, chunked.epochs
+    assert a["val_acc"] == b["val_acc"] and a["train_loss"] == b["train_loss"]
+    assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-6)
+
+
+def test_augment_crops_and_flips_every_training_batch_of_images(monkeypatch):
+    """--augment: crop_flip on every training micro-step of an image dataset, on the batch
+    only; a 1-D dataset trains as without it."""
+    import bknbench.data.augment as augment
+
+    seen = []
+
+    def counting(x, *args, **kw):
+        seen.append(tuple(x.shape))
+        return augment_real(x, *args, **kw)
+
+    augment_real = augment.crop_flip
+    monkeypatch.setattr(augment, "crop_flip", counting)
+    digits = load_dataset("digits")
+    cfg = _cfg(dataset="digits", model="cnn", norm_batch=64, sgd_batch=64, epochs=1)
+    plain = train_run(cfg, digits)
+    assert seen == []
+    augmented = train_run(dataclasses.replace(cfg, augment=True), digits)
+    steps = len(digits.x_train) // 64
+    assert seen == [(64, *digits.sample_shape)] * steps
+    assert augmented.epochs[0]["train_loss"] != plain.epochs[0]["train_loss"]
+    seen.clear()
+    synthetic = load_dataset("synthetic")
+    assert not synthetic.image
+    flat = train_run(_cfg(epochs=1, augment=True), synthetic)
+    without = train_run(_cfg(epochs=1), synthetic)
+    assert seen == []
+    assert [[e[k] for k in METRICS] for e in flat.epochs] == [[e[k] for k in METRICS]
+                                                               for e in without.epochs]
+
+
 def test_huge_learning_rate_diverges(data):
     out = train_run(_cfg(base_lr=1e6, epochs=2), data)
     assert out.status == "diverged"
@@ -188,20 +259,27 @@ def test_linear_scaling_rule(base_lr, sgd_batch, lr):
     assert all(g["lr"] == pytest.approx(lr, rel=1e-12) for g in opt.param_groups)
     decay, rest = opt.param_groups
     assert decay["weight_decay"] == cfg.weight_decay and rest["weight_decay"] == 0.0
-    assert all(p.ndim > 1 for p in decay["params"])
-    assert all(p.ndim <= 1 for p in rest["params"])  # norm affine, biases, BKN gains
-    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(
-        p.numel() for p in model.parameters())
+    # decayed: the weight matrices of the linear layers, told apart by layer type (not by
+    # shape, as the optimizer does); not: norm affine parameters, biases, BKN's gains
+    linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    norms = [m for m in model.modules() if type(m).__module__.startswith("bknbench.norms")]
+    assert len(linear) == 4 and len(norms) == 3
+    assert {id(p) for p in decay["params"]} == {id(m.weight) for m in linear}
+    assert {id(p) for p in rest["params"]} == {id(m.bias) for m in linear if m.bias is not None} | {
+        id(p) for m in norms for p in m.parameters()}
+    assert any(p.ndim == 0 for p in rest["params"])  # the gains
 
 
 # ---------------------------------------------------------------- inconsistent batches
-# A RunConfig built directly (or read back with from_dict) must not train with statistics
-# that disagree with its recorded norm_batch.
-def test_sgd_batch_below_norm_batch_is_a_config_error(data):
-    with pytest.raises(ConfigError, match="norm_batch|micro-batch"):
-        train_run(_cfg(norm_batch=8, sgd_batch=4, epochs=1), data)
-
-
-def test_sgd_batch_not_a_multiple_of_norm_batch_is_a_config_error(data):
-    with pytest.raises(ConfigError):
-        train_run(_cfg(norm_batch=4, sgd_batch=6, epochs=1), data)
+# A RunConfig built directly or read back with from_dict (a hand-edited sweep.json) must
+# not exist with statistics that disagree with its recorded norm_batch: it cannot be made,
+# so it never trains.
+@pytest.mark.parametrize("norm_batch, sgd_batch", [(8, 4), (4, 6), (0, 4)])
+def test_sgd_batch_not_a_multiple_of_norm_batch_is_a_config_error(norm_batch, sgd_batch):
+    message = (f"SGD batch {sgd_batch} must be a positive multiple of the micro-batch "
+               rf"\(norm_batch\) {norm_batch}")
+    with pytest.raises(ConfigError, match=message):
+        _cfg(norm_batch=norm_batch, sgd_batch=sgd_batch)
+    good = _cfg(norm_batch=4, sgd_batch=8).to_dict()
+    with pytest.raises(ConfigError, match=message):
+        RunConfig.from_dict({**good, "norm_batch": norm_batch, "sgd_batch": sgd_batch})

@@ -6,6 +6,7 @@ Layout (data_dir may be the parent folder or the dataset folder itself):
 Each data file is a Python 2 pickle (protocol 2) of a dict with bytes keys: b'data' is a
 uint8 array (N, 3072) holding the red, green and blue 32x32 planes row-major, so a row
 reshapes to (3, 32, 32); labels are b'labels' (CIFAR-10) or b'fine_labels' (CIFAR-100).
+A copy re-saved by Python 3 has the same keys as str ('data', 'labels'): read alike.
 
 Pickles can run arbitrary code when loaded, so they are read with `_CifarUnpickler`, which
 rebuilds only numpy arrays, dtypes and plain containers and refuses every other global
@@ -27,9 +28,9 @@ from .registry import Dataset, as_dataset, register_dataset
 _LAYOUT = {
     "cifar10": ("CIFAR-10", "cifar-10-batches-py",
                 tuple(f"data_batch_{i}" for i in range(1, 6)), "test_batch",
-                b"labels", 10, "batches.meta"),
+                "labels", 10, "batches.meta"),
     "cifar100": ("CIFAR-100", "cifar-100-python", ("train",), "test",
-                 b"fine_labels", 100, "meta"),
+                 "fine_labels", 100, "meta"),
 }
 _EXPECTED = {
     "cifar10": "data_batch_1..5, test_batch (the 'CIFAR-10 python version')",
@@ -135,14 +136,17 @@ def find_folder(name: str, data_dir: str | None) -> Path:
     raise ConfigError(f"no {title} in {root}: expected {root / folder}/{_EXPECTED[name]}")
 
 
-def read_split(path: Path, label_key: bytes, num_classes: int):
-    """One data file -> images (N, 3, 32, 32) uint8, labels (N,) int64, checked."""
+def read_split(path: Path, label_key: str, num_classes: int):
+    """One data file -> images (N, 3, 32, 32) uint8, labels (N,) int64, checked. Keys may
+    be bytes (the official Python 2 files) or str (a copy re-saved by Python 3)."""
     d = load_pickle(path)
-    if not isinstance(d, dict) or b"data" not in d or label_key not in d:
-        keys = sorted(d) if isinstance(d, dict) else type(d).__name__
-        raise ConfigError(f"{path} is not a CIFAR batch: expected keys b'data' and "
-                          f"{label_key!r}, found {keys}")
-    x, y = d[b"data"], np.asarray(d[label_key])
+    if isinstance(d, dict):
+        d = {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in d.items()}
+    if not isinstance(d, dict) or "data" not in d or label_key not in d:
+        keys = ", ".join(sorted(map(repr, d))) if isinstance(d, dict) else type(d).__name__
+        raise ConfigError(f"{path} is not a CIFAR batch: expected keys 'data' and "
+                          f"{label_key!r} (bytes or str), found {keys}")
+    x, y = d["data"], np.asarray(d[label_key])
     if (not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2
             or x.shape[1] != 3072 or y.shape != (x.shape[0],)):
         raise ConfigError(f"{path}: expected uint8 data (N, 3072) and N labels, found "

@@ -26,6 +26,7 @@ RUN_COLUMNS = (
     "amp",
     "compile",
     "deterministic",
+    "threads",  # torch intra-op threads the run trained with (empty: it never reported)
     "torch_version",
     "versions",  # JSON: python, numpy, bknbench, kernels (native | torch)
     "git_commit",

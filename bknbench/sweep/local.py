@@ -1,8 +1,12 @@
 """Parallel local execution: independent runs in worker processes.
 
-Each worker gets cores // workers torch threads so workers never oversubscribe the
-machine; a run's numbers do not depend on which process runs it (same seeds, same
-results as serial, up to the thread count's effect on float summation order).
+The default is one worker per CPU core: the models are small, and a process per core keeps
+every core busy where threads inside one small op cannot. With --device cuda it is one
+worker per GPU, each worker pinned to its own GPU (CUDA_VISIBLE_DEVICES); a named device
+(cuda:N, mps) gets one. Each worker gets cores // workers torch threads, so workers never
+oversubscribe the machine, and a sweep with fewer runs than workers starts fewer workers,
+each with more threads. Under --deterministic every run uses the same thread count
+(run.run_threads), so its numbers do not depend on which process runs it.
 
 Signals: workers ignore SIGINT, so Ctrl-C (which the terminal sends to every process of
 the group) reaches only the driver, which terminates them; a worker whose driver died
@@ -26,13 +30,30 @@ from concurrent.futures.process import BrokenProcessPool
 from .run import execute_run, failed_record
 
 
-def default_workers() -> int:
-    """One per GPU, else one per two CPU cores, at least 1."""
+def cpu_cores() -> int:
+    """The CPU cores this process may run on (its affinity, e.g. under taskset)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_workers(device: str = "cpu") -> int:
+    """One per CPU core; with --device cuda one per GPU; one on a named device."""
+    if device == "cuda":
+        import torch
+
+        return max(1, torch.cuda.device_count())
+    return cpu_cores() if device == "cpu" else 1
+
+
+def gpu_slots(workers: int) -> list[str]:
+    """The CUDA_VISIBLE_DEVICES of each worker: the visible GPUs in turn."""
     import torch
 
-    if torch.cuda.is_available():
-        return torch.cuda.device_count()
-    return max(1, (os.cpu_count() or 1) // 2)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    return [ids[i % len(ids)] for i in range(workers)] if ids else []
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -42,9 +63,11 @@ def _exit_with_parent(parent: int) -> None:
             os._exit(1)
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, gpus) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # first: importing torch takes seconds
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    if gpus is not None:  # before torch sees CUDA: this worker's GPU becomes its cuda:0
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus.get()
     import torch
 
     torch.set_num_threads(threads)
@@ -52,26 +75,36 @@ def _init_worker(threads: int) -> None:
 
 
 class ProcessExecutor:
-    """`workers` spawned processes; results are yielded as runs finish. `fn(cfg, run_dir)
-    -> record` is what a worker runs (execute_run; a test may pass a stand-in)."""
+    """Up to `workers` spawned processes (no more than there are runs); results are yielded
+    as runs finish. `fn(cfg, run_dir) -> record` is what a worker runs (execute_run; a test
+    may pass a stand-in). device "cuda": each worker pinned to a GPU, in turn."""
 
-    def __init__(self, workers: int, threads: int | None = None, fn=execute_run):
+    def __init__(self, workers: int, threads: int | None = None, fn=execute_run,
+                 device: str = "cpu"):
         self.workers = workers
-        self.threads = threads or max(1, (os.cpu_count() or 1) // workers)
+        self.threads = threads  # None: cores // the workers started
         self.fn = fn
+        self.device = device
 
-    def _pool(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"),
-                                   initializer=_init_worker, initargs=(self.threads,))
+    def _pool(self, workers: int) -> ProcessPoolExecutor:
+        ctx = mp.get_context("spawn")
+        slots = gpu_slots(workers) if self.device == "cuda" else []
+        gpus = ctx.Queue() if slots else None
+        for slot in slots:
+            gpus.put(slot)
+        threads = self.threads or max(1, cpu_cores() // workers)
+        return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                   initargs=(threads, gpus))
 
     def map(self, tasks, store, events):
-        pool = self._pool()
+        workers = max(1, min(self.workers, len(tasks)))
+        pool = self._pool(workers)
         pending = {}  # future -> cfg
         queue = deque(tasks)
         suspects = set()  # run ids in flight when a worker died: rerun alone
 
         def may_submit() -> bool:
-            if not queue or len(pending) >= self.workers:
+            if not queue or len(pending) >= workers:
                 return False
             alone = queue[0].run_id in suspects or any(
                 c.run_id in suspects for c in pending.values())
@@ -106,7 +139,7 @@ class ProcessExecutor:
                         broken.append(cfg)
                 pending.clear()
                 pool.shutdown(wait=False, cancel_futures=True)
-                pool = self._pool()
+                pool = self._pool(workers)
                 for cfg in reversed(broken):
                     if cfg.run_id in suspects:  # it ran alone: it is the one that died
                         yield cfg, failed_record(cfg, "its worker process died (killed, "

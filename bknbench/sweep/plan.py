@@ -42,7 +42,7 @@ class SweepReport:
     out: Path
     planned: int = 0
     skipped: int = 0  # finished before this invocation
-    earlier: list[dict] = field(default_factory=list)  # their rows
+    earlier_failed: list[dict] = field(default_factory=list)  # rows of those not ok
     finished: list[dict] = field(default_factory=list)  # rows finished now
     interrupted: bool = False
     stopped_early: bool = False  # --fail-fast
@@ -50,7 +50,7 @@ class SweepReport:
     @property
     def failed(self) -> list[dict]:
         """Every run of the sweep that is not ok, whether it failed now or before."""
-        return [r for r in self.earlier + self.finished if r["status"] != "ok"]
+        return self.earlier_failed + [r for r in self.finished if r["status"] != "ok"]
 
 
 @dataclass
@@ -70,24 +70,26 @@ def sweep_to_dict(sweep: SweepConfig) -> dict:
 
 
 def sweep_from_dict(d: dict) -> SweepConfig:
-    return SweepConfig(specs=tuple(d["specs"]), batch_sizes=tuple(d["batch_sizes"]),
-                       seeds=tuple(d["seeds"]), base=RunConfig.from_dict(d["base"]),
-                       accumulate_to=d.get("accumulate_to"),
-                       default_accumulate_to=d.get("default_accumulate_to", 128))
+    """The sweep saved by sweep_to_dict; ConfigError when `d` is not one."""
+    try:
+        return SweepConfig(specs=tuple(d["specs"]), batch_sizes=tuple(d["batch_sizes"]),
+                           seeds=tuple(d["seeds"]), base=RunConfig.from_dict(d["base"]),
+                           accumulate_to=d.get("accumulate_to"),
+                           default_accumulate_to=d.get("default_accumulate_to", 128))
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise ConfigError(f"not a bknbench sweep ({type(e).__name__}: {e})") from None
 
 
 def plan(sweep: SweepConfig, store: Store, retry_failed: bool = False):
-    """(all runs, runs still to do). A run is done when its record exists (and, with
-    retry_failed, is ok)."""
+    """(all runs, runs still to do). A run is done when the index holds it (and, with
+    retry_failed, it is ok); no record is read."""
     runs = sweep.expand()
     ids = [cfg.run_id for cfg in runs]
     if len(set(ids)) != len(ids):
         raise ConfigError("the sweep repeats a configuration (a spec, batch or seed given twice)")
-    todo = []
-    for cfg in runs:
-        rec = store.load_record(cfg.run_id)
-        if rec is None or (retry_failed and rec["row"]["status"] != "ok"):
-            todo.append(cfg)
+    done = store.finished()
+    todo = [cfg for cfg, run_id in zip(runs, ids) if run_id not in done
+            or (retry_failed and done[run_id] != "ok")]
     return runs, todo
 
 
@@ -99,16 +101,17 @@ def run_sweep(sweep: SweepConfig, out: Path, executor: Executor | None = None,
     events = events or SweepEvents()
     executor = executor or SerialExecutor()
     store = Store(out)
-    store.prepare()
     report = SweepReport(out=Path(out))
     results = None
     try:
+        store.prepare()
         store.save_sweep(sweep_to_dict(sweep))
         runs, todo = plan(sweep, store, retry_failed)
         report.planned, report.skipped = len(runs), len(runs) - len(todo)
-        redo = {cfg.run_id for cfg in todo}
-        report.earlier = [store.load_record(cfg.run_id)["row"] for cfg in runs
-                          if cfg.run_id not in redo]
+        done, redo = store.finished(), {cfg.run_id for cfg in todo}
+        report.earlier_failed = [store.load_record(cfg.run_id)["row"] for cfg in runs
+                                 if done.get(cfg.run_id, "ok") != "ok"
+                                 and cfg.run_id not in redo]
         events.on_plan(len(runs), len(todo))
         if not todo:
             return report
@@ -126,4 +129,5 @@ def run_sweep(sweep: SweepConfig, out: Path, executor: Executor | None = None,
         close = getattr(results, "close", None)
         if close:
             close()
+        store.close()
     return report

@@ -61,7 +61,18 @@ def kernels(cfg: RunConfig) -> str:
     return "native" if wants_kernels(cfg) and native.module() is not None else "torch"
 
 
-def make_row(cfg: RunConfig, outcome) -> dict:
+def run_threads(cfg: RunConfig) -> int:
+    """The torch intra-op threads a run trains with: cfg.threads when set; else 1 under
+    --deterministic, since float sums follow the thread count and one count makes the
+    serial, process and Ray executors give the same numbers; else the executor's share,
+    which it set in this process (all cores when serial, cores // workers in a worker,
+    --cpus-per-run on Ray)."""
+    import torch
+
+    return cfg.threads or (1 if cfg.deterministic else torch.get_num_threads())
+
+
+def make_row(cfg: RunConfig, outcome, threads: int | None = None) -> dict:
     from ..norms import parse_spec
 
     rows = outcome.epochs  # a row per evaluation; best_val_acc looks at epoch ends only,
@@ -83,7 +94,7 @@ def make_row(cfg: RunConfig, outcome) -> dict:
         "samples_per_s": round(outcome.samples / outcome.train_time_s, 2)
         if outcome.train_time_s > 0 else None,
         "peak_mem_mb": outcome.peak_mem_mb, "device": cfg.device, "amp": cfg.amp,
-        "compile": cfg.compile, "deterministic": cfg.deterministic,
+        "compile": cfg.compile, "deterministic": cfg.deterministic, "threads": threads,
         **provenance(), "versions": json.dumps({**provenance()["versions"],
                                                 "kernels": kernels(cfg)}),
         "config": json.dumps(cfg.to_dict(), sort_keys=True),
@@ -100,13 +111,21 @@ def failed_record(cfg: RunConfig, reason: str) -> dict:
 
 def execute_run(cfg: RunConfig, run_dir: str | None = None,
                 on_epoch: Callable[[dict], None] | None = None) -> dict:
-    """Train one run and return its record {"row", "metrics", "finished_at"}. Any error of
-    the run becomes a failed record; a checkpoint in run_dir lets it continue."""
+    """Train one run with run_threads(cfg) torch threads and return its record {"row",
+    "metrics", "finished_at"}. Any error of the run becomes a failed record; a checkpoint
+    in run_dir lets it continue."""
+    import torch
+
     from ..train import train_run
 
     checkpoint = Path(run_dir) / "checkpoint.pt" if run_dir else None
+    share, threads = torch.get_num_threads(), run_threads(cfg)
+    torch.set_num_threads(threads)
     try:
         outcome = train_run(cfg, _dataset(cfg.dataset, cfg.data_dir), on_epoch, checkpoint)
     except Exception as e:  # isolation: one broken run never stops the sweep
         return failed_record(cfg, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
-    return {"row": make_row(cfg, outcome), "metrics": outcome.epochs, "finished_at": time.time()}
+    finally:
+        torch.set_num_threads(share)  # the next run of this process starts from the share
+    return {"row": make_row(cfg, outcome, threads), "metrics": outcome.epochs,
+            "finished_at": time.time()}

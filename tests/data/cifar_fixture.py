@@ -1,9 +1,12 @@
-"""Small fake CIFAR copies in the exact on-disk format of the official "python version".
+"""Small fake CIFAR copies in the exact on-disk format of the official "python version",
+or of a copy re-saved by Python 3.
 
 The official files were written by Python 2's cPickle at protocol 2: every str (keys,
 the dtype code, the raw array bytes) is a byte string (opcodes SHORT_BINSTRING / BINSTRING)
 and the array is rebuilt by numpy.core.multiarray._reconstruct. Python 3's pickler would
 write bytes as calls to codecs.encode instead, so `Py2Pickler` writes them as Python 2 did.
+A Python 3 re-save (`pickle.dump(d, f, protocol)` after loading with encoding="latin1", as
+tools that convert the files do) has str keys and strings.
 """
 from __future__ import annotations
 
@@ -56,11 +59,22 @@ def _batch(rng, n, label_key, num_classes, title):
     return d, x, y
 
 
+def as_py3(obj):
+    """What loading with encoding="latin1" gives: every byte string a str."""
+    if isinstance(obj, dict):
+        return {as_py3(k): as_py3(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [as_py3(v) for v in obj]
+    return obj.decode("latin1") if isinstance(obj, bytes) else obj
+
+
 def write_fixture(root, name: str = "cifar10", n_train_per_batch: int = 8, n_test: int = 8,
-                  seed: int = 0) -> dict:
+                  seed: int = 0, protocol: int | None = None) -> dict:
     """Write a fake CIFAR-10 (5 train batches of n_train_per_batch images) or CIFAR-100
     (one train file of 5 * n_train_per_batch images, so both have the same size) under
-    root/<official folder>, with random uint8 images and labels.
+    root/<official folder>, with random uint8 images and labels. protocol None: the
+    official Python 2 files (bytes keys); 2 to 5: a Python 3 re-save at that protocol
+    (str keys).
 
     Returns {"dir": folder, "x_train": (N, 3, 32, 32) uint8, "y_train": (N,), "x_test",
     "y_test"}: what a correct loader must read back."""
@@ -81,14 +95,22 @@ def write_fixture(root, name: str = "cifar10", n_train_per_batch: int = 8, n_tes
     else:
         raise ValueError(name)
     folder.mkdir(parents=True, exist_ok=True)
+
+    def dump(obj, path):
+        if protocol is None:
+            dump_py2(obj, path)
+        else:
+            with open(path, "wb") as f:
+                pickle.dump(as_py3(obj), f, protocol=protocol)
+
     xs, ys = [], []
     for fname, n in train:
         d, x, y = _batch(rng, n, key, classes, f"training batch {fname}")
-        dump_py2(d, folder / fname)
+        dump(d, folder / fname)
         xs.append(x)
         ys.append(y)
     d, x_test, y_test = _batch(rng, n_test, key, classes, "testing batch 1 of 1")
-    dump_py2(d, folder / test)
-    dump_py2(meta[1], folder / meta[0])
+    dump(d, folder / test)
+    dump(meta[1], folder / meta[0])
     return {"dir": folder, "x_train": np.concatenate(xs), "y_train": np.concatenate(ys),
             "x_test": x_test, "y_test": y_test}

@@ -13,9 +13,21 @@ from bknbench.data.registry import standardize
 from cifar_fixture import write_fixture
 
 
+# None: the official Python 2 files, bytes keys; 2 and 4: re-saved by Python 3, str keys
+# (4 is the default protocol of Python 3.8 to 3.13)
+KEY_STYLES = pytest.mark.parametrize("protocol", [None, 2, 4], ids=["bytes-keys", "str-keys-p2",
+                                                                    "str-keys-p4"])
+
+
+@KEY_STYLES
 @pytest.mark.parametrize("name, classes", [("cifar10", 10), ("cifar100", 100)])
-def test_fixture_loads_with_the_right_images_and_labels(tmp_path, name, classes):
-    ref = write_fixture(tmp_path, name, n_train_per_batch=6, n_test=5, seed=1)
+def test_fixture_loads_with_the_right_images_and_labels(tmp_path, name, classes, protocol):
+    ref = write_fixture(tmp_path, name, n_train_per_batch=6, n_test=5, seed=1,
+                        protocol=protocol)
+    first = ref["dir"] / ("data_batch_1" if name == "cifar10" else "train")
+    with open(first, "rb") as f:
+        keys = set(pickle.load(f, encoding="bytes"))
+    assert keys >= ({b"data", b"batch_label"} if protocol is None else {"data", "batch_label"})
     loader = cifar.cifar10 if name == "cifar10" else cifar.cifar100
     for where in (tmp_path, ref["dir"]):  # the parent or the dataset folder itself
         ds = loader(str(where))
@@ -112,16 +124,18 @@ class _Open:
 
 
 @pytest.mark.parametrize("payload", [_System, _Open])
-@pytest.mark.parametrize("nested", [False, True])
-def test_booby_trapped_pickle_is_refused_and_never_runs(tmp_path, payload, nested):
+@pytest.mark.parametrize("nested", [None, "bytes", "str"])
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_booby_trapped_pickle_is_refused_and_never_runs(tmp_path, payload, nested, protocol):
     ref = write_fixture(tmp_path, "cifar10", 2, 2)
     target = tmp_path / "pwned"
     path = ref["dir"] / "data_batch_1"
     obj = payload(target)
-    if nested:  # hidden inside an otherwise plausible batch
-        obj = {b"labels": [0, 1], b"data": np.zeros((2, 3072), np.uint8), b"x": obj}
+    if nested:  # hidden inside an otherwise plausible batch, with either style of keys
+        batch = {"labels": [0, 1], "data": np.zeros((2, 3072), np.uint8), "x": obj}
+        obj = batch if nested == "str" else {k.encode(): v for k, v in batch.items()}
     with open(path, "wb") as f:
-        pickle.dump(obj, f, protocol=2)
+        pickle.dump(obj, f, protocol=protocol)
     with pytest.raises(ConfigError) as e:
         cifar.cifar10(str(tmp_path))
     msg = str(e.value)
@@ -140,3 +154,22 @@ def test_py3_protocol2_repickle_of_cifar_loads(tmp_path):
                     protocol=2)
     d = cifar.load_pickle(ref["dir"] / "data_batch_1")
     assert np.array_equal(d[b"data"], x)
+
+
+def test_what_the_unpickler_allows_is_unchanged():
+    """The allowed globals, listed: a change to this list is a change to what a data file
+    can make us call, and must be deliberate."""
+    assert sorted(cifar._ALLOWED) == [
+        ("__builtin__", "bytes"), ("_codecs", "encode"), ("builtins", "bytes"),
+        ("codecs", "encode"), ("numpy", "dtype"), ("numpy", "ndarray"),
+        ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct")]
+
+
+def test_a_batch_without_its_keys_names_both_styles(tmp_path):
+    ref = write_fixture(tmp_path, "cifar10", 2, 2, protocol=4)
+    with open(ref["dir"] / "data_batch_3", "wb") as f:
+        pickle.dump({"data": np.zeros((2, 3072), np.uint8), "fine_labels": [0, 1]}, f)
+    with pytest.raises(ConfigError, match=r"data_batch_3 is not a CIFAR batch: expected keys "
+                                          r"'data' and 'labels' \(bytes or str\), found "
+                                          r"'data', 'fine_labels'$"):
+        cifar.cifar10(str(tmp_path))

@@ -90,11 +90,21 @@ def test_synthetic_does_not_touch_global_rngs():
     assert np.array_equal(np.random.get_state()[1], n[1])
 
 
-def test_dataset_to_device_keeps_everything():
-    d = load_dataset("synthetic")
+TENSORS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def test_dataset_to_device_moves_all_four_tensors():
+    d = load_dataset("digits")
     e = d.to("cpu")
-    assert e.name == d.name and e.num_classes == d.num_classes and e.image == d.image
-    assert torch.equal(e.x_test, d.x_test)
+    assert (e.name, e.num_classes, e.image) == (d.name, d.num_classes, d.image)
+    for k in TENSORS:
+        assert torch.equal(getattr(e, k), getattr(d, k)), k
+    m = d.to("meta")  # a real move on any machine: every tensor must go
+    for k in TENSORS:
+        a, b = getattr(m, k), getattr(d, k)
+        assert (a.device.type, a.shape, a.dtype) == ("meta", b.shape, b.dtype), k
+    assert all(getattr(d, k).device.type == "cpu" for k in TENSORS)  # the original stays
+
 
 
 def test_digits32_shapes_cache_and_split(tmp_path, monkeypatch):

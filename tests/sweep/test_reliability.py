@@ -159,6 +159,49 @@ def test_ctrl_c_keeps_finished_runs(tmp_path, workers):
     wait_for(lambda: not any(map(alive, spawned)), timeout_s=10)
 
 
+DET_ONE = ["run", "--dataset", "synthetic", "--norms", "gn", "--batch-sizes", "16", "--seeds",
+           "0", "--epochs", "1", "--deterministic", "--device", "cpu", "--quiet"]
+
+
+def test_deterministic_serial_equals_a_worker_process(tmp_path):
+    """--deterministic fixes the thread count at 1: this process (2 threads) and a worker
+    process (a pool of one gets all cores) give the same rows. The same run with --threads
+    2 gives other numbers, so the thread count does matter here (test_ray.py compares Ray
+    on this same run)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for name, extra in (("serial", ["--workers", "1"]), ("pool", ["--workers", "2"]),
+                            ("two", ["--workers", "1", "--threads", "2"])):
+            result = runner.invoke(app, [*DET_ONE, *extra, "--out", str(tmp_path / name)])
+            assert result.exit_code == 0, result.output
+    finally:
+        torch.set_num_threads(threads)
+    [serial], [pool], [two] = (rows(tmp_path / n / "runs.csv") for n in ("serial", "pool", "two"))
+    assert serial["threads"] == pool["threads"] == "1" and two["threads"] == "2"
+    assert without_timing([serial]) == without_timing([pool])
+    assert without_timing(rows(tmp_path / "serial" / "metrics.csv")) == without_timing(
+        rows(tmp_path / "pool" / "metrics.csv"))
+    [serial_epoch], [two_epoch] = (rows(tmp_path / n / "metrics.csv") for n in ("serial", "two"))
+    assert serial_epoch["val_loss"] != two_epoch["val_loss"]
+
+
+def reports_its_process(cfg, run_dir: str) -> dict:
+    """Stand-in for execute_run: which GPU and how many threads its worker was given.
+    Seed 0 waits until seed 1 has started (a file), so two workers must be running."""
+    import torch
+
+    import dataclasses
+
+    (Path(run_dir) / "started").write_text("")
+    if cfg.seed == 0:
+        other = Path(run_dir).parent / dataclasses.replace(cfg, seed=1).run_id / "started"
+        wait_for(other.exists, timeout_s=60)
+    return {"row": {"run_id": cfg.run_id, "status": "ok", "pid": os.getpid(),
+                    "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                    "threads": torch.get_num_threads()}, "metrics": [], "finished_at": 0.0}
+
+
 def dies_at_seed_1(cfg, run_dir: str) -> dict:
     """Stand-in for execute_run in a worker: seed 1 kills its process, every time; the
     others take a while, so they are in flight when it dies."""
@@ -168,6 +211,46 @@ def dies_at_seed_1(cfg, run_dir: str) -> dict:
         os._exit(1)
     time.sleep(0.5)
     return {"row": {"run_id": cfg.run_id, "status": "ok"}, "metrics": [], "finished_at": 0.0}
+
+
+def test_workers_pinned_to_gpus_in_turn_with_their_share_of_threads(tmp_path, monkeypatch):
+    from bknbench.sweep.local import ProcessExecutor, cpu_cores
+    from bknbench.sweep.plan import SweepEvents
+    from bknbench.sweep.store import Store
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")  # the GPUs this process may use
+    store = Store(tmp_path)
+
+    def run(executor, seeds):
+        tasks = SweepConfig(specs=("gn",), batch_sizes=(16,), seeds=seeds,
+                            base=RunConfig(spec="", dataset="synthetic")).expand()
+        for cfg in tasks:
+            store.run_dir(cfg.run_id).mkdir(parents=True, exist_ok=True)
+        return [r["row"] for _, r in executor.map(tasks, store, SweepEvents())]
+
+    both = run(ProcessExecutor(2, fn=reports_its_process, device="cuda"), (0, 1))
+    assert all(r["status"] == "ok" for r in both), both
+    assert len({r["pid"] for r in both}) == 2 and {r["gpu"] for r in both} == {"5", "7"}
+    assert {r["threads"] for r in both} == {max(1, cpu_cores() // 2)}
+    # fewer runs than workers: fewer workers, each with more threads; no GPU pinning on cpu
+    [alone] = run(ProcessExecutor(8, fn=reports_its_process), (2,))
+    assert alone["threads"] == cpu_cores() and alone["gpu"] == "5,7"
+
+
+def test_default_workers_one_per_core_or_gpu(monkeypatch):
+    import bknbench.sweep.local as local
+    from bknbench.commands import make_executor
+    from bknbench.sweep.plan import SerialExecutor
+
+    monkeypatch.setattr(local.os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert [local.default_workers(d) for d in ("cpu", "cuda", "cuda:1", "mps")] == [3, 4, 1, 1]
+    executor = make_executor(None, "cpu")
+    assert isinstance(executor, local.ProcessExecutor) and executor.workers == 3
+    assert make_executor(None, "cuda").workers == 4 and make_executor(None, "cuda").device == "cuda"
+    assert isinstance(make_executor(None, "cuda:1"), SerialExecutor)
+    monkeypatch.setattr(local.os, "sched_getaffinity", lambda pid: {0})
+    assert isinstance(make_executor(None, "cpu"), SerialExecutor)
 
 
 def test_worker_death_reruns_the_others_and_fails_the_culprit(tmp_path):
@@ -202,6 +285,40 @@ def test_failures_are_recorded_and_the_sweep_goes_on(tmp_path):
     assert by_spec["gn"]["status"] == "ok" and float(by_spec["gn"]["final_val_acc"]) > 80
     assert "1 run(s) did not finish ok" in result.stderr
     assert "  bn b=1 seed=0: failed: BatchNorm is undefined" in result.stderr
+
+
+def test_retry_failed_reruns_the_failed_runs_only(tmp_path, monkeypatch):
+    import bknbench.train
+
+    out = tmp_path / "sweep"
+    real = bknbench.train.train_run
+
+    def flaky(cfg, *args, **kw):  # a fault that goes away (a full disk, a lost GPU)
+        if cfg.seed == 1:
+            raise RuntimeError("a passing fault")
+        return real(cfg, *args, **kw)
+
+    monkeypatch.setattr(bknbench.train, "train_run", flaky)
+    first = runner.invoke(app, ["run", "--dataset", "synthetic", "--norms", "gn",
+                                "--batch-sizes", "16", "--seeds", "0,1", "--epochs", "1",
+                                "--workers", "1", "--out", str(out)])
+    monkeypatch.undo()
+    assert first.exit_code == 0, first.output
+    before = {r["seed"]: r for r in rows(out / "runs.csv")}
+    assert before["1"]["status"] == "failed" and before["1"]["reason"] == (
+        "RuntimeError: a passing fault")
+    kept = records(out)
+    again = runner.invoke(app, ["run", "--resume", str(out)])  # failed runs count as done
+    assert again.exit_code == 0 and "2 already finished, 0 to run" in again.stderr
+    assert "1 run(s) did not finish ok" in again.stderr and records(out) == kept
+    retry = runner.invoke(app, ["run", "--resume", str(out), "--retry-failed"])
+    assert retry.exit_code == 0 and "1 already finished, 1 to run" in retry.stderr
+    assert "did not finish ok" not in retry.stderr
+    after = {r["seed"]: r for r in rows(out / "runs.csv")}
+    assert len(rows(out / "runs.csv")) == 2 and after["0"] == before["0"]
+    assert after["1"]["status"] == "ok" and after["1"]["run_id"] == before["1"]["run_id"]
+    assert records(out)[before["0"]["run_id"]] == kept[before["0"]["run_id"]]  # untouched
+    assert len(rows(out / "metrics.csv")) == 2  # one epoch each, the failed run had none
 
 
 def test_divergence_strict_and_fail_fast(tmp_path):

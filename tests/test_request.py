@@ -1,0 +1,114 @@
+"""From flags to a sweep: flag over preset over default, what --resume accepts, --verify,
+--threads and --device resolution."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bknbench.config import DEFAULT_BATCH_SIZES, RunConfig
+from bknbench.errors import ConfigError
+from bknbench.presets import PRESETS
+from bknbench.request import DEFAULT_NORMS, RunRequest, build_sweep
+from bknbench.sweep.plan import sweep_to_dict
+from bknbench.sweep.store import Store
+
+sys.path.insert(0, str(Path(__file__).parent / "data"))
+from cifar_fixture import write_fixture  # noqa: E402
+
+DEFAULTS = RunConfig(spec="")
+
+
+@pytest.fixture(scope="module")
+def cifar_dir(tmp_path_factory):
+    """A fake CIFAR-10 with 130 training images: room for the preset's SGD batch of 128."""
+    root = tmp_path_factory.mktemp("cifar")
+    write_fixture(root, "cifar10", n_train_per_batch=26, n_test=4)
+    return str(root)
+
+
+def test_flag_over_preset_over_default(cifar_dir):
+    preset = PRESETS["paper-cifar10"]
+    sweep, _ = build_sweep(RunRequest(preset="paper-cifar10", run={
+        "epochs": 2, "momentum": 0.5, "data_dir": cifar_dir, "device": "cpu"}))
+    base = sweep.base
+    assert (base.epochs, base.momentum) == (2, 0.5)  # flags, over the preset's 400 and 0.9
+    for name, value in preset.run.items():  # the preset, over RunConfig's defaults
+        if name not in ("epochs", "momentum"):
+            assert getattr(base, name) == value, name
+    assert base.model == "resnet32" != DEFAULTS.model and base.base_lr == 0.1 != DEFAULTS.base_lr
+    assert base.eval_batch == DEFAULTS.eval_batch and base.amp == DEFAULTS.amp  # neither
+    assert (sweep.specs, sweep.batch_sizes, sweep.accumulate_to) == (
+        preset.specs, preset.batch_sizes, preset.accumulate_to)
+    assert sweep.seeds == (0,)
+    # the sweep's own flags over the preset's
+    sweep, _ = build_sweep(RunRequest(preset="paper-cifar10", norms="gn", batch_sizes="4,8",
+                                      accumulate_to=32, seeds="3,4",
+                                      run={"data_dir": cifar_dir, "device": "cpu"}))
+    assert (sweep.specs, sweep.batch_sizes, sweep.accumulate_to, sweep.seeds) == (
+        ("gn",), (4, 8), 32, (3, 4))
+
+
+def test_without_preset_or_flags_the_defaults():
+    sweep, out = build_sweep(RunRequest(run={"dataset": "synthetic"}))
+    assert sweep.specs == tuple(DEFAULT_NORMS.split(",")) and sweep.seeds == (0,)
+    assert sweep.batch_sizes == DEFAULT_BATCH_SIZES and sweep.accumulate_to is None
+    # --device auto, resolved (RunConfig's own default is cpu)
+    assert sweep.base.device == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert out.parent.name == "results"
+
+
+def started(folder, **run) -> None:
+    sweep, _ = build_sweep(RunRequest(norms="gn", batch_sizes="16",
+                                      run={"dataset": "synthetic", "epochs": 1, **run}))
+    Store(folder).save_sweep(sweep_to_dict(sweep))
+
+
+@pytest.mark.parametrize("req, words", [
+    (dict(run={"epochs": 5}, norms="bn"), "--norms, --epochs would change it"),
+    (dict(seeds="0,1"), "--seeds would change it"),
+    (dict(preset="paper-cifar10"), "--preset would change it"),
+    (dict(run={"base_lr": 0.1, "device": "cpu", "threads": 2}),
+     "--lr, --device, --threads would change it"),
+    (dict(accumulate_to=64, batch_sizes="2"), "--batch-sizes, --accumulate-to would"),
+])
+def test_resume_rejects_what_would_change_the_sweep(tmp_path, req, words):
+    started(tmp_path)
+    with pytest.raises(ConfigError, match=f"--resume continues the sweep saved in {tmp_path}"
+                                          f"/sweep.json as it was; {words}"):
+        build_sweep(RunRequest(resume=tmp_path, **req))
+    sweep, out = build_sweep(RunRequest(resume=tmp_path, out=tmp_path))  # alone: fine
+    assert sweep.specs == ("gn",) and sweep.base.epochs == 1 and out == tmp_path
+
+
+def test_verify_needs_a_cifar_dataset_and_its_folder(tmp_path):
+    with pytest.raises(ConfigError, match="^--verify needs --data-dir: the folder that holds "
+                                          "the cifar10 files to check$"):
+        build_sweep(RunRequest(run={"dataset": "cifar10"}, verify=True))
+    with pytest.raises(ConfigError, match="--dataset synthetic has none to check"):
+        build_sweep(RunRequest(run={"dataset": "synthetic"}, verify=True))
+    write_fixture(tmp_path, "cifar10", 2, 2)  # loads, but is not the original archive
+    with pytest.raises(ConfigError, match="data_batch_1 has MD5 .* expected c99cafc"):
+        build_sweep(RunRequest(run={"dataset": "cifar10", "data_dir": str(tmp_path)},
+                               verify=True))
+    # on resume, the files of the sweep saved in the folder are checked
+    sweep, _ = build_sweep(RunRequest(norms="gn", batch_sizes="2", run={
+        "dataset": "cifar10", "data_dir": str(tmp_path), "epochs": 1}))
+    Store(tmp_path / "out").root.mkdir()
+    Store(tmp_path / "out").save_sweep(sweep_to_dict(sweep))
+    with pytest.raises(ConfigError, match="data_batch_1 has MD5"):
+        build_sweep(RunRequest(resume=tmp_path / "out", verify=True))
+    assert build_sweep(RunRequest(resume=tmp_path / "out"))[0] == sweep
+
+
+def test_threads_one_with_deterministic_is_the_default_spelled_out():
+    def base(**run):
+        return build_sweep(RunRequest(norms="gn", run={"dataset": "synthetic", **run}))[0].base
+
+    assert base(deterministic=True, threads=1) == base(deterministic=True)
+    assert base(deterministic=True).threads is None
+    assert base(threads=1).threads == 1 and base(threads=1).run_id != base().run_id
+    with pytest.raises(ConfigError, match="--threads must be at least 1, got 0"):
+        base(threads=0)
