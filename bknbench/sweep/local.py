@@ -9,8 +9,9 @@ each with more threads. Under --deterministic every run uses the same thread cou
 (run.run_threads), so its numbers do not depend on which process runs it.
 
 Signals: workers ignore SIGINT, so Ctrl-C (which the terminal sends to every process of
-the group) reaches only the driver, which terminates them; a worker whose driver died
-(kill -9) exits within a second instead of training on as an orphan.
+the group) reaches only the driver, which terminates them; they start with it blocked, so
+one during their start-up imports cannot stop them with a traceback either. A worker whose
+driver died (kill -9) exits within a second instead of training on as an orphan.
 
 A worker that dies (killed, out of memory) breaks the whole pool, and every run in flight
 fails with it, though only one may be at fault. Those runs are rerun in a fresh pool, each
@@ -18,6 +19,7 @@ alone; a run that breaks the pool when alone is recorded as failed.
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import signal
@@ -61,6 +63,20 @@ def _exit_with_parent(parent: int) -> None:
         time.sleep(1.0)
         if os.getppid() != parent:  # reparented: the driver is gone, nobody wants our result
             os._exit(1)
+
+
+@contextlib.contextmanager
+def _sigint_blocked():
+    """Processes spawned in the block inherit SIGINT blocked until _init_worker ignores it
+    (their imports come before it). The driver gets a Ctrl-C when the block ends."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows
+        yield
+        return
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def _init_worker(threads: int, gpus) -> None:
@@ -115,7 +131,8 @@ class ProcessExecutor:
                 while may_submit():
                     cfg = queue.popleft()
                     events.on_start(cfg)
-                    pending[pool.submit(self.fn, cfg, str(store.run_dir(cfg.run_id)))] = cfg
+                    with _sigint_blocked():  # submit spawns the workers
+                        pending[pool.submit(self.fn, cfg, str(store.run_dir(cfg.run_id)))] = cfg
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 broken = []
                 for fut in done:
@@ -152,4 +169,7 @@ class ProcessExecutor:
                 fut.cancel()
             for proc in list((getattr(pool, "_processes", None) or {}).values()):
                 proc.terminate()  # Ctrl-C or --fail-fast: don't wait for running runs
-            pool.shutdown(wait=False, cancel_futures=True)
+            # wait: quick, the workers are gone; joined here, the pool's thread cannot be
+            # closing its pipe while Python 3.11's exit handler writes to it, which prints
+            # "OSError: [Errno 9] Bad file descriptor" after a clean exit
+            pool.shutdown(wait=True, cancel_futures=True)

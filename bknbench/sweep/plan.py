@@ -5,7 +5,10 @@ runs finish. The serial executor is here; the process pool is local.py, Ray is r
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
@@ -93,6 +96,24 @@ def plan(sweep: SweepConfig, store: Store, retry_failed: bool = False):
     return runs, todo
 
 
+@contextlib.contextmanager
+def ctrl_c_deferred():
+    """A Ctrl-C inside the block takes effect as it ends: a commit (milliseconds) is never
+    cut in half, so a run on disk is also in the index and in the report."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield  # Ctrl-C is ignored, or someone else's to handle
+        return
+    caught = []
+    signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if caught:
+            raise KeyboardInterrupt
+
+
 def run_sweep(sweep: SweepConfig, out: Path, executor: Executor | None = None,
               events: SweepEvents | None = None, fail_fast: bool = False,
               retry_failed: bool = False) -> SweepReport:
@@ -101,11 +122,15 @@ def run_sweep(sweep: SweepConfig, out: Path, executor: Executor | None = None,
     events = events or SweepEvents()
     executor = executor or SerialExecutor()
     store = Store(out)
+    try:
+        store.prepare()
+        store.save_sweep(sweep_to_dict(sweep))  # before a Ctrl-C may say "resume"
+    except BaseException:
+        store.close()
+        raise
     report = SweepReport(out=Path(out))
     results = None
     try:
-        store.prepare()
-        store.save_sweep(sweep_to_dict(sweep))
         runs, todo = plan(sweep, store, retry_failed)
         report.planned, report.skipped = len(runs), len(runs) - len(todo)
         done, redo = store.finished(), {cfg.run_id for cfg in todo}
@@ -117,8 +142,9 @@ def run_sweep(sweep: SweepConfig, out: Path, executor: Executor | None = None,
             return report
         results = executor.map(todo, store, events)
         for cfg, record in results:
-            store.commit(record)
-            report.finished.append(record["row"])
+            with ctrl_c_deferred():
+                store.commit(record)
+                report.finished.append(record["row"])
             events.on_finish(cfg, record["row"])
             if fail_fast and record["row"]["status"] != "ok":
                 report.stopped_early = True

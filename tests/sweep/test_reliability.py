@@ -42,10 +42,19 @@ def one_thread():
 
 
 def start(*args) -> subprocess.Popen:
-    """`bknbench ARGS` in its own process group, as a terminal would run it."""
-    return subprocess.Popen([sys.executable, "-m", "bknbench", *args], env=ENV, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    """`bknbench ARGS` in its own process group, as a terminal would run it: with Ctrl-C's
+    default action, even where pytest runs as a background job of a script, which a shell
+    starts with SIGINT ignored (children inherit that, and Python then leaves it ignored)."""
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # exec resets it to default
+    try:
+        return subprocess.Popen([sys.executable, "-m", "bknbench", *args], env=ENV, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True)
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def bknbench(*args) -> subprocess.CompletedProcess:
@@ -145,18 +154,52 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
 def test_ctrl_c_keeps_finished_runs(tmp_path, workers):
     out = tmp_path / "sweep"
     proc = start("run", "--out", str(out), *GRID, "--workers", str(workers))
+    # the event, not a delay: at once when the first run is committed, so the Ctrl-C lands
+    # in or near the next commit, or in the next run
     wait_for(lambda: records(out) or proc.poll() is not None)
-    time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1]
     spawned = children(proc.pid)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stdout + stderr
-    assert f"resume with: bknbench run --resume {out}" in stderr.splitlines()[-1]
     finished = records(out)
     assert 1 <= len(finished) < 8
+    assert stderr.splitlines()[-1] == (f"interrupted: {len(finished)} finished run(s) kept in "
+                                       f"{out}; resume with: bknbench run --resume {out}")
     assert {r["run_id"] for r in rows(out / "runs.csv")} == set(finished)
     wait_for(lambda: not any(map(alive, spawned)), timeout_s=10)
+
+
+def test_ctrl_c_during_a_commit_lets_it_finish(tmp_path, monkeypatch):
+    """A Ctrl-C between a run's record and its index rows: the commit completes, the run is
+    in runs.csv and counted as finished, and the sweep stops."""
+    from bknbench.sweep.plan import run_sweep
+    from bknbench.sweep.store import Store
+
+    class Instant:  # each run finishes at once
+        def map(self, tasks, store, events):
+            for cfg in tasks:
+                yield cfg, {"row": {"run_id": cfg.run_id, "status": "ok"}, "metrics": [],
+                            "finished_at": 0.0}
+
+    append = Store._append
+
+    def ctrl_c_first(store, record):  # between the first record and the index
+        monkeypatch.setattr(Store, "_append", append)
+        signal.raise_signal(signal.SIGINT)
+        append(store, record)
+
+    monkeypatch.setattr(Store, "_append", ctrl_c_first)
+    sweep = SweepConfig(specs=("gn",), batch_sizes=(16,), seeds=(0, 1),
+                        base=RunConfig(spec="", dataset="synthetic"))
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    try:
+        report = run_sweep(sweep, tmp_path, Instant())
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert report.interrupted and len(report.finished) == 1
+    assert [r["run_id"] for r in rows(tmp_path / "runs.csv")] == list(records(tmp_path))
 
 
 DET_ONE = ["run", "--dataset", "synthetic", "--norms", "gn", "--batch-sizes", "16", "--seeds",
