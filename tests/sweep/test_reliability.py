@@ -203,7 +203,8 @@ def test_ctrl_c_during_a_commit_lets_it_finish(tmp_path, monkeypatch):
 
 
 DET_ONE = ["run", "--dataset", "synthetic", "--norms", "gn", "--batch-sizes", "16", "--seeds",
-           "0", "--epochs", "1", "--deterministic", "--device", "cpu", "--quiet"]
+           "0", "--epochs", "1", "--evals-per-epoch", "1", "--deterministic", "--device",
+           "cpu", "--quiet"]
 
 
 def test_deterministic_serial_equals_a_worker_process(tmp_path):
@@ -344,7 +345,7 @@ def test_retry_failed_reruns_the_failed_runs_only(tmp_path, monkeypatch):
     monkeypatch.setattr(bknbench.train, "train_run", flaky)
     first = runner.invoke(app, ["run", "--dataset", "synthetic", "--norms", "gn",
                                 "--batch-sizes", "16", "--seeds", "0,1", "--epochs", "1",
-                                "--workers", "1", "--out", str(out)])
+                                "--evals-per-epoch", "1", "--workers", "1", "--out", str(out)])
     monkeypatch.undo()
     assert first.exit_code == 0, first.output
     before = {r["seed"]: r for r in rows(out / "runs.csv")}
