@@ -42,6 +42,7 @@ class RunConfig:
     compile: bool = False  # torch.compile the model
     deterministic: bool = False  # bitwise repeatable kernels
     eval_batch: int = 1024  # samples per evaluation forward (eval mode: no effect on results)
+    diagnose: bool = False  # per-layer statistics after every epoch (bknbench/diagnose)
 
     def __post_init__(self):
         if self.norm_batch <= 0 or self.sgd_batch % self.norm_batch or (
@@ -73,10 +74,12 @@ class RunConfig:
 
 
 def run_id(cfg: RunConfig) -> str:
-    """Stable id: the hash of the fully resolved configuration (eval_batch excluded:
-    it cannot change a result)."""
+    """Stable id: the hash of the fully resolved configuration (eval_batch and diagnose
+    excluded: they cannot change a result; a diagnosed run trains exactly as the same run
+    without, tests/diagnose)."""
     d = cfg.to_dict()
     d.pop("eval_batch")
+    d.pop("diagnose")
     blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 

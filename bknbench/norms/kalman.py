@@ -118,6 +118,10 @@ class BatchKalmanNorm(StatsNorm):
             q = min(max(1.0 - p, 1e-4), 1 - 1e-4)
             self.gain_logit = nn.Parameter(torch.tensor(math.log(q / (1 - q))))
         self.prior: Path | SumPrior | None = None  # set by the model builder
+        # diagnostics (probe.py): while counting, each training forward with a prediction adds
+        # (1, guard trusted it, the weight p it had), on the device, read once per epoch
+        self.counting = False
+        self.register_buffer("guard_counts", torch.zeros(3), persistent=False)
         self.posterior: Posterior | None = None  # this forward's, for successors
         self.in_shape: tuple[int, ...] = ()  # spatial shape of the input, for sampling
 
@@ -158,8 +162,29 @@ class BatchKalmanNorm(StatsNorm):
                 self.probe.stats["predicted"] = (mu_hat, var_hat)
         else:
             self.update_running(mu.detach(), var.detach(), n_values)
+            if self.counting and mu_hat is not None:
+                self.count_guard(s, var_hat, p)
         self.posterior = Posterior(m, s, mu, var)
         return y
+
+    # ---------------------------------------------------------------- diagnostics counters
+    @torch.no_grad()
+    def count_guard(self, s, var_hat, p) -> None:
+        """Add one training forward to guard_counts without a host sync. The decision is the
+        one of kalman_update (kernels/reference.py): mean(var_hat / s) < guard."""
+        trusted = ((var_hat / s).mean() < self.guard).to(self.guard_counts.dtype)
+        p = p.detach() if torch.is_tensor(p) else p
+        self.guard_counts.add_(torch.stack((torch.ones_like(trusted), trusted, trusted * p)))
+
+    def training_counters(self) -> dict[str, torch.Tensor]:
+        """Over the training forwards since reset_counters (NaN when there were none, as in
+        a layer without a prediction): the fraction in which the guard rejected the
+        prediction, and the mean weight p on the prediction (0 when rejected)."""
+        n, trusted, p_sum = self.guard_counts.unbind()
+        return {"guard_rejected": 1.0 - trusted / n, "p_effective": p_sum / n}
+
+    def reset_counters(self) -> None:
+        self.guard_counts.zero_()
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", p={self.p}, gain={self.gain}, "

@@ -1,6 +1,7 @@
 """Summarize accuracy over seeds with 95% CIs.
 
-For one cell (dataset, model, spec, norm_batch) with n ok seeds x_i = final_val_acc (%):
+For one cell (dataset, model, spec, norm_batch) with n ok seeds x_i = final_val_acc (%), or
+the metric asked for (ACC_METRICS):
     mean = (1/n) sum_i x_i
     std  = sqrt(sum_i (x_i - mean)^2 / (n - 1))               sample std, NaN for n < 2
     CI   = mean -+ t(0.975, n - 1) * std / sqrt(n)             Student t, NaN for n < 2
@@ -20,6 +21,7 @@ import pandas as pd
 from ..errors import ConfigError
 
 SUMMARY_FORMATS = ("csv", "json", "markdown")
+ACC_METRICS = ("final_val_acc", "final_val_acc_population")  # what a summary can be of
 
 
 def _t975(dof: float) -> float:
@@ -56,7 +58,7 @@ def _status_counts(statuses: pd.Series) -> str:
     return ", ".join(f"{k} {s}" for s, k in statuses.value_counts(sort=False).items())
 
 
-def _cells(part: pd.DataFrame) -> list[dict]:
+def _cells(part: pd.DataFrame, metric: str = "final_val_acc") -> list[dict]:
     """Statistics per (spec, norm_batch): specs in order of first appearance, batches ascending."""
     cells = []
     for spec in dict.fromkeys(part["spec"]):
@@ -64,7 +66,7 @@ def _cells(part: pd.DataFrame) -> list[dict]:
         for nb in sorted(set(of_spec["norm_batch"])):
             cell = of_spec[of_spec["norm_batch"] == nb]
             ok, bad = cell[cell["status"] == "ok"], cell[cell["status"] != "ok"]
-            mean, std, half = mean_ci(ok["final_val_acc"])
+            mean, std, half = mean_ci(ok[metric])
             cells.append(dict(
                 spec=spec, norm_batch=int(nb), sgd_batch=int(cell["sgd_batch"].iloc[0]),
                 n=len(ok), mean=mean, std=std, ci_low=mean - half, ci_high=mean + half,
@@ -99,7 +101,8 @@ def _reference(cells: list[dict], reference: str | None, where: str) -> dict | N
     return max(ok, key=lambda c: c["norm_batch"])
 
 
-def summarize(runs: pd.DataFrame, reference: str | None = None) -> pd.DataFrame:
+def summarize(runs: pd.DataFrame, reference: str | None = None,
+              metric: str = "final_val_acc") -> pd.DataFrame:
     """One row per (dataset, model, spec, norm_batch) with the statistics of the module
     docstring; cells where every run failed stay, with n = 0 and NaN mean. dataset and model
     columns appear only when the runs span several; each (dataset, model) has its own reference."""
@@ -107,7 +110,7 @@ def summarize(runs: pd.DataFrame, reference: str | None = None) -> pd.DataFrame:
     rows = []
     for dataset, model in groups:
         part = runs[(runs["dataset"] == dataset) & (runs["model"] == model)]
-        cells = _cells(part)
+        cells = _cells(part, metric)
         ref = _reference(cells, reference, f" for {dataset}/{model}" if len(groups) > 1 else "")
         for c in cells:
             if ref is not None:
@@ -121,6 +124,25 @@ def summarize(runs: pd.DataFrame, reference: str | None = None) -> pd.DataFrame:
                "ref_diff_ci", "best_mean"]
     summary = pd.DataFrame(rows, columns=columns)
     return summary if len(groups) > 1 else summary.drop(columns=["dataset", "model"])
+
+
+def check_metric(metric: str) -> None:
+    if metric not in ACC_METRICS:
+        raise ConfigError(f"--metric must be {' or '.join(ACC_METRICS)}, got {metric!r}")
+
+
+def runs_with(runs: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, list[str], int]:
+    """(the runs a metric applies to, the specs it applies to in none of their ok runs, the
+    number of other ok runs without it). final_val_acc_population is empty for a model
+    without batch-dependent layers (gn, ln, none, gkn: not applicable) and for a run made
+    without --diagnose; such runs are left out of a summary of it, never counted as 0."""
+    check_metric(metric)
+    ok = runs["status"] == "ok"
+    has = ok & runs[metric].notna()
+    specs = [s for s in dict.fromkeys(runs.loc[ok, "spec"]) if not has[runs["spec"] == s].any()]
+    inapplicable = runs["spec"].isin(specs)
+    keep = ~inapplicable & (has | ~ok)
+    return runs[keep].reset_index(drop=True), specs, int((ok & ~has & ~inapplicable).sum())
 
 
 def failed_runs(runs: pd.DataFrame) -> pd.DataFrame:

@@ -1,6 +1,7 @@
 """One run, anywhere: ``execute_run(cfg, run_dir) -> record`` is all an executor needs, so
 the serial, process and Ray executors differ only in where that call happens. A record is
-{"row": the runs.csv row, "metrics": the metrics.csv rows, "finished_at"}.
+{"row": the runs.csv row, "metrics": the metrics.csv rows, "stats": the stats.csv rows
+(--diagnose), "finished_at"}.
 """
 from __future__ import annotations
 
@@ -73,13 +74,14 @@ def make_row(cfg: RunConfig, outcome) -> dict:
         "sgd_batch": cfg.sgd_batch, "seed": cfg.seed, "epochs": cfg.epochs, "lr": cfg.lr,
         "status": outcome.status, "reason": outcome.reason,
         "final_val_acc": last.get("val_acc") if ok else None,
+        "final_val_acc_population": outcome.val_acc_population if ok else None,
         "best_val_acc": max(accs) if ok and accs else None,
         "final_train_loss": last.get("train_loss"),
         "train_time_s": round(outcome.train_time_s, 4),
         "samples_per_s": round(outcome.samples / outcome.train_time_s, 2)
         if outcome.train_time_s > 0 else None,
         "peak_mem_mb": outcome.peak_mem_mb, "device": cfg.device, "amp": cfg.amp,
-        "compile": cfg.compile, "deterministic": cfg.deterministic,
+        "compile": cfg.compile, "deterministic": cfg.deterministic, "diagnose": cfg.diagnose,
         **provenance(), "versions": json.dumps({**provenance()["versions"],
                                                 "kernels": kernels(cfg)}),
         "config": json.dumps(cfg.to_dict(), sort_keys=True),
@@ -91,12 +93,12 @@ def failed_record(cfg: RunConfig, reason: str) -> dict:
     from ..train import RunOutcome
 
     return {"row": make_row(cfg, RunOutcome(status="failed", reason=reason)), "metrics": [],
-            "finished_at": time.time()}
+            "stats": [], "finished_at": time.time()}
 
 
 def execute_run(cfg: RunConfig, run_dir: str | None = None,
                 on_epoch: Callable[[dict], None] | None = None) -> dict:
-    """Train one run and return its record {"row", "metrics", "finished_at"}. Any error of
+    """Train one run and return its record {"row", "metrics", "stats", "finished_at"}. Any error of
     the run becomes a failed record; a checkpoint in run_dir lets it continue."""
     from ..train import train_run
 
@@ -105,4 +107,5 @@ def execute_run(cfg: RunConfig, run_dir: str | None = None,
         outcome = train_run(cfg, _dataset(cfg.dataset, cfg.data_dir), on_epoch, checkpoint)
     except Exception as e:  # isolation: one broken run never stops the sweep
         return failed_record(cfg, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
-    return {"row": make_row(cfg, outcome), "metrics": outcome.epochs, "finished_at": time.time()}
+    return {"row": make_row(cfg, outcome), "metrics": outcome.epochs, "stats": outcome.stats,
+            "finished_at": time.time()}

@@ -5,6 +5,7 @@ Layout of an output folder:
     runs/<run_id>/record.json   one finished run: its runs.csv row and metrics rows
     runs/<run_id>/checkpoint.pt the last epoch of an unfinished run
     runs.csv, metrics.csv   the index: every finished record, rebuilt after each finish
+    stats.csv               the same for the diagnostics' rows (only when a run has some)
 
 A record is written to a temporary file and renamed, so a kill at any instant leaves
 either no record or a whole one; the CSVs are rebuilt the same way, from records only,
@@ -20,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..report.schema import METRIC_COLUMNS, RUN_COLUMNS
+from ..report.schema import METRIC_COLUMNS, RUN_COLUMNS, STATS_COLUMNS
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -95,6 +96,9 @@ class Store:
         atomic_write(self.root / "metrics.csv", to_csv(
             METRIC_COLUMNS,
             [{"run_id": r["row"]["run_id"], **m} for r in records for m in r["metrics"]]))
+        stats = [{"run_id": r["row"]["run_id"], **s} for r in records for s in r.get("stats", [])]
+        if stats:
+            atomic_write(self.root / "stats.csv", to_csv(STATS_COLUMNS, stats))
 
     def save_sweep(self, sweep: dict) -> None:
         atomic_write(self.root / "sweep.json", json.dumps(sweep, indent=1))
