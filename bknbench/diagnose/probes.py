@@ -13,11 +13,12 @@ from torch import nn
 
 from ..norms.probe import Probe
 
-PROBE_SAMPLES = 1024  # training samples probed after every epoch (all, when fewer)
+PROBE_SAMPLES = 512  # training samples probed after every epoch (all, when fewer)
 PROBE_SEED = 20180309  # fixes the probe set; independent of the run's seed, so every run of
 # a sweep (any spec, batch or seed) probes the same samples
 MAX_TRAIN_FORWARDS = 64  # training forwards the train probe replays at most (cost at tiny
 # micro-batches without accumulation: one forward per micro-batch)
+MAX_TRAIN_SAMPLES = 256  # samples the train probe covers at most (cost at large batches)
 
 Stats = tuple[torch.Tensor, torch.Tensor]
 
@@ -38,11 +39,12 @@ def probe_indices(n_train: int, size: int = PROBE_SAMPLES) -> torch.Tensor:
 def train_plan(n_probe: int, norm_batch: int, sgd_batch: int) -> tuple[int, int]:
     """(samples per forward, forwards) of the train probe: training's forward of sgd_batch
     samples (the guard of a layer decides over one forward's groups), or the largest multiple
-    of norm_batch the probe set holds when that is fewer; at most MAX_TRAIN_FORWARDS."""
+    of norm_batch the probe set holds when that is fewer; as many as fit in the first
+    MAX_TRAIN_SAMPLES of the probe set (at least one), at most MAX_TRAIN_FORWARDS."""
     chunk = min(sgd_batch, n_probe // norm_batch * norm_batch)
     if chunk == 0:
         raise ValueError(f"probe set of {n_probe} samples is smaller than micro-batch {norm_batch}")
-    return chunk, min(n_probe // chunk, MAX_TRAIN_FORWARDS)
+    return chunk, max(1, min(min(n_probe, MAX_TRAIN_SAMPLES) // chunk, MAX_TRAIN_FORWARDS))
 
 
 @contextlib.contextmanager

@@ -47,13 +47,13 @@ def test_bn_theory_values():
                                       ((1024, C, 4), 2)], ids=["b2", "b4", "b16", "b2x4pos"])
 def test_bn_training_statistics_error_matches_theory(shape, b):
     """One BN layer on Gaussian input (64 channels of different mean and scale); one training
-    forward of the whole probe set (sgd batch 1024), groups of b: n = b x positions values
-    per statistic. Within 10% of the theory (the population is the probe set's own: the
-    mean error is (1024 - b) / 1023 of the theory, under 2% low at b = 16)."""
+    forward of the whole probe set (sgd batch 1024: 512 samples, the probe set), groups of
+    b: n = b x positions values per statistic. Within 10% of the theory (the population is
+    the probe set's own: the mean error is (512 - b) / 511 of the theory, 3% low at b = 16)."""
     x = _gaussian(shape)
     layer = parse_spec("bn").build(C, b)
     diag = Diagnostics(nn.Sequential(layer), x, b, len(x))
-    assert (diag.chunk, diag.forwards) == (1024, 1)
+    assert (len(diag.x), diag.chunk, diag.forwards) == (512, 512, 1)
     got = _errors(diag.epoch_rows(1))
     n = b * (shape[2] if len(shape) > 2 else 1)
     want_mean, want_logvar = bn_theory(n)
@@ -62,18 +62,20 @@ def test_bn_training_statistics_error_matches_theory(shape, b):
     # the running statistics were never trained: mean 0, var 1 against the probe set's,
     # the variances with BN's eps (what the normalization divides by)
     dims = [0] + list(range(2, x.dim()))
-    mu, var = x.double().mean(dims), x.double().var(dims, correction=0) + layer.eps
+    probe = diag.x.double()
+    mu, var = probe.mean(dims), probe.var(dims, correction=0) + layer.eps
     assert got["mean_err_running"] == pytest.approx((mu.square() / var).mean().item(), rel=1e-5)
     assert got["logvar_err_running"] == pytest.approx(
         torch.log((1 + layer.eps) / var).square().mean().item(), rel=1e-5)
 
 
 def test_train_probe_replays_training_forwards():
-    """Groups of the micro-batch inside forwards of the SGD batch, at most 64 forwards, and
-    never more samples than the probe set holds."""
-    assert train_plan(1024, 2, 128) == (128, 8)
-    assert train_plan(1024, 2, 2) == (2, 64)
-    assert train_plan(1024, 128, 128) == (128, 8)
+    """Groups of the micro-batch inside forwards of the SGD batch: at most 64 forwards over
+    at most 256 samples, one forward at least, never more samples than the probe set holds."""
+    assert train_plan(512, 2, 128) == (128, 2)
+    assert train_plan(512, 2, 2) == (2, 64)
+    assert train_plan(512, 128, 128) == (128, 2)
+    assert train_plan(512, 4, 2048) == (512, 1)
     assert train_plan(500, 128, 1024) == (384, 1)
     with pytest.raises(ValueError, match="smaller than micro-batch"):
         train_plan(100, 128, 128)
