@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from .measure import logvar_error, mean_error
+from .measure import logvar_bias, logvar_error, mean_bias, mean_error
 from .probes import norm_layers, population_stats, probe_indices, train_plan, train_stats
 
 
@@ -90,6 +90,9 @@ class Diagnostics:
             for name, (m, v) in estimates.items():
                 add(i, f"mean_err_{name}", mean_error(m, ref_mean, ref_var + eps))
                 add(i, f"logvar_err_{name}", logvar_error(v + eps, ref_var + eps))
+                if name != "running":  # (G, C): the part common to all groups
+                    add(i, f"mean_bias_{name}", mean_bias(m, ref_mean, ref_var + eps))
+                    add(i, f"logvar_bias_{name}", logvar_bias(v + eps, ref_var + eps))
             if "predicted" in pairs and "observed" in pairs:
                 add(i, "var_ratio_median", (pairs["predicted"][1] / pairs["observed"][1]).median())
             for name, value in getattr(layer, "training_counters", dict)().items():

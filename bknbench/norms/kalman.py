@@ -119,9 +119,13 @@ class BatchKalmanNorm(StatsNorm):
             self.gain_logit = nn.Parameter(torch.tensor(math.log(q / (1 - q))))
         self.prior: Path | SumPrior | None = None  # set by the model builder
         # diagnostics (probe.py): while counting, each training forward with a prediction adds
-        # (1, guard trusted it, the weight p it had), on the device, read once per epoch
+        # whether the guard trusted it (and, for a learnable gain, p then), on the device;
+        # training forwards are num_batches_tracked - counted_from
         self.counting = False
-        self.register_buffer("guard_counts", torch.zeros(3), persistent=False)
+        self.register_buffer("guard_trusted", torch.zeros(()), persistent=False)
+        self.register_buffer("guard_p_sum", torch.zeros(()), persistent=False)
+        self.register_buffer("counted_from", torch.zeros((), dtype=torch.long), persistent=False)
+        self.counted_p = math.nan  # a fixed or adaptive gain's p in the counted forwards
         self.posterior: Posterior | None = None  # this forward's, for successors
         self.in_shape: tuple[int, ...] = ()  # spatial shape of the input, for sampling
 
@@ -168,23 +172,34 @@ class BatchKalmanNorm(StatsNorm):
         return y
 
     # ---------------------------------------------------------------- diagnostics counters
-    @torch.no_grad()
     def count_guard(self, s, var_hat, p) -> None:
-        """Add one training forward to guard_counts without a host sync. The decision is the
-        one of kalman_update (kernels/reference.py): mean(var_hat / s) < guard."""
-        trusted = ((var_hat / s).mean() < self.guard).to(self.guard_counts.dtype)
-        p = p.detach() if torch.is_tensor(p) else p
-        self.guard_counts.add_(torch.stack((torch.ones_like(trusted), trusted, trusted * p)))
+        """Count one training forward in three small ops (a step has a few hundred), without
+        a host sync. The decision is kalman_update's (kernels/reference.py):
+        mean(var_hat / s) < guard. A float p is the same in every forward of a run (it
+        depends on the layer and the micro-batch only), so only a learnable one is summed."""
+        trusted = (var_hat.detach() / s.detach()).mean() < self.guard
+        self.guard_trusted.add_(trusted)
+        if torch.is_tensor(p):
+            self.guard_p_sum.add_(trusted * p.detach())
+        else:
+            self.counted_p = p
 
     def training_counters(self) -> dict[str, torch.Tensor]:
-        """Over the training forwards since reset_counters (NaN when there were none, as in
-        a layer without a prediction): the fraction in which the guard rejected the
-        prediction, and the mean weight p on the prediction (0 when rejected)."""
-        n, trusted, p_sum = self.guard_counts.unbind()
-        return {"guard_rejected": 1.0 - trusted / n, "p_effective": p_sum / n}
+        """Over the training forwards since reset_counters (NaN when there were none): the
+        fraction in which the guard rejected the prediction, and the mean weight p on the
+        prediction (0 when rejected). None for a layer without a prediction."""
+        if self.prior is None:
+            return {}
+        n = self.num_batches_tracked - self.counted_from
+        p_sum = (self.guard_p_sum if self.gain == "learnable"
+                 else self.guard_trusted * self.counted_p)
+        return {"guard_rejected": 1.0 - self.guard_trusted / n, "p_effective": p_sum / n}
 
     def reset_counters(self) -> None:
-        self.guard_counts.zero_()
+        self.guard_trusted.zero_()
+        self.guard_p_sum.zero_()
+        self.counted_from.copy_(self.num_batches_tracked)
+        self.counted_p = math.nan
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", p={self.p}, gain={self.gain}, "

@@ -61,9 +61,10 @@ def test_bkn_p0_is_diagnosed_as_bn(data, model):
     for key, value in bn.items():
         assert bkn[key] == pytest.approx(value, rel=1e-5, abs=1e-8), key
     extra = {m for _, layer, m in set(bkn) - set(bn) if layer > 0}
-    assert extra == {"mean_err_observed", "logvar_err_observed", "mean_err_predicted",
-                     "logvar_err_predicted", "var_ratio_median", "guard_rejected",
-                     "p_effective"}
+    assert extra == {f"{kind}_{pair}" for kind in ("mean_err", "logvar_err", "mean_bias",
+                                                   "logvar_bias")
+                     for pair in ("observed", "predicted")} | {
+                         "var_ratio_median", "guard_rejected", "p_effective"}
     assert all(bkn[(e, l, "p_effective")] == 0.0 for e, l, m in bkn if m == "p_effective")
 
 

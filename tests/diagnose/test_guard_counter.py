@@ -50,16 +50,40 @@ def test_the_adaptive_gain_is_counted_as_used():
     assert layer.training_counters()["p_effective"].item() == pytest.approx(4 / (4 + 4))
 
 
+def _counts(layer):
+    return [layer.guard_trusted.item(), layer.guard_p_sum.item()]
+
+
 def test_nothing_is_counted_unless_diagnosing_nor_in_a_probe():
     layer = _layer()
     _forwards(layer, [1.0, 1e6])
-    assert torch.equal(layer.guard_counts, torch.zeros(3))
+    assert _counts(layer) == [0.0, 0.0]
     layer.counting = True
+    layer.reset_counters()
     layer.probe = Probe("train")
     _forwards(layer, [1.0, 1e6])
     layer.probe = None
-    assert torch.equal(layer.guard_counts, torch.zeros(3))
-    assert "guard_counts" not in layer.state_dict()  # not in checkpoints
+    assert _counts(layer) == [0.0, 0.0]
+    assert all(torch.isnan(v) for v in layer.training_counters().values())  # no forwards
+    state = layer.state_dict()  # not in checkpoints
+    assert not {"guard_trusted", "guard_p_sum", "counted_from"} & set(state)
+
+
+def test_counting_starts_at_the_reset():
+    """Forwards before the reset (an earlier epoch, a checkpoint's) are not counted."""
+    layer = _layer()
+    _forwards(layer, [1.0, 1.0, 1.0])
+    layer.counting = True
+    layer.reset_counters()
+    _forwards(layer, [1e6, 1.0])
+    assert layer.training_counters()["guard_rejected"].item() == pytest.approx(0.5)
+
+
+def test_the_learnable_gain_is_counted():
+    layer = _layer("bkn:gain=learnable,p=0.8")
+    layer.counting = True
+    _forwards(layer, [1.0, 1e6])
+    assert layer.training_counters()["p_effective"].item() == pytest.approx(0.8 / 2, rel=1e-4)
 
 
 def test_a_layer_without_prediction_reports_no_counters():
@@ -67,4 +91,4 @@ def test_a_layer_without_prediction_reports_no_counters():
     layer.prior = None
     layer.counting = True
     layer(torch.randn(8, C))
-    assert torch.equal(layer.guard_counts, torch.zeros(3))
+    assert _counts(layer) == [0.0, 0.0] and layer.training_counters() == {}

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from bknbench.diagnose import Diagnostics, logvar_error, mean_error
-from bknbench.diagnose.measure import bn_theory
+from bknbench.diagnose.measure import bn_theory, logvar_bias, mean_bias
 from bknbench.diagnose.probes import norm_layers, train_plan
 from bknbench.models import make_model
 from bknbench.norms import parse_spec
@@ -59,6 +59,16 @@ def test_bn_training_statistics_error_matches_theory(shape, b):
     want_mean, want_logvar = bn_theory(n)
     assert got["mean_err_used"] == pytest.approx(want_mean, rel=0.10)
     assert got["logvar_err_used"] == pytest.approx(want_logvar, rel=0.10)
+    # systematic parts: the groups partition the probe set, so their means average to its
+    # mean exactly; the log of a biased variance is biased, E log(v / var) =
+    # digamma((n-1)/2) + log(2/n) (the partition also pins the groups' average variance,
+    # so the noise of that average hardly adds)
+    assert got["mean_bias_used"] == pytest.approx(0.0, abs=1e-9)
+    from scipy.special import digamma
+
+    k = (n - 1) / 2
+    assert got["logvar_bias_used"] == pytest.approx((digamma(k) + math.log(2 / n)) ** 2,
+                                                    rel=0.10)
     # the running statistics were never trained: mean 0, var 1 against the probe set's,
     # the variances with BN's eps (what the normalization divides by)
     dims = [0] + list(range(2, x.dim()))
@@ -67,6 +77,17 @@ def test_bn_training_statistics_error_matches_theory(shape, b):
     assert got["mean_err_running"] == pytest.approx((mu.square() / var).mean().item(), rel=1e-5)
     assert got["logvar_err_running"] == pytest.approx(
         torch.log((1 + layer.eps) / var).square().mean().item(), rel=1e-5)
+
+
+def test_error_is_bias_plus_spread():
+    g = torch.Generator().manual_seed(2)
+    m, v = torch.randn(50, 3, generator=g, dtype=torch.float64), torch.rand(
+        50, 3, generator=g, dtype=torch.float64) + 0.1
+    ref_m, ref_v = torch.tensor([0.1, -0.2, 0.3]), torch.tensor([0.5, 1.0, 2.0])
+    spread_m = ((m - ref_m) / ref_v.sqrt()).var(0, correction=0).mean()
+    spread_v = torch.log(v / ref_v).var(0, correction=0).mean()
+    torch.testing.assert_close(mean_error(m, ref_m, ref_v) - mean_bias(m, ref_m, ref_v), spread_m)
+    torch.testing.assert_close(logvar_error(v, ref_v) - logvar_bias(v, ref_v), spread_v)
 
 
 def test_train_probe_replays_training_forwards():
