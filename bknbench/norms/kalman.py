@@ -173,8 +173,8 @@ class BatchKalmanNorm(StatsNorm):
 
     # ---------------------------------------------------------------- diagnostics counters
     def count_guard(self, s, var_hat, p) -> None:
-        """Count one training forward in three small ops (a step has a few hundred), without
-        a host sync. The decision is kalman_update's (kernels/reference.py):
+        """Count one training forward in a few 0-d ops (a step has hundreds), without a host
+        sync. The decision is kalman_update's (kernels/reference.py):
         mean(var_hat / s) < guard. A float p is the same in every forward of a run (it
         depends on the layer and the micro-batch only), so only a learnable one is summed."""
         trusted = (var_hat.detach() / s.detach()).mean() < self.guard
@@ -187,7 +187,7 @@ class BatchKalmanNorm(StatsNorm):
     def training_counters(self) -> dict[str, torch.Tensor]:
         """Over the training forwards since reset_counters (NaN when there were none): the
         fraction in which the guard rejected the prediction, and the mean weight p on the
-        prediction (0 when rejected). None for a layer without a prediction."""
+        prediction (0 when rejected). Nothing for a layer without a prediction."""
         if self.prior is None:
             return {}
         n = self.num_batches_tracked - self.counted_from
