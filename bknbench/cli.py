@@ -113,6 +113,10 @@ def run(
     threads: Annotated[Optional[int], typer.Option(help="Torch threads per run. [default: 1 "
         "with --deterministic, else the executor's share: all cores when serial, cores / "
         "workers, --cpus-per-run on Ray]")] = None,
+    diagnose: Annotated[Optional[bool], typer.Option("--diagnose/--no-diagnose",
+        help="After every epoch, per-layer statistics of the batch-dependent norms against "
+        "their population statistics (stats.csv), and final_val_acc_population; training is "
+        f"unchanged. {_default('diagnose')}")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Parallel runs. [default: one per "
         "CPU core; with --device cuda one per GPU]")] = None,
     executor: Annotated[str, typer.Option(help="local (this machine) or ray (each run a Ray "
@@ -133,15 +137,15 @@ def run(
     quiet: Quiet = False,
     debug: Debug = False,
 ):
-    """Train the sweep norms x micro-batch sizes x seeds; write runs.csv and metrics.csv;
-    print the comparison table."""
+    """Train the sweep norms x micro-batch sizes x seeds; write runs.csv and metrics.csv
+    (and stats.csv with --diagnose); print the comparison table."""
     with errors(debug):
         from .request import RunRequest, build_sweep, int_list
 
         run_flags = _flags(dataset=dataset, model=model, epochs=epochs, base_lr=lr,
                            momentum=momentum, weight_decay=weight_decay, schedule=schedule,
                            warmup_epochs=warmup_epochs, augment=augment,
-                           evals_per_epoch=evals_per_epoch,
+                           evals_per_epoch=evals_per_epoch, diagnose=diagnose,
                            data_dir=str(data_dir) if data_dir else None,
                            milestones=int_list(milestones, "--milestones") if milestones else None,
                            device=device, amp=amp, compile=compile,
@@ -166,6 +170,8 @@ def compare(
         "[default: bn at its largest batch]")] = None,
     norms: Annotated[Optional[str], typer.Option(help="Only these specs.")] = None,
     batch_sizes: Annotated[Optional[str], typer.Option(help="Only these micro-batch sizes.")] = None,
+    metric: Annotated[str, typer.Option(help="final_val_acc, or final_val_acc_population "
+        "(eval with population statistics; runs made with --diagnose).")] = "final_val_acc",
     debug: Debug = False,
 ):
     """Final validation accuracy per spec x micro-batch: mean, 95% CI over seeds, n, and the
@@ -173,7 +179,7 @@ def compare(
     with errors(debug):
         from .commands import compare_command
 
-        compare_command(results, format, reference, norms, batch_sizes)
+        compare_command(results, format, reference, norms, batch_sizes, metric)
 
 
 @app.command()

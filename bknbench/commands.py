@@ -90,25 +90,47 @@ def _load(results: Path, norms, batch_sizes):
     return res
 
 
-def _print_table(results: Path, reference, norms, batch_sizes) -> None:
+def _summary(runs, results: Path, reference, metric: str):
+    """The summary of `metric`; says on stderr which specs or runs it leaves out (a metric
+    that does not apply to them), and fails only when it applies to no run."""
+    from .render import stderr
+    from .report.summary import runs_with, summarize
+
+    kept, specs, missing = runs_with(runs, metric)
+    if (runs["status"] == "ok").any() and not (kept["status"] == "ok").any():
+        raise ConfigError(f"{metric} is empty in every successful run of {results}: it needs "
+                          "runs made with --diagnose of a batch-dependent normalizer (bn, bkn, ...)")
+    if specs:
+        stderr.print(f"note: {metric} is not applicable to {', '.join(specs)} (no batch-dependent "
+                     "layer, or run without --diagnose): left out", highlight=False, soft_wrap=True)
+    if missing:
+        stderr.print(f"note: {missing} successful run(s) without {metric} (run without "
+                     "--diagnose) left out", highlight=False, soft_wrap=True)
+    return summarize(kept, reference, metric)
+
+
+def _print_table(results: Path, reference, norms, batch_sizes,
+                 metric: str = "final_val_acc") -> None:
     from .render import stdout, summary_table
-    from .report.summary import summarize
 
-    res = _load(results, norms, batch_sizes)
-    if (res.runs["status"] == "ok").any():
-        stdout.print(summary_table(summarize(res.runs, reference), f"{results}"))
+    runs = _load(results, norms, batch_sizes).runs
+    if (runs["status"] == "ok").any():
+        title = f"{results}" if metric == "final_val_acc" else f"{results}: {metric}"
+        stdout.print(summary_table(_summary(runs, results, reference, metric), title))
 
 
-def compare_command(results: Path, fmt: str, reference, norms, batch_sizes) -> None:
-    from .report.summary import SUMMARY_FORMATS, format_summary, summarize
+def compare_command(results: Path, fmt: str, reference, norms, batch_sizes,
+                    metric: str = "final_val_acc") -> None:
+    from .report.summary import SUMMARY_FORMATS, check_metric, format_summary
 
+    check_metric(metric)
     if fmt == "table":
-        _print_table(results, reference, norms, batch_sizes)
+        _print_table(results, reference, norms, batch_sizes, metric)
         return
     if fmt not in SUMMARY_FORMATS:
         raise ConfigError(f"--format must be table, {', '.join(SUMMARY_FORMATS)}; got {fmt!r}")
-    res = _load(results, norms, batch_sizes)
-    print(format_summary(summarize(res.runs, reference), fmt), end="")
+    runs = _load(results, norms, batch_sizes).runs
+    print(format_summary(_summary(runs, results, reference, metric), fmt), end="")
 
 
 def plot_command(results: Path, out, fmt: str, norms, batch_sizes) -> None:

@@ -51,6 +51,7 @@ class RunConfig:
     # held-out evaluations per epoch, evenly spaced in optimizer steps (0: ceil(MIN_EVALS /
     # epochs)); they change the metric rows only, never the training, so the run id omits it
     evals_per_epoch: int = 0
+    diagnose: bool = False  # per-layer statistics after every epoch (bknbench/diagnose)
 
     def __post_init__(self):
         if self.norm_batch <= 0 or self.sgd_batch % self.norm_batch or (
@@ -87,12 +88,13 @@ class RunConfig:
 
 
 def run_id(cfg: RunConfig) -> str:
-    """Stable id: the hash of the fully resolved configuration (eval_batch and
-    evals_per_epoch excluded: they cannot change a result; threads only when set, so ids
+    """Stable id: the hash of the fully resolved configuration (eval_batch,
+    evals_per_epoch and diagnose excluded: they cannot change a result — a diagnosed run
+    trains exactly as the same run without, tests/diagnose; threads only when set, so ids
     from before it existed hold)."""
     d = cfg.to_dict()
-    d.pop("eval_batch")
-    d.pop("evals_per_epoch")
+    for unhashed in ("eval_batch", "evals_per_epoch", "diagnose"):
+        d.pop(unhashed)
     if d["threads"] is None:
         d.pop("threads")
     blob = json.dumps(d, sort_keys=True, separators=(",", ":"))

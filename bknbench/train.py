@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .config import RunConfig
 from .data import Dataset, load_dataset
+from .diagnose import Diagnostics
 from .errors import ConfigError
 from .models import make_model
 from .norms import parse_spec
@@ -38,6 +39,8 @@ class RunOutcome:
     samples: int = 0
     peak_mem_mb: float | None = None
     val_samples: int | None = None  # held-out samples behind each val_acc
+    stats: list[dict] = field(default_factory=list)  # --diagnose: schema.STATS_COLUMNS rows
+    val_acc_population: float | None = None  # --diagnose: eval with population statistics
 
 
 def resolve_device(name: str) -> str:
@@ -173,6 +176,8 @@ def train_run(cfg: RunConfig, data: Dataset | None = None,
     if cfg.augment and data.image:
         from .data.augment import crop_flip
         augment = crop_flip
+    diag = (Diagnostics(model, data.x_train, cfg.norm_batch, cfg.sgd_batch)
+            if cfg.diagnose else None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
@@ -220,10 +225,15 @@ def train_run(cfg: RunConfig, data: Dataset | None = None,
                 break
             out.samples += steps * cfg.sgd_batch
             row = out.epochs[-1]
+            if diag is not None:  # the current weights, nothing changed (diagnose/)
+                out.stats += diag.epoch_rows(epoch + 1)
             if on_epoch is not None:
                 on_epoch(row)
             if checkpoint is not None and epoch + 1 < cfg.epochs:
                 save_checkpoint(checkpoint, epoch + 1, model, opt, sched, order, out)
+        if diag is not None and diag.population and out.status == "ok":
+            out.val_acc_population = evaluate(diag.population_model(), data.x_test,
+                                              data.y_test, cfg.eval_batch)[1]
     except ValueError as e:  # an undefined normalization (one value per channel)
         if "undefined" not in str(e):
             raise
@@ -241,7 +251,8 @@ def save_checkpoint(path: Path, epoch, model, opt, sched, order, out: RunOutcome
              "sched": sched.state_dict(), "order": order.get_state(),
              "rng": torch.get_rng_state(),
              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-             "epochs": out.epochs, "train_time_s": out.train_time_s, "samples": out.samples}
+             "epochs": out.epochs, "stats": out.stats, "train_time_s": out.train_time_s,
+             "samples": out.samples}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     torch.save(state, tmp)
@@ -259,4 +270,5 @@ def load_checkpoint(path: Path, model, opt, sched, order, out: RunOutcome) -> in
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     out.epochs, out.train_time_s, out.samples = (state["epochs"], state["train_time_s"],
                                                  state["samples"])
+    out.stats = state.get("stats", [])
     return state["epoch"]

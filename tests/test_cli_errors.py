@@ -275,3 +275,31 @@ def test_report_errors(tmp_path, results_dir):
                                               str(blocker / "r.html")]), "cannot write")
     assert_one_line_error(runner.invoke(app, ["report", str(results_dir), "--out",
                                               str(tmp_path)]), "cannot write", "is a folder")
+
+
+# ---------------------------------------------------------------- diagnostics options
+@pytest.mark.parametrize("args, words", [
+    (["--metric", "nope"], ["--metric must be final_val_acc or final_val_acc_population",
+                            "'nope'"]),
+    (["--metric", "final_val_acc_population"], ["final_val_acc_population is empty in every "
+                                                "successful run", "--diagnose"]),
+    (["--metric", "final_val_acc_population", "--format", "csv"], ["is empty"]),
+])
+def test_bad_compare_metric(results_dir, args, words):
+    """gn alone was run: the population accuracy applies to none of it."""
+    assert_one_line_error(runner.invoke(app, ["compare", str(results_dir), *args]), *words)
+
+
+def test_diagnose_takes_no_value(tmp_path):
+    result = runner.invoke(app, RUN + ["--norms", "bn", "--out", str(tmp_path), "--diagnose=yes"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "--diagnose" in result.stderr and "does not take a value" in result.stderr
+
+
+def test_plot_truncated_stats(tmp_path, results_dir):
+    for name in ("runs.csv", "metrics.csv"):
+        (tmp_path / name).write_bytes((results_dir / name).read_bytes())
+    run_id = (results_dir / "runs.csv").read_text().splitlines()[1].split(",")[0]
+    (tmp_path / "stats.csv").write_text("run_id,epoch,layer,layer_name,metric,value\n"
+                                        f"{run_id},1,0,1,mean_err_used,0.5\n{run_id},1,0")
+    assert_one_line_error(runner.invoke(app, ["plot", str(tmp_path)]), "stats.csv")

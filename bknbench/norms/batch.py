@@ -12,8 +12,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from ..kernels.fused import group_moments, group_normalize
-from ..kernels.reference import ema_over_groups, normalize
+from ..kernels.fused import group_normalize
+from ..kernels.reference import ema_over_groups
 from .probe import Probe
 from .registry import EPS, MOMENTUM, Option, register
 
@@ -79,9 +79,13 @@ class StatsNorm(nn.Module):
     # ---------------------------------------------------------------- diagnostics (probe.py)
     def population_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Probe "population": a full-batch BatchNorm, its statistics recorded."""
-        mean, var = group_moments(x, 1)  # (1, C)
-        self.probe.stats["input"] = (mean, var)
-        return normalize(x, mean, var, self.weight, self.bias, self.eps)
+        # torch's kernel, in one pass over a large probe batch (about twice as fast as
+        # group_moments and normalize); it leaves the unbiased variance in the buffer given
+        mean, var = x.new_zeros(x.shape[1]), x.new_ones(x.shape[1])
+        y = F.batch_norm(x, mean, var, self.weight, self.bias, True, 1.0, self.eps)
+        n = x.numel() // x.shape[1]
+        self.probe.stats["input"] = (mean[None], var[None] * ((n - 1) / n))  # (1, C)
+        return y
 
     def eval_statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.running_mean, self.running_var

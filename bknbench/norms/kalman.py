@@ -19,6 +19,7 @@ from torch import nn
 
 from ..kernels.fused import group_normalize
 from ..kernels.reference import RUNNING_RULES, guarded_gain, running_variance
+from ..kernels.reference import trusted as reference_trusted
 from .batch import StatsNorm, check_defined, values_per_stat
 from .registry import EPS, MOMENTUM, Option, register
 from .transitions import (BORDERS, chain_rules, exact_without_sampling, full_precision,
@@ -148,6 +149,14 @@ class BatchKalmanNorm(StatsNorm):
             q = min(max(1.0 - p, 1e-4), 1 - 1e-4)
             self.gain_logit = nn.Parameter(torch.tensor(math.log(q / (1 - q))))
         self.prior: Path | SumPrior | None = None  # set by the model builder
+        # diagnostics (probe.py): while counting, each training forward with a prediction adds
+        # whether the guard trusted it (and, for a learnable gain, p then), on the device;
+        # training forwards are num_batches_tracked - counted_from
+        self.counting = False
+        self.register_buffer("guard_trusted", torch.zeros(()), persistent=False)
+        self.register_buffer("guard_p_sum", torch.zeros(()), persistent=False)
+        self.register_buffer("counted_from", torch.zeros((), dtype=torch.long), persistent=False)
+        self.counted_p = math.nan  # a fixed or adaptive gain's p in the counted forwards
         self.posterior: Posterior | None = None  # this forward's, for successors
         self.in_shape: tuple[int, ...] = ()  # spatial shape of the input, for sampling
 
@@ -190,6 +199,8 @@ class BatchKalmanNorm(StatsNorm):
         else:
             self.update_running(mu.detach(), self.running_target(s, var, var_hat, p, n_values),
                                 n_values, unbiased=mu_hat is None)
+            if self.counting and mu_hat is not None:
+                self.count_guard(s, var_hat, p)
         self.posterior = Posterior(m, s, mu, var, mu_hat, var_hat)
         return y
 
@@ -203,6 +214,38 @@ class BatchKalmanNorm(StatsNorm):
         # an average within rounding of the guard may decide otherwise, for one update)
         pe = guarded_gain(p, s, var_hat, self.guard, self.guard_scope)
         return running_variance(var, s, pe, n_values, self.running)
+
+    # ---------------------------------------------------------------- diagnostics counters
+    def count_guard(self, s, var_hat, p) -> None:
+        """Count one training forward in a few 0-d ops (a step has hundreds), without a host
+        sync. The decision is the update's (kernels/reference.py `trusted`); with
+        guard_scope "group" a forward counts the fraction of its groups that trusted the
+        prediction. A float p is the same in every forward of a run (it depends on the layer
+        and the micro-batch only), so only a learnable one is summed."""
+        trusted = reference_trusted(s.detach(), var_hat.detach(), self.guard,
+                                    self.guard_scope).to(s.dtype).mean()
+        self.guard_trusted.add_(trusted)
+        if torch.is_tensor(p):
+            self.guard_p_sum.add_(trusted * p.detach())
+        else:
+            self.counted_p = p
+
+    def training_counters(self) -> dict[str, torch.Tensor]:
+        """Over the training forwards since reset_counters (NaN when there were none): the
+        fraction in which the guard rejected the prediction, and the mean weight p on the
+        prediction (0 when rejected). Nothing for a layer without a prediction."""
+        if self.prior is None:
+            return {}
+        n = self.num_batches_tracked - self.counted_from
+        p_sum = (self.guard_p_sum if self.gain == "learnable"
+                 else self.guard_trusted * self.counted_p)
+        return {"guard_rejected": 1.0 - self.guard_trusted / n, "p_effective": p_sum / n}
+
+    def reset_counters(self) -> None:
+        self.guard_trusted.zero_()
+        self.guard_p_sum.zero_()
+        self.counted_from.copy_(self.num_batches_tracked)
+        self.counted_p = math.nan
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", p={self.p}, gain={self.gain}, "

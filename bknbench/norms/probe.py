@@ -23,6 +23,16 @@ and it provides, with defaults in ``StatsNorm`` (running_mean, running_var):
   population (mean, var) of its input: the identity for BN-like layers; a layer without mean
   subtraction (MABN) returns (0, var + mean^2). Errors are measured against this.
 
+Optionally, a layer that has per-forward facts worth counting during training (BKN: the
+guard's decisions) provides counters, kept on the device so that training never waits:
+
+- ``counting`` (bool, False by default): set by the diagnostics; only then does a training
+  forward (never a probed one) add to the counters, so an undiagnosed run pays nothing;
+- ``training_counters() -> {name: 0-d tensor}``: the values over the training forwards since
+  the last ``reset_counters()``, NaN for one that counted nothing (then it is not reported);
+- ``reset_counters()``. The diagnostics read them once per epoch and reset them; the counter
+  buffers are not persistent (not in a checkpoint or state_dict).
+
 Batch-independent layers (gn, ln, none, ...) need nothing: their training forward already is
 their evaluation, and the diagnostics report them as not applicable.
 """

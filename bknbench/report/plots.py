@@ -200,8 +200,8 @@ def _prepare(out_dir: str | Path) -> Path:
 
 def plot_results(results: Results, out_dir: str | Path,
                  formats: Iterable[str] = ("png",)) -> list[Path]:
-    """Write error_vs_batch.<fmt> and convergence.<fmt> into out_dir for each format;
-    return the paths written."""
+    """Write error_vs_batch.<fmt> and convergence.<fmt> (and stats_error.<fmt> when the
+    results have stats.csv) into out_dir for each format; return the paths written."""
     formats = tuple(formats)
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
@@ -216,6 +216,10 @@ def plot_results(results: Results, out_dir: str | Path,
     colors = spec_colors(runs["spec"])  # failed runs too: a colour must not depend on success
     figures = {"error_vs_batch": _error_vs_batch_figure(runs, colors),
                "convergence": _convergence_figure(runs, results.metrics, colors)}
+    if not results.stats.empty:  # --diagnose
+        from .stats_figure import stats_error_figure
+
+        figures["stats_error"] = stats_error_figure(runs, results.stats, colors)
     out = _prepare(out_dir)
     paths = []
     for name, fig in figures.items():

@@ -2,38 +2,42 @@
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 import pandas as pd
 
 from ..errors import ConfigError
-from .schema import METRIC_COLUMNS, STATUSES
+from .schema import METRIC_COLUMNS, STATS_COLUMNS, STATUSES
 
 # Columns the analysis reads; a file without them is not a bknbench file (or is cut short).
 RUN_REQUIRED = ("run_id", "spec", "dataset", "model", "norm_batch", "sgd_batch", "seed",
                 "epochs", "status", "reason", "final_val_acc", "best_val_acc")
 METRIC_REQUIRED = ("run_id", "epoch", "val_acc")
 _RUN_INTS = ("norm_batch", "sgd_batch", "seed", "epochs")
-_RUN_FLOATS = ("final_val_acc", "best_val_acc", "final_train_loss", "train_time_s",
-               "samples_per_s", "peak_mem_mb", "lr", "val_samples")
+_RUN_FLOATS = ("final_val_acc", "final_val_acc_population", "best_val_acc",
+               "final_train_loss", "train_time_s", "samples_per_s", "peak_mem_mb", "lr",
+               "val_samples")
 _METRIC_INTS = ("epoch", "samples_seen")
 # step may be empty: rows of runs finished before it was recorded, in a resumed folder
 _METRIC_FLOATS = ("step", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "wall_s")
+_STATS_INTS = ("epoch", "layer")
 
 
 @dataclass(frozen=True)
 class Results:
-    """One results folder: runs.csv (a row per run) and metrics.csv (a row per run and epoch)."""
+    """One results folder: runs.csv (a row per run), metrics.csv (a row per run and epoch),
+    stats.csv (--diagnose: a row per run, epoch, layer and metric)."""
 
     runs: pd.DataFrame
     metrics: pd.DataFrame  # empty (with METRIC_COLUMNS) when metrics.csv is absent
     path: Path
+    stats: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=list(STATS_COLUMNS)))
 
 
 def load_results(path: str | Path) -> Results:
-    """Read `path`/runs.csv and, if present, `path`/metrics.csv, with typed columns.
+    """Read `path`/runs.csv and, if present, `path`/metrics.csv and stats.csv, typed.
 
     Every defect (missing folder, empty or cut-short file, missing column, a number that does
     not parse) raises ConfigError naming the file and line, never a parser traceback."""
@@ -48,9 +52,12 @@ def load_results(path: str | Path) -> Results:
             raise ConfigError(
                 f"no results in {folder}: expected runs.csv written by `bknbench run`")
         has_metrics = metrics_csv.is_file()
+        has_stats = (folder / "stats.csv").is_file()
     except OSError as e:  # e.g. a folder we may not list
         raise ConfigError(f"cannot read {folder}: {e.strerror or e}") from None
     runs = _read_table(runs_csv, RUN_REQUIRED, _RUN_INTS, _RUN_FLOATS, allow_empty=False)
+    if "final_val_acc_population" not in runs.columns:  # written before --diagnose existed
+        runs["final_val_acc_population"] = float("nan")
     unknown = sorted(set(runs["status"]) - set(STATUSES))
     if unknown:
         raise ConfigError(f"{runs_csv}: unknown status {', '.join(map(repr, unknown))}; "
@@ -64,7 +71,10 @@ def load_results(path: str | Path) -> Results:
                               allow_empty=True)
     else:  # `compare` needs only runs.csv; plots check for metrics themselves
         metrics = pd.DataFrame(columns=list(METRIC_COLUMNS))
-    return Results(runs=runs, metrics=metrics, path=folder)
+    stats = (_read_table(folder / "stats.csv", STATS_COLUMNS, _STATS_INTS, ("value",),
+                         allow_empty=True) if has_stats
+             else pd.DataFrame(columns=list(STATS_COLUMNS)))
+    return Results(runs=runs, metrics=metrics, path=folder, stats=stats)
 
 
 def _read_table(path: Path, required, ints, floats, allow_empty: bool) -> pd.DataFrame:
@@ -130,4 +140,6 @@ def select(results: Results, specs: Iterable[str] | None = None,
                           f"batch sizes: {', '.join(map(str, sorted(set(runs['norm_batch']))))}; "
                           f"datasets: {present('dataset')}; models: {present('model')}")
     metrics = results.metrics[results.metrics["run_id"].isin(chosen["run_id"])]
-    return Results(runs=chosen, metrics=metrics.reset_index(drop=True), path=results.path)
+    stats = results.stats[results.stats["run_id"].isin(chosen["run_id"])]
+    return Results(runs=chosen, metrics=metrics.reset_index(drop=True), path=results.path,
+                   stats=stats.reset_index(drop=True))

@@ -16,6 +16,8 @@ RUN_COLUMNS = (
     "status",  # ok | failed | diverged | oom
     "reason",  # why a run is not ok; empty otherwise
     "final_val_acc",  # validation accuracy after the last epoch, %
+    "final_val_acc_population",  # the same with population statistics in eval (--diagnose;
+    # empty: not diagnosed, or not applicable: no batch-dependent layer)
     "best_val_acc",  # best validation accuracy at the end of an epoch, %
     "val_samples",  # held-out samples behind each accuracy (the intervals' N)
     "final_train_loss",
@@ -27,6 +29,7 @@ RUN_COLUMNS = (
     "compile",
     "deterministic",
     "threads",  # torch intra-op threads the run trained with (empty: it never reported)
+    "diagnose",  # statistics diagnostics after every epoch (stats.csv)
     "torch_version",
     "versions",  # JSON: python, numpy, bknbench, kernels (native | torch)
     "git_commit",
@@ -46,6 +49,17 @@ METRIC_COLUMNS = (
     "val_acc",  # %, in eval mode on the held-out split
     "lr",  # learning rate at the evaluation
     "wall_s",  # seconds since the run started
+)
+
+# One row per run, epoch, batch-dependent layer and metric (stats.csv, --diagnose); the
+# metric names are listed in the README ("Statistics diagnostics").
+STATS_COLUMNS = (
+    "run_id",
+    "epoch",  # 1-based; measured after the epoch's training, with its weights
+    "layer",  # 0-based index among the model's batch-dependent normalization layers
+    "layer_name",  # module path in the model, e.g. "4" or "layer1.0.bn2"
+    "metric",
+    "value",
 )
 
 STATUSES = ("ok", "failed", "diverged", "oom")

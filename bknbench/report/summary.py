@@ -1,6 +1,7 @@
 """Summarize accuracy over seeds with 95% intervals that stay inside what is possible.
 
-One cell is (dataset, model, spec, norm_batch); its n ok seeds give a_i = final_val_acc (%),
+One cell is (dataset, model, spec, norm_batch); its n ok seeds give a_i = final_val_acc (%)
+(or the metric asked for, ACC_METRICS),
 measured on N held-out samples (runs.csv `val_samples`; N_UNKNOWN where older files lack it).
 An accuracy is a count out of N: it moves in steps of r = 100 / N points, and a spread
 below the rounding of one step cannot be measured, so every standard deviation below has
@@ -46,6 +47,7 @@ COLUMNS = ["dataset", "model", "spec", "norm_batch", "sgd_batch", "n", "mean", "
            "ci_low", "ci_high", "ci_method", "val_samples", "failed", "failed_statuses",
            "is_ref", "ref_diff", "ref_diff_low", "ref_diff_high", "ref_diff_method",
            "ref_diff_n", "ref_diff_excludes_0", "best_mean"]
+ACC_METRICS = ("final_val_acc", "final_val_acc_population")  # what a summary can be of
 
 
 def _t975(dof: float) -> float:
@@ -117,7 +119,7 @@ def _val_samples(cell: pd.DataFrame) -> float:
     return float(known.iloc[0]) if len(known) else math.nan
 
 
-def _cells(part: pd.DataFrame) -> list[dict]:
+def _cells(part: pd.DataFrame, metric: str = "final_val_acc") -> list[dict]:
     """Statistics per (spec, norm_batch): specs in order of first appearance, batches ascending.
     `accs` (accuracy by seed) is kept for the difference to the reference, then dropped."""
     cells = []
@@ -125,9 +127,12 @@ def _cells(part: pd.DataFrame) -> list[dict]:
         of_spec = part[part["spec"] == spec]
         for nb in sorted(set(of_spec["norm_batch"])):
             cell = of_spec[of_spec["norm_batch"] == nb]
-            ok, bad = cell[cell["status"] == "ok"], cell[cell["status"] != "ok"]
+            # runs without the metric (population accuracy of a batch-independent norm) are
+            # not applicable, neither ok nor failed
+            ok = cell[(cell["status"] == "ok") & cell[metric].notna()]
+            bad = cell[cell["status"] != "ok"]
             n_test = _val_samples(ok)
-            mean, std, low, high = acc_interval(ok["final_val_acc"],
+            mean, std, low, high = acc_interval(ok[metric],
                                                 None if math.isnan(n_test) else n_test)
             cells.append(dict(
                 spec=spec, norm_batch=int(nb), sgd_batch=int(cell["sgd_batch"].iloc[0]),
@@ -138,7 +143,7 @@ def _cells(part: pd.DataFrame) -> list[dict]:
                 ref_diff_high=math.nan, ref_diff_method="", ref_diff_n=0,
                 ref_diff_excludes_0=False,
                 best_mean=float(ok["best_val_acc"].mean()) if len(ok) else math.nan,
-                accs=pd.Series(ok["final_val_acc"].to_numpy(), index=ok["seed"].to_numpy())))
+                accs=pd.Series(ok[metric].to_numpy(), index=ok["seed"].to_numpy())))
     return cells
 
 
@@ -167,7 +172,8 @@ def _reference(cells: list[dict], reference: str | None, where: str) -> dict | N
     return max(ok, key=lambda c: c["norm_batch"])
 
 
-def summarize(runs: pd.DataFrame, reference: str | None = None) -> pd.DataFrame:
+def summarize(runs: pd.DataFrame, reference: str | None = None,
+              metric: str = "final_val_acc") -> pd.DataFrame:
     """One row per (dataset, model, spec, norm_batch) with the statistics of the module
     docstring; cells where every run failed stay, with n = 0 and NaN mean. dataset and model
     columns appear only when the runs span several; each (dataset, model) has its own reference."""
@@ -175,7 +181,7 @@ def summarize(runs: pd.DataFrame, reference: str | None = None) -> pd.DataFrame:
     rows = []
     for dataset, model in groups:
         part = runs[(runs["dataset"] == dataset) & (runs["model"] == model)]
-        cells = _cells(part)
+        cells = _cells(part, metric)
         ref = _reference(cells, reference, f" for {dataset}/{model}" if len(groups) > 1 else "")
         ref_accs = None if ref is None else ref["accs"]
         for c in cells:
@@ -191,6 +197,25 @@ def summarize(runs: pd.DataFrame, reference: str | None = None) -> pd.DataFrame:
             rows.append({"dataset": dataset, "model": model, **c})
     summary = pd.DataFrame(rows, columns=COLUMNS)
     return summary if len(groups) > 1 else summary.drop(columns=["dataset", "model"])
+
+
+def check_metric(metric: str) -> None:
+    if metric not in ACC_METRICS:
+        raise ConfigError(f"--metric must be {' or '.join(ACC_METRICS)}, got {metric!r}")
+
+
+def runs_with(runs: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, list[str], int]:
+    """(the runs a metric applies to, the specs it applies to in none of their ok runs, the
+    number of other ok runs without it). final_val_acc_population is empty for a model
+    without batch-dependent layers (gn, ln, none, gkn: not applicable) and for a run made
+    without --diagnose; such runs are left out of a summary of it, never counted as 0."""
+    check_metric(metric)
+    ok = runs["status"] == "ok"
+    has = ok & runs[metric].notna()
+    specs = [s for s in dict.fromkeys(runs.loc[ok, "spec"]) if not has[runs["spec"] == s].any()]
+    inapplicable = runs["spec"].isin(specs)
+    keep = ~inapplicable & (has | ~ok)
+    return runs[keep].reset_index(drop=True), specs, int((ok & ~has & ~inapplicable).sum())
 
 
 def failed_runs(runs: pd.DataFrame) -> pd.DataFrame:

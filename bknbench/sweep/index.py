@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..report.schema import METRIC_COLUMNS, RUN_COLUMNS
+from ..report.schema import METRIC_COLUMNS, RUN_COLUMNS, STATS_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ def listed(key: str) -> Callable[[dict], list[dict]]:
 TABLES = (
     Table("runs.csv", RUN_COLUMNS, lambda record: [record["row"]]),
     Table("metrics.csv", METRIC_COLUMNS, listed("metrics")),
+    Table("stats.csv", STATS_COLUMNS, listed("stats")),
 )
 LOG = "index.log"
 

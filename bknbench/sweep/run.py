@@ -1,6 +1,7 @@
 """One run, anywhere: ``execute_run(cfg, run_dir) -> record`` is all an executor needs, so
 the serial, process and Ray executors differ only in where that call happens. A record is
-{"row": the runs.csv row, "metrics": the metrics.csv rows, "finished_at"}.
+{"row": the runs.csv row, "metrics": the metrics.csv rows, "stats": the stats.csv rows
+(--diagnose), "finished_at"}.
 """
 from __future__ import annotations
 
@@ -87,6 +88,7 @@ def make_row(cfg: RunConfig, outcome, threads: int | None = None) -> dict:
         "sgd_batch": cfg.sgd_batch, "seed": cfg.seed, "epochs": cfg.epochs, "lr": cfg.lr,
         "status": outcome.status, "reason": outcome.reason,
         "final_val_acc": last.get("val_acc") if ok else None,
+        "final_val_acc_population": outcome.val_acc_population if ok else None,
         "best_val_acc": max(accs) if ok and accs else None,
         "val_samples": outcome.val_samples,
         "final_train_loss": last.get("train_loss"),
@@ -95,6 +97,7 @@ def make_row(cfg: RunConfig, outcome, threads: int | None = None) -> dict:
         if outcome.train_time_s > 0 else None,
         "peak_mem_mb": outcome.peak_mem_mb, "device": cfg.device, "amp": cfg.amp,
         "compile": cfg.compile, "deterministic": cfg.deterministic, "threads": threads,
+        "diagnose": cfg.diagnose,
         **provenance(), "versions": json.dumps({**provenance()["versions"],
                                                 "kernels": kernels(cfg)}),
         "config": json.dumps(cfg.to_dict(), sort_keys=True),
@@ -106,14 +109,14 @@ def failed_record(cfg: RunConfig, reason: str) -> dict:
     from ..train import RunOutcome
 
     return {"row": make_row(cfg, RunOutcome(status="failed", reason=reason)), "metrics": [],
-            "finished_at": time.time()}
+            "stats": [], "finished_at": time.time()}
 
 
 def execute_run(cfg: RunConfig, run_dir: str | None = None,
                 on_epoch: Callable[[dict], None] | None = None) -> dict:
     """Train one run with run_threads(cfg) torch threads and return its record {"row",
-    "metrics", "finished_at"}. Any error of the run becomes a failed record; a checkpoint
-    in run_dir lets it continue."""
+    "metrics", "stats", "finished_at"}. Any error of the run becomes a failed record; a
+    checkpoint in run_dir lets it continue."""
     import torch
 
     from ..train import train_run
@@ -128,4 +131,4 @@ def execute_run(cfg: RunConfig, run_dir: str | None = None,
     finally:
         torch.set_num_threads(share)  # the next run of this process starts from the share
     return {"row": make_row(cfg, outcome, threads), "metrics": outcome.epochs,
-            "finished_at": time.time()}
+            "stats": outcome.stats, "finished_at": time.time()}

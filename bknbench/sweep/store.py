@@ -4,7 +4,8 @@ Layout of an output folder:
     sweep.json                  the sweep that was asked for (for --resume)
     runs/<run_id>/record.json   one finished run: its row and its rows of every table
     runs/<run_id>/checkpoint.pt the last epoch of an unfinished run
-    runs.csv, metrics.csv       the index (index.TABLES): the rows of every committed record
+    runs.csv, metrics.csv,      the index (index.TABLES): the rows of every committed record
+      stats.csv                 (stats.csv: the diagnostics' rows, with --diagnose)
     index.log                   which runs the index holds: a line per run with its status
                                 and each table's length in bytes once its rows are in
     .lock                       held by the `bknbench run` using the folder

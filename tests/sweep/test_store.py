@@ -195,19 +195,19 @@ def test_one_sweep_per_folder_at_a_time(tmp_path):
 
 
 def test_a_table_is_one_line(tmp_path, monkeypatch):
-    """A third per-run table (rows under record["stats"]): written with every commit, and
+    """One more per-run table (rows under record["extra"]): written with every commit, and
     added to a folder written before it existed."""
     store = committed(tmp_path, 3)
     store.close()
-    stats = Table("stats.csv", ("run_id", "layer", "value"), listed("stats"))
-    monkeypatch.setattr(index_mod, "TABLES", TABLES + (stats,))
+    extra = Table("extra.csv", ("run_id", "layer", "value"), listed("extra"))
+    monkeypatch.setattr(index_mod, "TABLES", TABLES + (extra,))
     again = Store(tmp_path)
-    again.prepare()  # an index without stats.csv: rebuilt, the old runs have no stats rows
-    assert table(tmp_path, "stats.csv") == [] and len(table(tmp_path, "runs.csv")) == 3
+    again.prepare()  # an index without extra.csv: rebuilt, the old runs have no extra rows
+    assert table(tmp_path, "extra.csv") == [] and len(table(tmp_path, "runs.csv")) == 3
     rec = record(SWEEP.expand()[3], 3.0)
-    rec["stats"] = [{"layer": "conv1", "value": 0.5}, {"layer": "conv2", "value": 1.5}]
+    rec["extra"] = [{"layer": "conv1", "value": 0.5}, {"layer": "conv2", "value": 1.5}]
     again.commit(rec)
-    assert table(tmp_path, "stats.csv") == [
+    assert table(tmp_path, "extra.csv") == [
         {"run_id": rec["row"]["run_id"], "layer": "conv1", "value": "0.5"},
         {"run_id": rec["row"]["run_id"], "layer": "conv2", "value": "1.5"}]
     assert index_files(tmp_path) == rebuilt(tmp_path)
