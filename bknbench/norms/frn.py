@@ -1,0 +1,60 @@
+"""Filter Response Normalization with its Thresholded Linear Unit (Singh & Krishnan, CVPR 2020).
+
+Per sample n and channel c, nu2 the mean of x^2 over the positions:
+    y = weight x / sqrt(nu2 + eps) + bias;  z = max(y, tau)
+No centring, no batch statistics: training is evaluation. FRN replaces "norm + ReLU": the
+model builder adds no ReLU after it (Neighbours). With one position per channel ((N, C)
+features, 1x1 maps) nu2 = x^2 and y is weight sign(x) + bias unless eps is large: there eps
+is learned, eps + |eps_l| with eps_l one scalar per layer initialised at 1e-4 (the paper;
+TF Addons' learned_epsilon). ``learned_eps``: auto (there only), on (always), off (never,
+as timm, which has no learned eps and uses eps 1e-5: ``frn:eps=1e-5,learned_eps=off``).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .registry import Neighbours, Option, register
+
+
+class FilterResponseNorm(nn.Module):
+    """Args: num_features C; eps (1e-6, the paper's); learned_eps auto | on | off.
+    Input (N, C) or (N, C, *spatial); output the same shape."""
+
+    batch_dependent = False
+
+    def __init__(self, num_features, eps=1e-6, learned_eps="auto"):
+        super().__init__()
+        self.num_features, self.eps, self.learned_eps = num_features, eps, learned_eps
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.tau = nn.Parameter(torch.zeros(num_features))
+        self.eps_l = nn.Parameter(torch.full((1,), 1e-4))
+
+    def epsilon(self, positions: int):
+        learned = self.learned_eps == "on" or (self.learned_eps == "auto" and positions == 1)
+        return self.eps + self.eps_l.abs() if learned else self.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c = x.shape[:2]
+        flat = x.reshape(n, c, -1)
+        nu2 = flat.square().mean(-1)  # (N, C)
+        shape = (n, c) + (1,) * (x.dim() - 2)
+        scale = (torch.rsqrt(nu2 + self.epsilon(flat.shape[2])) * self.weight).reshape(shape)
+        per_c = (c,) + (1,) * (x.dim() - 2)
+        y = torch.addcmul(self.bias.reshape(per_c), x, scale)
+        return torch.maximum(y, self.tau.reshape(per_c))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, learned_eps={self.learned_eps}"
+
+
+@register("frn", "Filter Response Normalization + TLU (Singh 2020): x / rms over positions, "
+          "max(y, tau); includes its nonlinearity (no ReLU after it)",
+          {"eps": Option(float, 1e-6, lambda v: v > 0, "> 0",
+                         "added to nu^2 (paper 1e-6; timm 1e-5)"),
+           "learned_eps": Option(("auto", "on", "off"), "auto",
+                                 help="eps + |eps_l| where one position per channel (paper)")},
+          neighbours=Neighbours(activation=False))
+def _frn(num_features, norm_batch, eps, learned_eps):
+    return FilterResponseNorm(num_features, eps=eps, learned_eps=learned_eps)
