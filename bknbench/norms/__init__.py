@@ -9,7 +9,7 @@ Modules: ``registry`` (Option, NormEntry, register, parse_spec), ``batch`` (Stat
 group, bn, bn-accum, gn, ln, none), ``kalman`` (BKN: priors, posterior, layer),
 ``gkn`` (Group Kalman Normalization), ``transitions`` (how statistics travel between layers);
 the rivals ``renorm`` (brn), ``mabn``, ``cbn``, ``frn``, ``evonorm`` (evonorm-b0, -s0), ``ws``
-(ws-gn), with ``schedule`` (run-length phases and math they share).
+(ws-gn), with ``common`` (run-length phases, windows and normalization nodes they share).
 
 Importing this package imports every family module once, so the registry is full. To add a
 normalizer: one file here with a factory decorated by ``@register(name, help, options)``

@@ -27,7 +27,7 @@ from ..errors import ConfigError
 from ..kernels.fused import group_moments
 from .batch import StatsNorm, check_defined, values_per_stat
 from .registry import EPS, MOMENTUM, TOTAL, Neighbours, Option, register
-from .schedule import CountsMicroBatches, normalize_given, push, window_sums
+from .common import CountsMicroBatches, normalize_given, push, window_sums
 
 CONV_WEIGHT = ((nn.Conv1d, torch.nn.grad.conv1d_weight), (nn.Conv2d, torch.nn.grad.conv2d_weight))
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..kernels.fused import to_channels
+from .common import rms_normalize, second_moment
 from .registry import Neighbours, Option, register
 
 
@@ -37,13 +39,20 @@ class FilterResponseNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c = x.shape[:2]
-        flat = x.reshape(n, c, -1)
-        nu2 = flat.square().mean(-1)  # (N, C)
-        shape = (n, c) + (1,) * (x.dim() - 2)
-        scale = (torch.rsqrt(nu2 + self.epsilon(flat.shape[2])) * self.weight).reshape(shape)
         per_c = (c,) + (1,) * (x.dim() - 2)
-        y = torch.addcmul(self.bias.reshape(per_c), x, scale)
-        return torch.maximum(y, self.tau.reshape(per_c))
+        eps = self.epsilon(x[0, 0].numel())
+        tau = self.tau.reshape(per_c)
+        if isinstance(eps, float):  # each sample its own group: MABN's node, exact gradient
+            with torch.no_grad():
+                nu2 = second_moment(to_channels(x.detach(), n)).view(n, c)
+            # max(y, tau) = relu(y - tau) + tau, tau folded into the shift (one pass less)
+            y = rms_normalize(x, self.weight, self.bias - self.tau, nu2, torch.ones_like(nu2),
+                              n, eps)
+        else:  # a learned eps needs its gradient: plain autograd
+            nu2 = x.reshape(n, c, -1).square().mean(-1)  # (N, C)
+            scale = (torch.rsqrt(nu2 + eps) * self.weight).reshape((n,) + per_c)
+            y = torch.addcmul((self.bias - self.tau).reshape(per_c), x, scale)
+        return torch.relu(y) + tau  # the backward of torch.maximum is several passes
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, learned_eps={self.learned_eps}"

@@ -27,57 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.fused import affine, from_channels, group_moments, to_channels
+from ..kernels.fused import group_moments, to_channels
 from ..kernels.reference import ema_over_groups
 from .batch import StatsNorm
 from .registry import EPS, TOTAL, Neighbours, Option, register
-from .schedule import CountsMicroBatches, ema_before_each, push, second_moment, window_sums
+from .common import (CountsMicroBatches, agreed, choose, ema_before_each, push,
+                     rms_normalize, second_moment, window_sums)
 
 R_CLIP = 5.0  # r in [1/5, 5] (MABN.py)
-
-
-class _MovingAverageNormalize(torch.autograd.Function):
-    """y = weight r x / sqrt(chi + eps) + bias per group, with MABN's backward.
-
-    x (N, C, *S); chi, r (G, C); active (G,) bool: psi is the SMA over the ring (else the
-    current psi); ring (K - 1, C): the past psi, updated in the backward (None: no update,
-    a probe). Rings are reached through ctx, never saved tensors: they change in place."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, chi, r, active, ring, groups: int, eps: float):
-        xt = to_channels(x, groups)  # (B, G * C, P)
-        w_k = (weight * r).reshape(-1)
-        zeros = torch.zeros_like(w_k)
-        yt = F.batch_norm(xt, zeros, chi.reshape(-1), w_k, bias.repeat(groups), False, 0.0,
-                          eps)
-        ctx.save_for_backward(xt, weight, chi, r, active)
-        ctx.ring, ctx.groups, ctx.eps, ctx.shape = ring, groups, eps, x.shape
-        return from_channels(yt, groups, x.shape)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g_y):
-        xt, weight, chi, r, active = ctx.saved_tensors
-        groups, c = chi.shape
-        w_k = (weight * r).reshape(-1)
-        zeros = torch.zeros_like(w_k)
-        g_yt = to_channels(g_y, groups)
-        # eval-form kernel with mean 0, var chi: g_xt = g s, g_wk = sum(dy z), g_bk = sum(dy)
-        g_xt, g_wk, g_bk = torch.ops.aten.native_batch_norm_backward(
-            g_yt, xt, w_k, zeros, chi.reshape(-1), None, None, False, ctx.eps,
-            [True, True, True])
-        n = xt.shape[0] * xt.shape[2]
-        psi = (w_k * g_wk).view(groups, c) / n  # mean of g z, (G, C)
-        psi_used, ring = psi, ctx.ring
-        if ring is not None and ring.shape[0]:
-            k = ring.shape[0] + 1
-            sma = (window_sums(ring, psi, k - 1) + psi) / k
-            psi_used = torch.where(active[:, None], sma, psi)
-            push(ring, psi)
-        g_xt -= affine(xt, (psi_used / (chi + ctx.eps)).reshape(-1), zeros)  # - z psi s
-        g_w = (r * g_wk.view(groups, c)).sum(0)
-        return (from_channels(g_xt, groups, ctx.shape), g_w, g_bk.view(groups, c).sum(0),
-                None, None, None, None, None, None)
 
 
 class Centred(nn.Module):
@@ -135,18 +92,22 @@ class MovingAverageBatchNorm(CountsMicroBatches, StatsNorm):
             t = [self.seen() + j + 1 for j in range(g)]  # 1-based micro-batch numbers
             sma_from, r_from = self.phases()
             k = self.window
-            active = torch.tensor([i >= sma_from for i in t], device=x.device)
-            chi_s = torch.where(active[:, None], (window_sums(self.ring_chi, chi_t, k - 1)
-                                                  + chi_t) / k, chi_t)
+            average = agreed([i >= sma_from for i in t], x.device)
+            chi_s = choose(average, (window_sums(self.ring_chi, chi_t, k - 1) + chi_t) / k,
+                           chi_t)
             chi_e = (chi_s[0] if t[0] == 1 and self.ema_init == "first"
                      else self.running_chi)
-            before = ema_before_each(chi_e, chi_s, self.momentum)
-            r = torch.sqrt((chi_s + self.eps) / (before + self.eps)).clamp(1 / R_CLIP, R_CLIP)
-            r_on = torch.tensor([i >= r_from for i in t], device=x.device)
-            r = torch.where(r_on[:, None], r, torch.ones_like(r))
+            r_on = agreed([i >= r_from for i in t], x.device)
+            if r_on is False:
+                r = torch.ones_like(chi_s)
+            else:
+                before = ema_before_each(chi_e, chi_s, self.momentum)
+                r = torch.sqrt((chi_s + self.eps) / (before + self.eps)).clamp_(1 / R_CLIP,
+                                                                                R_CLIP)
+                r = choose(r_on, r, torch.ones_like(r))
         probing = self.probe is not None
-        y = _MovingAverageNormalize.apply(x, self.weight, self.bias, chi_s, r, active,
-                                          None if probing else self.ring_psi, g, self.eps)
+        y = rms_normalize(x, self.weight, self.bias, chi_s, r, g, self.eps, average,
+                          None if probing else self.ring_psi)
         if probing:  # what training uses: y = weight x / sqrt(chi_used + eps) + bias
             self.probe.stats["used"] = (torch.zeros_like(chi_s),
                                         (chi_s + self.eps) / r.square() - self.eps)

@@ -78,7 +78,7 @@ REGISTRY: dict[str, NormEntry] = {}
 
 EPS = Option(float, 1e-5, lambda v: v > 0, "> 0", "added to the variance")
 MOMENTUM = Option(float, 0.1, lambda v: 0 < v <= 1, "in (0, 1]", "running-statistics EMA weight")
-# the run length of normalizers with schedules (norms/schedule.py); train.py fills it in
+# the run length of normalizers with schedules (norms/common.py); train.py fills it in
 TOTAL = Option(int, 0, lambda v: v >= 0, ">= 0",
                "micro-batches in the run (0: filled in by the run)")
 

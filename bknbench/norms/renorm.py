@@ -12,7 +12,7 @@ groups 0..g-1. Eval: y = weight (x - mu) / sigma + bias.
 
 Schedule (the paper: plain BN, r_max = 1 and d_max = 0, for the first 5k steps, then relaxed
 linearly to r_max = 3 at 40k and d_max = 5 at 25k) as fractions of the run's micro-batches
-(schedule.py): plain BN up to ``warmup``, r_max reaching its final value at ``relax``, d_max at
+(common.py): plain BN up to ``warmup``, r_max reaching its final value at ``relax``, d_max at
 warmup + 4/7 (relax - warmup) (the paper's 5k, 25k, 40k). The defaults 0.05 and 0.4 are the
 paper's steps in a run of 100k, the run length a layer outside a bknbench run assumes.
 """
@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from ..kernels.fused import group_moments
+from ..kernels.fused import affine, from_channels, to_channels
 from ..kernels.reference import ema_over_groups
 from .batch import StatsNorm, check_defined, values_per_stat
 from .registry import EPS, TOTAL, Option, register
-from .schedule import CountsMicroBatches, ema_before_each, normalize_given
+from .common import CountsMicroBatches, ema_before_each
 
 D_SHARE = 4 / 7  # d_max's relaxation ends this share of the way to r_max's: (25k-5k)/(40k-5k)
 
@@ -38,6 +38,46 @@ def ramp(t: int, start: int, end: int, lo: float, hi: float) -> float:
     if t >= end:
         return hi
     return lo + (hi - lo) * (t - start) / (end - start)
+
+
+class _Renormalize(torch.autograd.Function):
+    """BRN's training step for G groups: y, and (G, C) mu_B, sigma_B, r, d (no gradient).
+
+    y = weight (x_hat r + d) + bias with x_hat = (x - mu_B) / sigma_B, r and d constants:
+    the forward is torch's batch-norm kernel (x_hat and the statistics) and one affine pass,
+    the backward one batch-norm backward with weight r (dL/dx_hat = dL/dy weight r)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_std, r_max, d_max,
+                momentum: float, groups: int, eps: float):
+        xt = to_channels(x, groups)  # (B, G * C, P)
+        if xt.dtype in (torch.float16, torch.bfloat16):
+            xt = xt.float()
+        xhat, mean, invstd = torch.native_batch_norm(xt, None, None, None, None, True, 0.0, eps)
+        m, sigma = mean.view(groups, -1), invstd.reciprocal().view(groups, -1)
+        mu_run = ema_before_each(running_mean, m, momentum)  # what each group sees
+        sd_run = ema_before_each(running_std, sigma, momentum)
+        r = torch.clamp(sigma / sd_run, 1.0 / r_max, r_max)
+        d = torch.clamp((m - mu_run) / sd_run, -d_max, d_max)
+        w_k = (weight * r).reshape(-1)
+        yt = affine(xhat, w_k, torch.addcmul(bias, weight, d).reshape(-1))
+        ctx.save_for_backward(xt, mean, invstd, w_k, r, d)
+        ctx.groups, ctx.eps, ctx.shape = groups, eps, x.shape
+        ctx.mark_non_differentiable(m, sigma, r, d)
+        return from_channels(yt.to(x.dtype), groups, x.shape), m, sigma, r, d
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_y, *_):
+        xt, mean, invstd, w_k, r, d = ctx.saved_tensors
+        g = ctx.groups
+        g_xt, g_w, g_b = torch.ops.aten.native_batch_norm_backward(
+            to_channels(g_y, g).to(xt.dtype), xt, w_k, None, None, mean, invstd, True, ctx.eps,
+            [True, True, True])  # g_w = sum(dy x_hat), g_b = sum(dy) per (group, channel)
+        g_w, g_b = g_w.view(g, -1), g_b.view(g, -1)
+        g_weight = (r * g_w + d * g_b).sum(0)
+        return (from_channels(g_xt, g, ctx.shape).to(g_y.dtype), g_weight, g_b.sum(0),
+                None, None, None, None, None, None, None)
 
 
 class BatchRenorm(CountsMicroBatches, StatsNorm):
@@ -81,29 +121,23 @@ class BatchRenorm(CountsMicroBatches, StatsNorm):
             return self.eval_forward(x)
         g = self.groups_of(x)
         check_defined(values_per_stat(x, g), "BatchRenorm")
-        m, s = group_moments(x, g)  # (G, C), differentiable
-        sigma = torch.sqrt(s + self.eps)
-        mu_run = ema_before_each(self.running_mean, m.detach(), self.momentum)
-        sd_run = ema_before_each(self.running_std, sigma.detach(), self.momentum)
         t0 = self.seen()
-        bounds = torch.tensor([self.limits(t0 + k) for k in range(g)], dtype=m.dtype,
-                              device=m.device)  # (G, 2)
-        r_max, d_max = bounds[:, :1], bounds[:, 1:]
-        r = torch.clamp(sigma.detach() / sd_run, 1.0 / r_max, r_max)
-        d = torch.clamp((m.detach() - mu_run) / sd_run, -d_max, d_max)
-        # y = weight ((x - m) r / sigma + d) + bias, as a normalization by (m_eff, var_eff)
-        sd_eff = sigma / r
-        m_eff = m - d * sd_eff
-        var_eff = sd_eff.square() - self.eps
-        y = normalize_given(x, m_eff, var_eff, self.weight, self.bias, g, self.eps)
-        if self.probe is not None:  # what training uses, nothing updated
-            self.probe.stats["used"] = (m_eff.detach(), var_eff.detach())
+        limits = [self.limits(t0 + k) for k in range(g)]
+        if any(lim != limits[0] for lim in limits):  # the schedule moves within the forward
+            r_max, d_max = torch.tensor(limits, dtype=x.dtype, device=x.device).unbind(1)
+            limits = (r_max[:, None], d_max[:, None])
+        else:
+            limits = limits[0]
+        y, m, sigma, r, d = _Renormalize.apply(x, self.weight, self.bias, self.running_mean,
+                                               self.running_std, *limits, self.momentum, g,
+                                               self.eps)
+        if self.probe is not None:  # what training uses, nothing updated: the (mean, var)
+            sd_eff = sigma / r  # that normalize x as y = weight (x - mean) / sd + bias
+            self.probe.stats["used"] = (m - d * sd_eff, sd_eff.square() - self.eps)
             return y
         with torch.no_grad():
-            self.running_mean.copy_(ema_over_groups(self.running_mean, m.detach(),
-                                                    self.momentum))
-            self.running_std.copy_(ema_over_groups(self.running_std, sigma.detach(),
-                                                   self.momentum))
+            self.running_mean.copy_(ema_over_groups(self.running_mean, m, self.momentum))
+            self.running_std.copy_(ema_over_groups(self.running_std, sigma, self.momentum))
         self.advance(g)
         return y
 
