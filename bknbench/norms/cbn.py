@@ -27,7 +27,7 @@ from ..errors import ConfigError
 from ..kernels.fused import group_moments
 from .batch import StatsNorm, check_defined, values_per_stat
 from .registry import EPS, MOMENTUM, TOTAL, Neighbours, Option, register
-from .common import CountsMicroBatches, normalize_given, push, window_sums
+from .common import CountsMicroBatches, agreed, normalize_given, push, window_sums
 
 CONV_WEIGHT = ((nn.Conv1d, torch.nn.grad.conv1d_weight), (nn.Conv2d, torch.nn.grad.conv2d_weight))
 
@@ -67,7 +67,8 @@ class _CatchInput:
         self.layer = layer
 
     def __call__(self, module, args):
-        self.layer.feed_input = args[0]
+        if self.layer.training:  # a value, not the graph: the model stays deep-copyable
+            self.layer.feed_input = args[0].detach()
 
 
 class CrossIterationBatchNorm(CountsMicroBatches, StatsNorm):
@@ -130,14 +131,15 @@ class CrossIterationBatchNorm(CountsMicroBatches, StatsNorm):
         g = m.shape[0]
         mu_p, nu_p, kept_p = self.past(m.dtype)
         nu_t = s + m.square()
-        burnt = torch.tensor(self.burnt(t0, g), device=m.device)
-        kept_new = burnt[:, None].expand_as(m)  # an entry counts once the burn-in is over
+        burnt = agreed(self.burnt(t0, g), m.device)  # an entry counts after the burn-in
+        kept_new = (torch.full_like(m, float(burnt)) if isinstance(burnt, bool)
+                    else burnt.to(m.dtype).expand_as(m))
         k = self.window
-        cnt = window_sums(kept_p.to(m.dtype), kept_new.to(m.dtype), k) + 1.0
+        cnt = window_sums(kept_p.to(m.dtype), kept_new, k) + 1.0
         sum_mu = window_sums(mu_p * kept_p, m.detach() * kept_new, k)
         sum_nu = window_sums(nu_p * kept_p, nu_t.detach() * kept_new, k)
         mu = (sum_mu + m) / cnt
-        return mu, (sum_nu + nu_t) / cnt - mu.square(), nu_t, burnt
+        return mu, (sum_nu + nu_t) / cnt - mu.square(), nu_t
 
     def burnt(self, t0: int, g: int) -> list[bool]:
         """Per group of a forward: past the burn-in (its entry counts for later ones)."""
@@ -154,7 +156,7 @@ class CrossIterationBatchNorm(CountsMicroBatches, StatsNorm):
         m, s = group_moments(x, g)  # (G, C), differentiable
         t0 = self.seen()
         if self.window:
-            mu, var, nu_t, burnt = self.window_statistics(m, s, t0)
+            mu, var, nu_t = self.window_statistics(m, s, t0)
             var = var.clamp_min(0.0)
         else:
             mu, var = m, s
@@ -163,29 +165,33 @@ class CrossIterationBatchNorm(CountsMicroBatches, StatsNorm):
             self.probe.stats["used"] = (mu.detach(), var.detach())
             return y
         if self.window:
-            self.remember(x, m.detach(), nu_t.detach(), burnt, g, t0)
+            self.remember(x, m.detach(), nu_t.detach(), g, t0)
         self.update_running(m.detach(), s.detach(), n_values)
         self.advance(g)
         return y
 
     @torch.no_grad()
-    def remember(self, x, m, nu, burnt, g: int, t0: int) -> None:
+    def remember(self, x, m, nu, g: int, t0: int) -> None:
         """Push the last ``window`` groups of this forward into the rings."""
         j = max(0, g - self.window)  # the first group kept
         push(self.ring_mu, m[j:])
         push(self.ring_nu, nu[j:])
-        push(self.ring_kept, burnt[j:])
+        flags = self.burnt(t0, g)[j:]
+        kept = agreed(flags, x.device)  # a fill, not a copy from the host, when they agree
+        push(self.ring_kept, torch.full((g - j,), kept, device=x.device)
+             if isinstance(kept, bool) else kept[:, 0])
         if self.feed is None:
             return
         if self.feed_input is None:
             raise RuntimeError("cbn: the attached layer did not run before this layer")
         n = x.shape[0] // g * (g - j)  # samples of the groups kept
-        if any(self.burnt(t0, g)[j:]) and self.rho:  # nothing to compensate in burn-in
-            pmean, gnu = weight_moments(self.feed, self.feed_input[-n:].detach(),
-                                        x[-n:].detach(), g - j)
+        if any(flags) and self.rho:  # nothing to compensate in burn-in
+            pmean, gnu = weight_moments(self.feed, self.feed_input[-n:], x[-n:].detach(),
+                                        g - j)
         else:
             pmean = self.ring_pmean.new_zeros((g - j,) + self.ring_pmean.shape[1:])
             gnu = self.ring_gnu.new_zeros((g - j,) + self.ring_gnu.shape[1:])
+        self.feed_input = None  # used: not kept alive until the next step
         push(self.ring_pmean, pmean)
         push(self.ring_gnu, gnu)
         w = self.feed.weight.detach().reshape(1, self.num_features, -1)

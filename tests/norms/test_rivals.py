@@ -2,11 +2,16 @@
 micro-batch 2 and 32, reaches the bound. Measured (seeds 0, 1, 2, commit 3868cba): lowest
 brn at 32, 81-89% (16 steps, its running statistics still settling); all others 90-99.6%.
 The bound leaves 10 points of margin below the lowest."""
+import copy
+
 import pytest
+import torch
 
 from bknbench.config import RunConfig
 from bknbench.data.registry import load_dataset
-from bknbench.train import train_run
+from bknbench.norms.probe import Probe
+from bknbench.norms.registry import parse_spec
+from bknbench.train import fresh_state, train_run
 
 RIVALS = ["brn", "mabn", "cbn", "frn", "evonorm-b0", "evonorm-s0", "ws-gn"]
 BOUND = 70.0  # % validation accuracy after one epoch
@@ -25,3 +30,40 @@ def test_rival_learns_synthetic(data, spec, batch):
     out = train_run(cfg, data)
     assert out.status == "ok", out.reason
     assert out.epochs[-1]["val_acc"] >= BOUND
+
+
+@pytest.mark.parametrize("spec, total", [("brn", 3 * 16 * 4), ("mabn", 3 * 16 * 4),
+                                         ("cbn:total=77", 77), ("bn", None)])
+def test_the_run_tells_each_layer_its_length_in_micro_batches(data, spec, total):
+    """3 epochs of 16 steps of SGD batch 32, micro-batches of 8: 192 micro-batches; an
+    explicit total is kept; the label never changes."""
+    cfg = RunConfig(spec=spec, dataset="synthetic", model="cnn", norm_batch=8, sgd_batch=32,
+                    epochs=3)
+    model = fresh_state(cfg, data, torch.device("cpu"), len(data.x_train) // 32)[0]
+    layers = [m for m in model.modules() if hasattr(m, "total")]
+    assert [m.total for m in layers] == ([total] * 4 if total else [])
+    assert parse_spec(spec).for_run(192).text == parse_spec(spec).text
+
+
+@pytest.mark.parametrize("spec", ["brn", "mabn", "cbn", "evonorm-b0"])
+def test_train_probe_inside_a_model_changes_nothing(spec):
+    """The contract of test_probe.py, inside a cnn (cbn attached to its convolutions)."""
+    torch.manual_seed(0)
+    model = fresh_state(RunConfig(spec=spec, dataset="synthetic", model="cnn", norm_batch=2,
+                                  sgd_batch=8), load_dataset("synthetic"), torch.device("cpu"),
+                        10)[0].double()
+    x = torch.randn(8, 1, 16, dtype=torch.float64)
+    for _ in range(3):
+        model(x).sum().backward()
+    twin = copy.deepcopy(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    norms = [m for m in model.modules() if getattr(m, "batch_dependent", False)]
+    for m in norms:
+        m.probe = Probe("train")
+    y = model(x)
+    assert all(m.probe.stats["used"][1].shape == (4, m.num_features) for m in norms)
+    for m in norms:
+        m.probe = None
+    torch.testing.assert_close(y, twin(x), rtol=1e-12, atol=1e-12)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
