@@ -9,6 +9,9 @@ itself tensorpack's cifar10-resnet example), depth = 6 n + 2:
     Norm -> ReLU -> global average pooling -> linear              (N, num_classes)
 Shortcut: identity, or where a stage starts, 2x2 average pooling (stride 2) and zero channels
 padded equally on both sides (C -> 2C): no parameters.
+Every norm is followed by a ReLU (none after a norm with its own nonlinearity: FRN,
+EvoNorm) and fed by one convolution, which is connected as the norm asks
+(`connect_neighbours`: weight standardization or centring, CBN's feeding layer).
 
 BKN chain (the statistics of a sum are the sum of the branches' means and variances):
     stem norm: no prior

@@ -30,7 +30,8 @@ def mlp(spec, norm_batch, in_shape, num_classes, width=128, depth=3):
 @register_model("cnn")
 def cnn(spec, norm_batch, in_shape, num_classes, width=32):
     """Four conv layers (1-D or 2-D by the input), two of them stride 2, each followed by
-    Norm -> ReLU; global average pooling; a linear classifier.
+    Norm -> ReLU (as the norm asks: models/chain.py); global average pooling; a linear
+    classifier.
 
     (N, C_in, *S) -> conv k5 (width) -> conv k3/s2 (width) -> conv k3/s2 (2 width)
     -> conv k3 (2 width) -> mean over positions -> (N, num_classes)."""

@@ -16,7 +16,8 @@ normalizer: one file here with a factory decorated by ``@register(name, help, op
 returning a drop-in ``nn.Module``, plus its import below. The contract tests iterate over
 the registry and pick it up.
 """
-from . import batch, cbn, evonorm, frn, gkn, kalman, mabn, renorm, ws  # noqa: F401 (fill the registry)
+# fill the registry
+from . import batch, cbn, evonorm, frn, gkn, kalman, mabn, renorm, ws  # noqa: F401
 from .batch import GroupedBatchNorm
 from .gkn import GroupKalmanNorm
 from .kalman import BatchKalmanNorm

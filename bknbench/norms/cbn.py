@@ -20,14 +20,14 @@ The rings are buffers, so a checkpoint resumes them (the reference keeps Python 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
 from ..kernels.fused import group_moments
 from .batch import StatsNorm, check_defined, values_per_stat
 from .registry import EPS, MOMENTUM, TOTAL, Neighbours, Option, register
-from .common import CountsMicroBatches, agreed, normalize_given, push, window_sums
+from .common import (CountsMicroBatches, agreed, normalize_given, push,
+                     statistics_precision, window_sums)
 
 CONV_WEIGHT = ((nn.Conv1d, torch.nn.grad.conv1d_weight), (nn.Conv2d, torch.nn.grad.conv2d_weight))
 
@@ -153,7 +153,7 @@ class CrossIterationBatchNorm(CountsMicroBatches, StatsNorm):
         g = self.groups_of(x)
         n_values = values_per_stat(x, g)
         check_defined(n_values, "CBN")
-        m, s = group_moments(x, g)  # (G, C), differentiable
+        m, s = group_moments(statistics_precision(x), g)  # (G, C), differentiable
         t0 = self.seen()
         if self.window:
             mu, var, nu_t = self.window_statistics(m, s, t0)
@@ -186,8 +186,8 @@ class CrossIterationBatchNorm(CountsMicroBatches, StatsNorm):
             raise RuntimeError("cbn: the attached layer did not run before this layer")
         n = x.shape[0] // g * (g - j)  # samples of the groups kept
         if any(flags) and self.rho:  # nothing to compensate in burn-in
-            pmean, gnu = weight_moments(self.feed, self.feed_input[-n:], x[-n:].detach(),
-                                        g - j)
+            pmean, gnu = weight_moments(self.feed, statistics_precision(self.feed_input[-n:]),
+                                        statistics_precision(x[-n:].detach()), g - j)
         else:
             pmean = self.ring_pmean.new_zeros((g - j,) + self.ring_pmean.shape[1:])
             gnu = self.ring_gnu.new_zeros((g - j,) + self.ring_gnu.shape[1:])

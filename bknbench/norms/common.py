@@ -54,6 +54,13 @@ class CountsMicroBatches:
 
 
 # ---------------------------------------------------------------- shared math
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def statistics_precision(x: torch.Tensor) -> torch.Tensor:
+    """x in float32 when it is in half precision (autocast): statistics, as BN's and BKN's,
+    are computed in float32; the output goes back to x's dtype."""
+    return x.float() if x.dtype in LOW_PRECISION else x
 def ema_before_each(running: torch.Tensor, stats: torch.Tensor, momentum: float):
     """The running value seen by each of G sequential EMA updates, before its own.
 
@@ -119,9 +126,7 @@ class _NormalizeGiven(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, mean, var, weight, bias, groups: int, eps: float):
-        xt = to_channels(x, groups)  # (B, G * C, P)
-        if xt.dtype in (torch.float16, torch.bfloat16):
-            xt = xt.float()
+        xt = statistics_precision(to_channels(x, groups))  # (B, G * C, P)
         w_k, b_k = (weight, bias) if groups == 1 else (weight.repeat(groups),
                                                         bias.repeat(groups))
         mean_k, var_k = mean.reshape(-1).to(xt.dtype), var.reshape(-1).to(xt.dtype)
@@ -171,14 +176,14 @@ class _RmsNormalize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, chi, r, average, ring, groups: int, eps: float):
-        xt = to_channels(x, groups)  # (B, G * C, P)
+        xt = statistics_precision(to_channels(x, groups))  # (B, G * C, P)
         w_k = (weight * r).reshape(-1)
         zeros = torch.zeros_like(w_k)
         b_k = bias if groups == 1 else bias.repeat(groups)
         yt = F.batch_norm(xt, zeros, chi.reshape(-1), w_k, b_k, False, 0.0, eps)
         ctx.save_for_backward(xt, weight, chi, r)
         ctx.average, ctx.ring, ctx.groups, ctx.eps, ctx.shape = average, ring, groups, eps, x.shape
-        return from_channels(yt, groups, x.shape)
+        return from_channels(yt.to(x.dtype), groups, x.shape)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -189,8 +194,8 @@ class _RmsNormalize(torch.autograd.Function):
         zeros = torch.zeros_like(w_k)
         # eval-form kernel with mean 0, var chi: g_xt = g s, g_wk = sum(dy z), g_bk = sum(dy)
         g_xt, g_wk, g_bk = torch.ops.aten.native_batch_norm_backward(
-            to_channels(g_y, groups), xt, w_k, zeros, chi.reshape(-1), None, None, False,
-            ctx.eps, [True, True, True])
+            to_channels(g_y, groups).to(xt.dtype), xt, w_k, zeros, chi.reshape(-1), None, None,
+            False, ctx.eps, [True, True, True])
         psi = (w_k * g_wk).view(groups, c) / (xt.shape[0] * xt.shape[2])  # mean(g z)
         psi_used, ring = psi, ctx.ring
         if ring is not None and ring.shape[0]:
@@ -199,8 +204,8 @@ class _RmsNormalize(torch.autograd.Function):
             push(ring, psi)
         g_xt.addcmul_(xt, (psi_used / (chi + ctx.eps)).reshape(1, -1, 1), value=-1.0)  # - z psi s
         g_w = (r * g_wk.view(groups, c)).sum(0)
-        return (from_channels(g_xt, groups, ctx.shape), g_w, g_bk.view(groups, c).sum(0),
-                None, None, None, None, None, None)
+        return (from_channels(g_xt, groups, ctx.shape).to(g_y.dtype), g_w,
+                g_bk.view(groups, c).sum(0), None, None, None, None, None, None)
 
 
 def rms_normalize(x, weight, bias, chi, r, groups: int, eps: float, average=False, ring=None):

@@ -24,6 +24,7 @@ from torch import nn
 from ..kernels.fused import group_moments
 from ..kernels.reference import ema_over_groups
 from .batch import GroupNorm, StatsNorm, check_defined, gn_groups, values_per_stat
+from .common import statistics_precision
 from .registry import EPS, MOMENTUM, Neighbours, Option, register
 
 
@@ -80,8 +81,9 @@ class EvoNormB0(StatsNorm):
         g = self.groups_of(x)
         n = values_per_stat(x, g)
         check_defined(n, "EvoNorm-B0")
-        var_i, var = moments(x, g)  # (N, C), (G, C), differentiable
-        y = evonorm_b0(x, var, self.v, self.weight, self.bias, self.eps, var_i)
+        x32 = statistics_precision(x)
+        var_i, var = moments(x32, g)  # (N, C), (G, C), differentiable
+        y = evonorm_b0(x32, var, self.v, self.weight, self.bias, self.eps, var_i).to(x.dtype)
         if self.probe is not None:
             self.probe.stats["used"] = (torch.zeros_like(var), var.detach())
             return y

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..kernels.fused import to_channels
-from .common import rms_normalize, second_moment
+from .common import rms_normalize, second_moment, statistics_precision
 from .registry import Neighbours, Option, register
 
 
@@ -44,7 +44,7 @@ class FilterResponseNorm(nn.Module):
         tau = self.tau.reshape(per_c)
         if isinstance(eps, float):  # each sample its own group: MABN's node, exact gradient
             with torch.no_grad():
-                nu2 = second_moment(to_channels(x.detach(), n)).view(n, c)
+                nu2 = second_moment(statistics_precision(to_channels(x.detach(), n))).view(n, c)
             # max(y, tau) = relu(y - tau) + tau, tau folded into the shift (one pass less)
             y = rms_normalize(x, self.weight, self.bias - self.tau, nu2, torch.ones_like(nu2),
                               n, eps)

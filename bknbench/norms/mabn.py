@@ -32,7 +32,7 @@ from ..kernels.reference import ema_over_groups
 from .batch import StatsNorm
 from .registry import EPS, TOTAL, Neighbours, Option, register
 from .common import (CountsMicroBatches, agreed, choose, ema_before_each, push,
-                     rms_normalize, second_moment, window_sums)
+                     rms_normalize, second_moment, statistics_precision, window_sums)
 
 R_CLIP = 5.0  # r in [1/5, 5] (MABN.py)
 
@@ -88,7 +88,7 @@ class MovingAverageBatchNorm(CountsMicroBatches, StatsNorm):
             return self.normalize_by(x, self.running_chi)
         g = self.groups_of(x)
         with torch.no_grad():
-            chi_t = second_moment(to_channels(x.detach(), g)).view(g, -1)  # (G, C)
+            chi_t = second_moment(statistics_precision(to_channels(x.detach(), g))).view(g, -1)
             t = [self.seen() + j + 1 for j in range(g)]  # 1-based micro-batch numbers
             sma_from, r_from = self.phases()
             k = self.window

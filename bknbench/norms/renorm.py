@@ -3,7 +3,8 @@
 Training, per group g of ``norm_batch`` samples and channel, with (mu, sigma) the running
 mean and running standard deviation *before* the group's update:
     mu_B, sigma_B = mean, sqrt(biased variance + eps) of the group
-    r = sg(clip(sigma_B / sigma, 1 / r_max, r_max)),  d = sg(clip((mu_B - mu) / sigma, -d_max, d_max))
+    r = sg(clip(sigma_B / sigma, 1 / r_max, r_max))
+    d = sg(clip((mu_B - mu) / sigma, -d_max, d_max))
     y = weight ((x - mu_B) / sigma_B * r + d) + bias
     mu += a (mu_B - mu),  sigma += a (sigma_B - sigma)          (a = momentum)
 sg = stop-gradient: the gradient flows through mu_B and sigma_B as in BatchNorm. The G groups
@@ -26,7 +27,7 @@ from ..kernels.fused import affine, from_channels, to_channels
 from ..kernels.reference import ema_over_groups
 from .batch import StatsNorm, check_defined, values_per_stat
 from .registry import EPS, TOTAL, Option, register
-from .common import CountsMicroBatches, ema_before_each
+from .common import CountsMicroBatches, ema_before_each, statistics_precision
 
 D_SHARE = 4 / 7  # d_max's relaxation ends this share of the way to r_max's: (25k-5k)/(40k-5k)
 
@@ -50,9 +51,7 @@ class _Renormalize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_std, r_max, d_max,
                 momentum: float, groups: int, eps: float):
-        xt = to_channels(x, groups)  # (B, G * C, P)
-        if xt.dtype in (torch.float16, torch.bfloat16):
-            xt = xt.float()
+        xt = statistics_precision(to_channels(x, groups))  # (B, G * C, P)
         xhat, mean, invstd = torch.native_batch_norm(xt, None, None, None, None, True, 0.0, eps)
         m, sigma = mean.view(groups, -1), invstd.reciprocal().view(groups, -1)
         mu_run = ema_before_each(running_mean, m, momentum)  # what each group sees

@@ -32,6 +32,16 @@ def test_rival_learns_synthetic(data, spec, batch):
     assert out.epochs[-1]["val_acc"] >= BOUND
 
 
+@pytest.mark.parametrize("spec", RIVALS)
+def test_rival_trains_under_amp_on_cpu(data, spec):
+    """bf16 autocast: the statistics in float32, as bn's and bkn's (test_train.py)."""
+    cfg = RunConfig(spec=spec, dataset="synthetic", model="cnn", norm_batch=8, sgd_batch=8,
+                    epochs=1, amp=True)
+    out = train_run(cfg, data)
+    assert out.status == "ok", out.reason
+    assert out.epochs[-1]["val_acc"] >= 60.0  # 95-99% observed
+
+
 @pytest.mark.parametrize("spec, total", [("brn", 3 * 16 * 4), ("mabn", 3 * 16 * 4),
                                          ("cbn:total=77", 77), ("bn", None)])
 def test_the_run_tells_each_layer_its_length_in_micro_batches(data, spec, total):
