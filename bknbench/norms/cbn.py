@@ -145,6 +145,7 @@ class CrossIterationBatchNorm(CountsMicroBatches, StatsNorm):
         """Per group of a forward: past the burn-in (its entry counts for later ones)."""
         return [t0 + j >= self.at(self.burnin) for j in range(g)]
 
+    @torch.compiler.disable  # a host-side schedule and counter, rings: eager under --compile
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.probe is not None and self.probe.mode == "population":
             return self.population_forward(x)

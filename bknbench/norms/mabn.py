@@ -79,6 +79,7 @@ class MovingAverageBatchNorm(CountsMicroBatches, StatsNorm):
         sma = max(self.window + 1, self.at(self.warmup))
         return sma, max(sma, self.at(self.r_warmup) + 1)
 
+    @torch.compiler.disable  # a host-side schedule and counter, rings: eager under --compile
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.probe is not None and self.probe.mode == "population":
             mean, var = group_moments(x, 1)

@@ -113,6 +113,7 @@ class BatchRenorm(CountsMicroBatches, StatsNorm):
         return F.batch_norm(x, self.running_mean, self.running_std.square() - self.eps,
                             self.weight, self.bias, False, 0.0, self.eps)
 
+    @torch.compiler.disable  # a host-side schedule and counter, rings: eager under --compile
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.probe is not None and self.probe.mode == "population":
             return self.population_forward(x)
