@@ -1,7 +1,8 @@
 """Every rival learns: the default cnn on `synthetic` (4 classes, chance 25%), one epoch, at
-micro-batch 2 and 32, reaches the bound. Measured (seeds 0, 1, 2, commit 3868cba): lowest
-brn at 32, 81-89% (16 steps, its running statistics still settling); all others 90-99.6%.
-The bound leaves 10 points of margin below the lowest."""
+micro-batch 2 and 32, reaches the bound. Measured (seeds 0, 1, 2, commit 3868cba; cbn with
+its burn-in of 0.67 at 07a638d): lowest brn at 32, 81-89% (16 steps, its running
+statistics still settling); all others 90-99.6%. The bound leaves 10 points of margin
+below the lowest."""
 import copy
 
 import pytest
