@@ -41,8 +41,8 @@ class CountsMicroBatches:
         return self._seen
 
     def advance(self, groups: int) -> None:
-        self.micro_batches.add_(groups)
         self._seen = self.seen() + groups
+        self.micro_batches.add_(groups)
 
     def at(self, fraction: float) -> int:
         """The micro-batch at ``fraction`` of the run (of ``reference_run`` outside a run)."""
@@ -61,6 +61,8 @@ def statistics_precision(x: torch.Tensor) -> torch.Tensor:
     """x in float32 when it is in half precision (autocast): statistics, as BN's and BKN's,
     are computed in float32; the output goes back to x's dtype."""
     return x.float() if x.dtype in LOW_PRECISION else x
+
+
 def ema_before_each(running: torch.Tensor, stats: torch.Tensor, momentum: float):
     """The running value seen by each of G sequential EMA updates, before its own.
 
