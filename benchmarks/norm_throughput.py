@@ -1,6 +1,7 @@
 """Training throughput of the normalizers, side by side, at micro-batch 128 and 2.
 
     python benchmarks/norm_throughput.py [--quick] [--threads 1] [--repeats 5] [--device cpu]
+                                         [--rivals-only]
 
 Cases (each a bknbench run, `train_run`, over a fixed number of steps; figure: samples/s
 of the training loop, median of the repeats, torch threads fixed):
@@ -9,9 +10,12 @@ of the training loop, median of the repeats, torch threads fixed):
   2. resnet20 on random 32x32x3 images: the same cases at micro-batch 128, 2;
   3. accumulation to SGD batch 128 from micro-batch 2 on cnn/mnist1d: bn-accum (one
      grouped forward of 128 samples, 64 statistics groups) vs an explicit loop (64
-     forward/backward passes of 2 samples, then one step) vs bn at micro-batch 128.
+     forward/backward passes of 2 samples, then one step) vs bn at micro-batch 128;
+  4. the rivals (brn, mabn, cbn, frn, evonorm-b0, evonorm-s0, ws-gn) on cnn / mnist1d at
+     micro-batch 128 and 2 against bn (``--rivals-only``: this section alone).
 Targets (issue "Performance"): bkn >= 0.90x bn at 128; bn-accum >= 0.70x bn at 128 and
->= 10x the explicit loop.
+>= 10x the explicit loop; every rival >= 0.80x bn at 128 on the cnn (issue 12; cbn, which
+computes a weight gradient per layer and step, is reported without a target).
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from common import (bknbench_rate, header, interleaved, median, parse_args, spre
                     subset, synthetic_images, verdict, without_native)
 
 NORMS = ("bn", "bkn", "bkn:transition=sampled", "gn")
+RIVALS = ("brn", "mabn", "cbn", "frn", "evonorm-b0", "evonorm-s0", "ws-gn")
 
 
 def explicit_accumulation_rate(data, steps: int, device: str, micro: int = 2,
@@ -68,8 +73,29 @@ def table(title: str, rates: dict[str, list[float]], ref: str) -> dict[str, floa
     return med
 
 
+def rivals(mnist, plan: dict[int, int], args) -> None:
+    """Section 4: the rivals against bn on the cnn, and their targets."""
+    from bknbench.config import RunConfig
+
+    results = {}
+    for b, steps in plan.items():
+        data = subset(mnist, steps * b, 256)
+        cases = {f"cnn {spec} b={b}": bknbench_rate(
+            RunConfig(spec=spec, model="cnn", norm_batch=b, sgd_batch=b, epochs=1), data,
+            args.device) for spec in ("bn",) + RIVALS}
+        results[b] = table(f"rivals: cnn / mnist1d, micro-batch {b}",
+                           interleaved(cases, args.repeats), f"cnn bn b={b}")
+    print("## targets (rivals)")
+    for spec in RIVALS:
+        r = results[128][f"cnn {spec} b=128"] / results[128]["cnn bn b=128"]
+        k = results[2][f"cnn {spec} b=2"] / results[2]["cnn bn b=2"]
+        target = "(no target)" if spec == "cbn" else verdict(r, 0.80)
+        print(f"cnn {spec:11s} / bn at 128: {r:.3f}  {target:28s} at 2: {k:.3f}")
+
+
 def main() -> None:
-    args = parse_args(__doc__.splitlines()[0])
+    args = parse_args(__doc__.splitlines()[0],
+                      flags={"--rivals-only": "only section 4, the rivals against bn"})
     import torch
 
     from bknbench.config import RunConfig
@@ -81,6 +107,9 @@ def main() -> None:
     mnist = load_dataset("mnist1d")
     # steps per timed run, chosen so that one run takes about 0.2-1 s (full) on one core
     plan = {128: 10 if q else 30, 2: 60 if q else 200}
+    if args.rivals_only:
+        rivals(mnist, plan, args)
+        return
     results = {}
     for b, steps in plan.items():
         data = subset(mnist, steps * b, 256)
@@ -137,6 +166,8 @@ def main() -> None:
     print(f"cnn bkn / bn at 2 (no target):  {k:.3f}")
     from bknbench.kernels import native
     print(f"kernels: {native.status()} (the [torch nodes] cases: the PyTorch autograd nodes)")
+    print(flush=True)
+    rivals(mnist, plan, args)
 
 
 if __name__ == "__main__":

@@ -131,7 +131,9 @@ def configure_determinism(cfg: RunConfig) -> None:
 def fresh_state(cfg: RunConfig, data: Dataset, device: torch.device, steps: int):
     """Model, optimizer, schedule and data-order generator at step 0, from the seed."""
     torch.manual_seed(cfg.seed)
-    model = make_model(cfg.model, parse_spec(cfg.spec), cfg.norm_batch, data.sample_shape,
+    # normalizers with schedules learn the run length: micro-batches over the whole run
+    spec = parse_spec(cfg.spec).for_run(cfg.epochs * steps * (cfg.sgd_batch // cfg.norm_batch))
+    model = make_model(cfg.model, spec, cfg.norm_batch, data.sample_shape,
                        data.num_classes).to(device)
     if device.type == "cuda" and len(data.sample_shape) == 3:
         model = model.to(memory_format=torch.channels_last)

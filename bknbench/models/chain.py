@@ -1,9 +1,40 @@
-"""The wiring of chained normalizers (BKN, GKN): each layer's prior from its predecessor."""
+"""The wiring of normalizers into a network: what a normalizer asks of its neighbours
+(`Neighbours` on its registry entry: no ReLU after it, a parametrization of the weight
+feeding it, a reference to the layer feeding it), and BKN's chain, each layer's prior from
+its predecessor."""
 from __future__ import annotations
+
+from torch import nn
+from torch.nn.utils import parametrize
 
 from ..errors import ConfigError
 from ..norms.kalman import BatchKalmanNorm, Path, ops_of
 from ..norms.transitions import analytic_rule
+
+
+# ---------------------------------------------------------------- neighbours
+def activation(spec) -> nn.Module:
+    """The activation after a normalizer of ``spec``: ReLU, or Identity for one that
+    includes its own nonlinearity (FRN, EvoNorm)."""
+    return nn.ReLU() if spec.neighbours.activation else nn.Identity()
+
+
+def connect(spec, feed: nn.Module, norm: nn.Module) -> None:
+    """Apply what ``norm`` asks of ``feed``, the convolution or linear layer whose output
+    it normalizes (directly, or through a residual sum): a parametrization of feed's weight
+    (once per layer), and ``norm.attach(feed)``."""
+    asks = spec.neighbours
+    if asks.weight is not None and not parametrize.is_parametrized(feed, "weight"):
+        parametrize.register_parametrization(feed, "weight", asks.weight())
+    if asks.feed:
+        norm.attach(feed)
+
+
+def norm_after(spec, feed: nn.Module, channels: int, norm_batch) -> list[nn.Module]:
+    """[norm, activation] for the output of ``feed``, connected."""
+    norm = spec.build(channels, norm_batch)
+    connect(spec, feed, norm)
+    return [norm, activation(spec)] if spec.neighbours.activation else [norm]
 
 
 # ---------------------------------------------------------------- BKN chain wiring

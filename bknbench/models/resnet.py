@@ -9,6 +9,9 @@ itself tensorpack's cifar10-resnet example), depth = 6 n + 2:
     Norm -> ReLU -> global average pooling -> linear              (N, num_classes)
 Shortcut: identity, or where a stage starts, 2x2 average pooling (stride 2) and zero channels
 padded equally on both sides (C -> 2C): no parameters.
+Every norm is followed by a ReLU (none after a norm with its own nonlinearity: FRN,
+EvoNorm) and fed by one convolution, which is connected as the norm asks
+(`connect_neighbours`: weight standardization or centring, CBN's feeding layer).
 
 BKN chain (the statistics of a sum are the sum of the branches' means and variances):
     stem norm: no prior
@@ -37,6 +40,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..norms import NormSpec
 from ..norms.kalman import BatchKalmanNorm, Path, SumPrior
+from .chain import activation, connect
 from .registry import register_model
 
 DEPTHS = {20: 3, 32: 5, 56: 9, 110: 18}  # depth -> blocks per stage n (depth = 6 n + 2)
@@ -111,10 +115,10 @@ class PreActBlock(nn.Module):
         super().__init__()
         self.first = first
         self.norm1 = None if first else spec.build(c_in, norm_batch)
-        self.relu1 = None if first else nn.ReLU()
+        self.relu1 = None if first else activation(spec)
         self.conv1 = conv3x3(c_in, c_out, stride, bias)
         self.norm2 = spec.build(c_out, norm_batch)
-        self.relu2 = nn.ReLU()
+        self.relu2 = activation(spec)
         self.conv2 = conv3x3(c_out, c_out, 1, bias)
         self.shortcut = Shortcut(c_in, c_out, stride)
 
@@ -134,7 +138,7 @@ class PreActResNet(nn.Module):
         bias = spec.name == "none"  # a norm's shift makes the conv bias redundant
         self.stem_conv = conv3x3(in_channels, widths[0], 1, bias)
         self.stem_norm = spec.build(widths[0], norm_batch)
-        self.stem_relu = nn.ReLU()
+        self.stem_relu = activation(spec)
         blocks, c_in = [], widths[0]
         for stage, c_out in enumerate(widths):
             for k in range(n):
@@ -144,9 +148,10 @@ class PreActResNet(nn.Module):
                 c_in = c_out
         self.blocks = nn.Sequential(*blocks)
         self.final_norm = spec.build(c_in, norm_batch)
-        self.final_relu = nn.ReLU()
+        self.final_relu = activation(spec)
         self.fc = nn.Linear(c_in, num_classes)
         self.reset_parameters()
+        self.connect_neighbours(spec)  # after the init: a parametrization wraps the weights
         if all(isinstance(m, BatchKalmanNorm) for m in self.norms()):
             self.wire_kalman()
 
@@ -157,6 +162,19 @@ class PreActResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+
+    def connect_neighbours(self, spec: NormSpec) -> None:
+        """What each norm asks of the convolution whose output it normalizes
+        (models/chain.py): the stem conv feeds the stem norm, a block's conv1 its norm2, its
+        conv2 (through the residual sum) the next block's norm1 or the final norm."""
+        connect(spec, self.stem_conv, self.stem_norm)
+        prev = None
+        for b in self.blocks:
+            if not b.first:
+                connect(spec, prev, b.norm1)
+            connect(spec, b.conv1, b.norm2)
+            prev = b.conv2
+        connect(spec, prev, self.final_norm)
 
     def norms(self) -> list[nn.Module]:
         """Every normalization layer, in forward order."""

@@ -4,26 +4,23 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import ConfigError
-from ..norms import NormSpec
-from .chain import wire_sequence
+from .chain import norm_after, wire_sequence
 from .registry import register_model
 
 
 # ---------------------------------------------------------------- builders
-def _norm(spec: NormSpec, channels: int, norm_batch: int) -> nn.Module:
-    return spec.build(channels, norm_batch)
-
-
 @register_model("mlp")
 def mlp(spec, norm_batch, in_shape, num_classes, width=128, depth=3):
-    """Flatten -> [Linear -> Norm -> ReLU] x depth -> Linear."""
+    """Flatten -> [Linear -> Norm -> ReLU] x depth -> Linear (no ReLU after a norm that
+    includes its nonlinearity; what a norm asks of its Linear: models/chain.py)."""
     bias = spec.name == "none"  # a norm's shift makes the linear bias redundant
     layers: list[nn.Module] = [nn.Flatten()]
     d = 1
     for s in in_shape:
         d *= s
     for _ in range(depth):
-        layers += [nn.Linear(d, width, bias=bias), _norm(spec, width, norm_batch), nn.ReLU()]
+        linear = nn.Linear(d, width, bias=bias)
+        layers += [linear] + norm_after(spec, linear, width, norm_batch)
         d = width
     layers.append(nn.Linear(d, num_classes))
     wire_sequence(layers)
@@ -33,7 +30,8 @@ def mlp(spec, norm_batch, in_shape, num_classes, width=128, depth=3):
 @register_model("cnn")
 def cnn(spec, norm_batch, in_shape, num_classes, width=32):
     """Four conv layers (1-D or 2-D by the input), two of them stride 2, each followed by
-    Norm -> ReLU; global average pooling; a linear classifier.
+    Norm -> ReLU (as the norm asks: models/chain.py); global average pooling; a linear
+    classifier.
 
     (N, C_in, *S) -> conv k5 (width) -> conv k3/s2 (width) -> conv k3/s2 (2 width)
     -> conv k3 (2 width) -> mean over positions -> (N, num_classes)."""
@@ -47,8 +45,8 @@ def cnn(spec, norm_batch, in_shape, num_classes, width=32):
             (2 * width, 2 * width, 3, 1)]
     layers: list[nn.Module] = []
     for c_in, c_out, k, stride in plan:
-        layers += [conv(c_in, c_out, k, stride=stride, padding=k // 2, bias=bias),
-                   _norm(spec, c_out, norm_batch), nn.ReLU()]
+        op = conv(c_in, c_out, k, stride=stride, padding=k // 2, bias=bias)
+        layers += [op] + norm_after(spec, op, c_out, norm_batch)
     layers += [pool(1), nn.Flatten(), nn.Linear(2 * width, num_classes)]
     wire_sequence(layers)
     return nn.Sequential(*layers)

@@ -5,8 +5,9 @@ the class attribute ``batch_dependent = True`` and honours ``self.probe`` (None 
 a diagnostic forward, which runs in training mode under a forked RNG):
 
 - ``Probe("population")``: normalize with the mean and biased variance of the input over the
-  *whole* batch and all positions (one group: a full-batch BatchNorm), and record
-  ``stats["input"] = (mean (1, C), var (1, C))``. Run over a probe set in one forward, every
+  *whole* batch and all positions, as the eval forward would after ``set_population`` with
+  them (for BN-like layers a full-batch BatchNorm; MABN: x / sqrt(var + mean^2 + eps)), and
+  record ``stats["input"] = (mean (1, C), var (1, C))``. Run over a probe set in one forward, every
   layer then sees its predecessors normalized by *their* population statistics, as PreciseBN
   computes them.
 - ``Probe("train")``: compute the output exactly as a training forward would, for groups of

@@ -7,6 +7,10 @@ is split into N / norm_batch groups with their own statistics (None: the whole b
 
 Specs are strings: ``name`` or ``name:key=value,key=value`` (``:`` also separates options).
 The registry is filled by the family modules that `bknbench.norms` imports.
+
+What a normalizer asks of the layers around it (no ReLU after it, a parametrization of the
+weight feeding it, a reference to the layer feeding it) is declared on its entry as
+`Neighbours`; the model builders honour it (models/chain.py `norm_after`, `connect`).
 """
 from __future__ import annotations
 
@@ -42,6 +46,23 @@ class Option:
 
 
 @dataclass(frozen=True)
+class Neighbours:
+    """What a normalizer asks of its neighbours in a network; the model builder applies it.
+
+    activation: the builder puts a ReLU after the layer; False: the layer applies its own
+        nonlinearity (FRN's TLU, EvoNorm's), nothing is added after it.
+    weight: a factory of a parametrization (torch.nn.utils.parametrize) for the weight of
+        the convolution or linear layer whose output the layer normalizes (weight
+        standardization, centring); readers of ``op.weight`` then see the parametrized one.
+    feed: the builder calls ``layer.attach(module)`` with that convolution or linear layer.
+    """
+
+    activation: bool = True
+    weight: Callable[[], nn.Module] | None = None
+    feed: bool = False
+
+
+@dataclass(frozen=True)
 class NormEntry:
     name: str
     factory: Callable[..., nn.Module]
@@ -49,12 +70,17 @@ class NormEntry:
     options: dict[str, Option] = field(default_factory=dict)
     accumulates: bool = False  # trains with gradient accumulation (SGD batch > norm_batch)
     chained: bool = False  # BKN-style: the model builder wires a prediction into it
+    # what it asks of its neighbours: a Neighbours, or options -> Neighbours
+    neighbours: Neighbours | Callable[[dict], Neighbours] = Neighbours()
 
 
 REGISTRY: dict[str, NormEntry] = {}
 
 EPS = Option(float, 1e-5, lambda v: v > 0, "> 0", "added to the variance")
 MOMENTUM = Option(float, 0.1, lambda v: 0 < v <= 1, "in (0, 1]", "running-statistics EMA weight")
+# the run length of normalizers with schedules (norms/common.py); train.py fills it in
+TOTAL = Option(int, 0, lambda v: v >= 0, ">= 0",
+               "micro-batches in the run (0: filled in by the run)")
 
 
 def register(name: str, help: str, options: dict[str, Option] | None = None, **flags):
@@ -74,8 +100,21 @@ class NormSpec:
     def name(self) -> str:
         return self.entry.name
 
+    @property
+    def neighbours(self) -> Neighbours:
+        n = self.entry.neighbours
+        return n(self.options) if callable(n) else n
+
     def build(self, num_features: int, norm_batch: int | None) -> nn.Module:
         return self.entry.factory(num_features, norm_batch, **self.options)
+
+    def for_run(self, micro_batches: int) -> "NormSpec":
+        """This spec with its ``total`` option (the run length in micro-batches) filled in
+        when it has one left at 0; the label (``text``) is unchanged: the run length
+        follows from the run's configuration."""
+        if "total" not in self.entry.options or self.options["total"]:
+            return self
+        return NormSpec(self.text, self.entry, {**self.options, "total": micro_batches})
 
 
 def _text(value) -> str:

@@ -58,7 +58,8 @@ def test_conv_bias_only_without_norm():
     assert all(c.bias is not None for c in convs)
 
 
-@pytest.mark.parametrize("spec", ["bn", "gn", "bkn", "bkn:transition=sampled", "none"])
+@pytest.mark.parametrize("spec", ["bn", "gn", "bkn", "bkn:transition=sampled", "none", "brn",
+                                  "mabn", "cbn", "frn", "evonorm-b0", "evonorm-s0", "ws-gn"])
 def test_train_and_eval_passes(spec):
     m = _model(spec)
     x = torch.randn(8, *SHAPE)
@@ -67,9 +68,12 @@ def test_train_and_eval_passes(spec):
     out = m(x)
     assert out.shape == (8, 10)
     torch.nn.functional.cross_entropy(out, y).backward()
-    grads = [p.grad for p in m.parameters() if p.requires_grad]
+    # FRN's learned eps serves maps of one position only: unused (no gradient) here
+    grads = [p.grad for n, p in m.named_parameters() if not n.endswith("eps_l")]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
-    assert m.stem_conv.weight.grad.abs().sum() > 0
+    stem = m.stem_conv  # a parametrized weight (ws-gn, mabn) is computed from `original`
+    w = stem.parametrizations.weight.original if hasattr(stem, "parametrizations") else stem.weight
+    assert w.grad.abs().sum() > 0
     m.eval()
     with torch.no_grad():
         assert torch.isfinite(m(x)).all()

@@ -40,8 +40,8 @@ def _state(layer) -> dict:
 
 def test_the_batch_dependent_ones():
     names = batch_dependent()
-    assert {"bn", "bn-accum", "bkn"} <= set(names)
-    assert not {"gn", "ln", "none", "gkn"} & set(names)
+    assert {"bn", "bn-accum", "bkn", "brn", "mabn", "cbn", "evonorm-b0"} <= set(names)
+    assert not {"gn", "ln", "none", "gkn", "frn", "evonorm-s0", "ws-gn"} & set(names)
 
 
 def test_probe_modes():
@@ -75,7 +75,10 @@ def test_train_probe_has_no_side_effect_and_equals_training(name, shape):
 
 @pytest.mark.parametrize("name", batch_dependent())
 @pytest.mark.parametrize("shape", SHAPES, ids=["NC", "NCL", "NCHW"])
-def test_population_probe_is_a_full_batch_batchnorm(name, shape):
+def test_population_probe_is_eval_with_the_batch_as_population(name, shape):
+    """The population probe records the whole batch's mean and biased variance and
+    normalizes as eval would after set_population with them: for BN-like layers a
+    full-batch BatchNorm (checked below), for MABN x / sqrt(var + mean^2 + eps)."""
     layer = _layer(name)
     _warm(layer, shape)
     before = _state(layer)
@@ -86,9 +89,22 @@ def test_population_probe_is_a_full_batch_batchnorm(name, shape):
     dims = [0] + list(range(2, x.dim()))
     torch.testing.assert_close(mean[0], x.mean(dims), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(var[0], x.var(dims, correction=0), rtol=1e-12, atol=1e-12)
-    expected = F.batch_norm(x, None, None, layer.weight, layer.bias, True, 0.0, layer.eps)
-    torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
+    twin = copy.deepcopy(layer)
+    twin.probe = None
+    twin.set_population(mean[0], var[0])
+    twin.eval()
+    torch.testing.assert_close(y, twin(x), rtol=1e-10, atol=1e-10)
     assert all(torch.equal(v, _state(layer)[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("name", ["bn", "bkn", "brn", "cbn"])
+def test_population_probe_of_bn_like_layers_is_a_full_batch_batchnorm(name):
+    layer = _layer(name)
+    _warm(layer, (8, C, 5))
+    x = _data((8, C, 5), seed=2)
+    layer.probe = Probe("population")
+    expected = F.batch_norm(x, None, None, layer.weight, layer.bias, True, 0.0, layer.eps)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("name", batch_dependent())
