@@ -138,6 +138,22 @@ def test_relu_affine_native_equals_torch_node(wshape, bias, groups):
 
 
 @needs_native
+def test_relu_affine_takes_the_node_past_the_crossover():
+    """Small problems on the C++ kernel, large ones (the paper's 64 groups) on the node,
+    whose matrix products run on BLAS (fused.NATIVE_RELU_AFFINE_MAX)."""
+    from bknbench.kernels.fused import NATIVE_RELU_AFFINE_MAX
+
+    def node(groups, c_in=128, c_out=128):
+        mean = torch.zeros(groups, c_in, requires_grad=True)
+        out, _ = relu_affine_moments(mean, torch.ones(groups, c_in), torch.ones(c_out, c_in))
+        return out.grad_fn.name()
+
+    assert 2 * 128 * 128 <= NATIVE_RELU_AFFINE_MAX < 4 * 128 * 128
+    assert "CppNode" in node(2)
+    assert node(64) == "_ReluAffineBackward"
+
+
+@needs_native
 def test_kernels_apply_only_where_they_can():
     x = torch.randn(4, 3, 5)
     assert native.usable(x, None, x[:, :, 0])
