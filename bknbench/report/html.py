@@ -113,14 +113,26 @@ def _summary_table(summary: pd.DataFrame, table_id: str) -> str:
 
 
 def _figures(results: Results) -> tuple[dict[str, str], str]:
-    """{name: base64 PNG} of every figure plot_results writes, and a note when none."""
+    """{name: base64 PNG} of every figure plot_results writes, and a note when none. The
+    PNGs are kept in the sweep's plots/ folder (as `bknbench plot` writes them), so a
+    report leaves the figures it shows beside their data; a temporary folder where that
+    folder cannot be written."""
+    keep = results.path / "plots"
     with tempfile.TemporaryDirectory(prefix="bknbench-report-") as tmp:
         try:
-            paths = plot_results(results, tmp, ("png",))
+            paths = plot_results(results, keep if _writable(keep) else tmp, ("png",))
         except ConfigError as e:
             return {}, str(e)
         return {p.stem: base64.b64encode(p.read_bytes()).decode("ascii")
                 for p in paths if p.suffix == ".png"}, ""
+
+
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK)
 
 
 def _figure_html(name: str, data: str, caption: str) -> str:

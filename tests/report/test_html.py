@@ -102,6 +102,9 @@ def test_report_holds_every_part(study, tmp_path):
     assert text.count("<td>failed</td>") == 2
     figures = [i for i in page.images if i["src"].startswith("data:image/png;base64,")]
     assert [i["alt"] for i in figures] == ["error_vs_batch", "convergence"] * 2
+    for name in ("a", "b"):  # the figures it shows are kept beside their data
+        kept = sorted(p.name for p in (study / name / "plots").glob("*.png"))
+        assert kept == ["convergence.png", "error_vs_batch.png"]
     assert "logit scale" in text and "paired by seed" in text
     assert "torch" in text and "git commit" in text and "results written" in text
     assert external_references(text) == []
