@@ -3,7 +3,6 @@ shapes and precision of training; the reference formulas are checked on both bac
 test_kalman.py (the `backend` fixture)."""
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import math
 import shutil
@@ -13,8 +12,8 @@ import torch
 
 from bknbench.kernels import native
 from bknbench.kernels.fused import group_normalize, relu_affine_moments
+from native_fixture import both, needs_native, threaded, threads
 
-needs_native = pytest.mark.skipif(native.module() is None, reason="native kernels not built")
 
 
 def test_kernels_are_built_where_a_compiler_is():
@@ -26,13 +25,6 @@ def test_kernels_are_built_where_a_compiler_is():
     assert native.status() == "native"
     with native.disabled():
         assert native.status() == "torch"
-
-
-def _both(fn):
-    """fn() on the native kernels and on the PyTorch nodes."""
-    out = fn()
-    with native.disabled():
-        return out, fn()
 
 
 def _inputs(shape, groups, prior, gain, seed=0, channels_last=False):
@@ -74,7 +66,7 @@ def test_group_normalize_native_equals_torch_node(shape, groups, channels_last, 
         loss.backward()
         return [o.detach() for o in outs], {k: v.grad for k, v in t.items()}
 
-    (outs_n, grads_n), (outs_t, grads_t) = _both(run)
+    (outs_n, grads_n), (outs_t, grads_t) = both(run)
     for name, a, b in zip(["y", "m", "s", "mu", "var"], outs_n, outs_t):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5, msg=name)
     assert grads_n.keys() == grads_t.keys()
@@ -94,7 +86,7 @@ def test_group_normalize_native_with_unused_outputs(used):
         {"y": y, "posterior": mu * 2 + var, "m": m}[used].sum().backward()
         return {k: v.grad for k, v in t.items()}
 
-    grads_n, grads_t = _both(run)
+    grads_n, grads_t = both(run)
     for name in grads_t:
         a, b = grads_n[name], grads_t[name]
         assert (a is None) == (b is None) or (a if b is None else b).abs().max() == 0, name
@@ -132,7 +124,7 @@ def test_relu_affine_native_equals_torch_node(wshape, bias, groups):
         leaves = [mean, var, w] + ([b] if bias else [])
         return [out_m.detach(), out_v.detach()] + [t.grad for t in leaves]
 
-    native_out, torch_out = _both(run)
+    native_out, torch_out = both(run)
     for a, b in zip(native_out, torch_out):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
@@ -175,31 +167,17 @@ def test_kernels_refuse_shapes_they_cannot_split():
 
 
 # ---------------------------------------------------------------- threads
-threaded = pytest.mark.skipif(not native._THREADED,
-                              reason="kernels built without torch's OpenMP pool: one thread")
-
-
-@contextlib.contextmanager
-def _threads(n):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 @needs_native
 @threaded
 def test_kernels_split_over_the_threads_and_run_tiny_problems_inline():
     """threads_for(units, values each): the split the kernels' passes take."""
     tiny = (32, 2 * 2 * 4)  # micro-batch 2, 32 channels, 4 positions: observe's units
     large = (32, 2 * 128 * 40)  # micro-batch 128 of the 1-D CNN
-    with _threads(2):
+    with threads(2):
         assert native.module().threads_for(*tiny) == 1
         assert native.module().threads_for(*large) == 2
         assert native.module().threads_for(1, 10 ** 6) == 1  # one unit is never split
-    with _threads(1):
+    with threads(1):
         assert native.module().threads_for(*large) == 1
 
 
@@ -224,14 +202,14 @@ def _group_normalize_run(shape, groups):
     ((256, 300), 2, True),  # (N, C) input
     ((2, 32, 4), 1, False),  # tiny: inline
 ])
-def test_group_normalize_is_bitwise_the_same_on_1_and_2_threads(shape, groups, split):
+def test_group_normalize_is_bitwise_the_same_on_1_and_2threads(shape, groups, split):
     n, c = shape[:2]
     p = math.prod(shape[2:])
-    with _threads(2):  # the case is split as its comment says (observe's units)
+    with threads(2):  # the case is split as its comment says (observe's units)
         assert native.module().threads_for(groups * c, 2 * n // groups * p) == (2 if split else 1)
-    with _threads(1):
+    with threads(1):
         one = _group_normalize_run(shape, groups)
-    with _threads(2):
+    with threads(2):
         two = _group_normalize_run(shape, groups)
     for a, b in zip(one, two, strict=True):
         assert torch.equal(a, b)
@@ -240,7 +218,7 @@ def test_group_normalize_is_bitwise_the_same_on_1_and_2_threads(shape, groups, s
 @needs_native
 @threaded
 @pytest.mark.parametrize("wshape,groups", [((64, 64, 3, 3), 64), ((64, 32, 3), 1), ((10, 64), 2)])
-def test_relu_affine_is_bitwise_the_same_on_1_and_2_threads(wshape, groups):
+def test_relu_affine_is_bitwise_the_same_on_1_and_2threads(wshape, groups):
     def run():
         g = torch.Generator().manual_seed(7)
         c_in = wshape[1]
@@ -252,9 +230,10 @@ def test_relu_affine_is_bitwise_the_same_on_1_and_2_threads(wshape, groups):
         ((out_m * torch.randn(out_m.shape, generator=g)).sum() + out_v.square().sum()).backward()
         return [out_m.detach(), out_v.detach(), mean.grad, var.grad, w.grad, b.grad]
 
-    with _threads(1):
+    with threads(1):
         one = run()
-    with _threads(2):
+    with threads(2):
         two = run()
     for a, b in zip(one, two, strict=True):
         assert torch.equal(a, b)
+

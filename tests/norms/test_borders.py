@@ -108,13 +108,16 @@ def test_pattern_form_equals_two_convolutions_of_constant_maps(kind, dims, size)
 
 
 @pytest.mark.parametrize("dims", [1, 2])
-@pytest.mark.parametrize("kind", ["pad1", "stride2", "groups2"])
-def test_relu_conv_node_equals_the_composition(kind, dims):
-    """`relu_conv_moments` (one autograd node) against `relu_moments` then `conv_moments`
-    with autograd: values and gradients into mean, var, weight and bias, one input channel
-    below the variance floor; and the node passes gradcheck."""
+@pytest.mark.parametrize("kind", ["pad1", "pad2", "stride2", "groups2"])
+@pytest.mark.parametrize("size", [1, 4])
+def test_relu_conv_node_equals_the_composition(kind, dims, size, backend):
+    """`relu_conv_moments` (one autograd node; on each backend: the C++ kernel or the
+    PyTorch node) against `relu_moments` then `conv_moments` with autograd and against the
+    plain reference (`relu_moments` then two convolutions of constant maps): values and
+    gradients into mean, var, weight and bias, one input channel below the variance floor;
+    and the node passes gradcheck."""
     conv = _conv(kind, dims)
-    shape = (4,) * dims
+    shape = (size,) * dims
     axes = tuple(conv_axes(conv, shape))
     mean, var = _moments_in(4, seed=5)
     var[0, 0] = 1e-14
@@ -128,10 +131,17 @@ def test_relu_conv_node_equals_the_composition(kind, dims):
         return [out_m, out_v, m.grad, v.grad, conv.weight.grad, conv.bias.grad]
 
     got = run(lambda m, v: relu_conv_moments(m, v, conv.weight, conv.bias, axes, conv.groups))
+    assert ("CppNode" in _node(conv, axes)) == (backend == "native")
     want = run(lambda m, v: conv_moments(*relu_moments(m, v), conv.weight, conv.bias, axes,
                                          conv.groups))
-    for name, a, b in zip(["mean", "var", "g_mean", "g_var", "g_weight", "g_bias"], got, want):
+    pads = [(p, p) for p in conv.padding]
+    plain = run(lambda m, v: conv_moments_by_maps(*relu_moments(m, v), shape, conv.weight,
+                                                  conv.bias, conv.stride, pads, conv.dilation,
+                                                  conv.groups))
+    for name, a, b, c in zip(["mean", "var", "g_mean", "g_var", "g_weight", "g_bias"], got,
+                             want, plain):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+        torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-12, msg=name)
     args = (mean[:, :2].clone().requires_grad_(), (var[:, :2] + 0.5).requires_grad_(),
             conv.weight[:2, :2 // conv.groups].detach().clone().requires_grad_(),
             torch.randn(2, dtype=D, requires_grad=True))
@@ -140,6 +150,14 @@ def test_relu_conv_node_equals_the_composition(kind, dims):
         lambda m, v, w, b: relu_conv_moments(m, v, w, b, small, conv.groups), args)
     assert torch.autograd.gradcheck(  # one output unused
         lambda m, v, w, b: relu_conv_moments(m, v, w, b, small, conv.groups)[1], args)
+
+
+def _node(conv, axes) -> str:
+    """The autograd node a call of relu_conv_moments reaches (which implementation ran)."""
+    mean = torch.zeros(1, conv.in_channels, dtype=D, requires_grad=True)
+    out = relu_conv_moments(mean, torch.ones(1, conv.in_channels, dtype=D), conv.weight,
+                            conv.bias, axes, conv.groups)[0]
+    return out.grad_fn.name()
 
 
 def test_axis_patterns_by_hand():

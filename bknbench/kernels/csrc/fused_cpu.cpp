@@ -1,8 +1,10 @@
-// CPU kernels for the two hand-written autograd nodes of bknbench/kernels/fused.py:
+// CPU kernels for the hand-written autograd nodes of bknbench/kernels/fused.py and borders.py:
 //   group_normalize: per-group moments -> optional Kalman fusion with a prediction -> normalize
 //   relu_affine:     moments after ReLU then a linear or convolution layer
-// Same inputs, outputs and gradients as the Python nodes `fused.GroupNormalize` and
-// `fused._ReluAffine`; tests check both against the reference formulas.
+//   relu_conv:       the same with the convolution's zero padding counted (border patterns)
+// Same inputs, outputs and gradients as the Python nodes `fused.GroupNormalize`,
+// `fused._ReluAffine` and `borders._ReluConv`; tests check them against the reference
+// formulas.
 //
 // Why C++: at micro-batch sizes BKN's cost is the number of small tensor ops (about 150 per
 // layer and step from Python, each a dispatch and often an allocation), not arithmetic. Here
@@ -40,7 +42,7 @@ constexpr int64_t kGrain = 32768;    // values a task takes at least (ATen's own
 // f(lo, hi) over [0, units), units costing about `cost` values each, split over torch's
 // intra-op threads into ranges of at least kGrain values; below that, one inline call (not
 // even at::parallel_for's thread bookkeeping). The bodies capture raw pointers by value:
-// through references to vectors gcc reloads and stores every step (kernel_sums ran 3x slower).
+// through references to vectors gcc reloads and stores every step (W's sums ran 3x slower).
 template <typename F>
 void for_each_range(int64_t units, int64_t cost, const F& f) {
   const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, cost));
@@ -102,9 +104,9 @@ double row_sum(int64_t len, F f) {
 // A body visits a group's samples in order, and in each the channels' rows, which lie side
 // by side: the memory is read in order, and every (g, c) sums its rows in sample order.
 template <typename F>
-void channel_blocks(const Dims& d, int64_t lo, int64_t hi, const F& f) {
-  for (int64_t g = lo / d.c; g * d.c < hi; ++g) {
-    f(g, std::max(lo - g * d.c, int64_t(0)), std::min(hi - g * d.c, d.c));
+void channel_blocks(int64_t c, int64_t lo, int64_t hi, const F& f) {
+  for (int64_t g = lo / c; g * c < hi; ++g) {
+    f(g, std::max(lo - g * c, int64_t(0)), std::min(hi - g * c, c));
   }
 }
 
@@ -114,7 +116,7 @@ void observe(const T* x, const Dims& d, T* m, T* s) {
   std::vector<double> acc_v(d.g * d.c, 0.0);  // per (g, c) sums, in double
   double* acc = acc_v.data();
   for_each_range(d.g * d.c, 2 * d.b * d.p, [=](int64_t lo, int64_t hi) {
-    channel_blocks(d, lo, hi, [=](int64_t g, int64_t c0, int64_t c1) {
+    channel_blocks(d.c, lo, hi, [=](int64_t g, int64_t c0, int64_t c1) {
       double* sum = acc + g * d.c;
       for (int64_t n = g * d.b; n < (g + 1) * d.b; ++n) {
         for (int64_t c = c0; c < c1; ++c) {
@@ -272,7 +274,7 @@ struct GroupNormalize : public torch::autograd::Function<GroupNormalize> {
       if (gy_) {
         double *s1_ = s1.data(), *s2_ = s2.data();
         for_each_range(gc_n, 2 * d.b * d.p, [=](int64_t lo, int64_t hi) {
-          channel_blocks(d, lo, hi, [=](int64_t g, int64_t c0, int64_t c1) {
+          channel_blocks(d.c, lo, hi, [=](int64_t g, int64_t c0, int64_t c1) {
             for (int64_t n = g * d.b; n < (g + 1) * d.b; ++n) {
               for (int64_t c = c0; c < c1; ++c) {
                 const int64_t gc = g * d.c + c, off = (n * d.c + c) * d.p;
@@ -350,11 +352,22 @@ struct GroupNormalize : public torch::autograd::Function<GroupNormalize> {
   }
 };
 
-// ------------------------------------------------------------------ relu_affine
-// ReLU of z ~ N(mean, var) per (g, i), then a linear or convolution layer with weight
-// (C_out, C_in, *kernel) or (C_out, C_in * P), optional bias: per (g, o)
-//   out_mean = sum_i (W summed over kernel positions)[o, i] E[ReLU z_i] + bias[o]
-//   out_var  = sum_i (W^2 summed)[o, i] Var[ReLU z_i]
+// ------------------------------------------------------------------ relu_affine, relu_conv
+// ReLU of z ~ N(mean, var) per (g, i), then a linear or convolution layer: weight
+// (C_out, C_in, *kernel) or (C_out, C_in * P), K values per (o, i), optional bias.
+// relu_conv counts zero padding (kernels/borders.py `_ReluConv`): the output positions fall
+// into R patterns of the taps that read inside the input, a 0/1 tap mask (R, K), pattern r
+// holding a share s_r of the positions (R,). Per (g, o) and pattern r
+//   taps[i, o, r] = sum_k mask[r, k] W[o, i, k]          taps2: the same with W^2
+//   mp_r = sum_i taps[i, o, r] E[ReLU z_i] + bias[o]      vp_r = sum_i taps2[i, o, r] Var[ReLU z_i]
+// and over all positions the mixture of the patterns (reference.positions_mixture):
+//   out_mean = sum_r s_r mp_r,   out_var = sum_r s_r (vp_r + (mp_r - out_mean)^2).
+// relu_affine is the case R = 1, every tap read, s = 1 (a linear layer, or borders ignored):
+// W summed over the kernel; there mp - out_mean is exactly 0 and the mixture changes no bit.
+// Layout: taps (C_in, C_out, R), so that the long loops, over (o, r), read and write in
+// order and vectorize, while every output still sums its input channels in order: forward,
+// per group, each input channel is added into every (o, r); backward, per input channel,
+// its row of the taps is read and its row of their gradient accumulated group by group.
 struct ReluTerms {
   double sd, cdf, pdf, m1, v1_raw;
 };
@@ -368,109 +381,236 @@ C10_ALWAYS_INLINE ReluTerms relu_terms(double mean, double var) {  // as before 
   return {sd, cdf, pdf, m1, var * cdf + mean * m1 - m1 * m1};
 }
 
-// Per (o, i) of a weight (C_out, C_in, kk): W summed over the kk kernel positions, and W^2.
-template <typename T>
-void kernel_sums(const T* w, int64_t pairs, int64_t kk, std::vector<double>& ws,
-                 std::vector<double>& w2s) {
-  ws.resize(pairs);
-  w2s.resize(pairs);
-  double *ws_ = ws.data(), *w2s_ = w2s.data();
-  for_each_unit(pairs, 2 * kk, [=](int64_t j) {
-    double sum = 0.0, sq = 0.0;
-    for (int64_t q = 0; q < kk; ++q) {
-      const double v = double(w[j * kk + q]);
-      sum += v;
-      sq += v * v;
+// y[j] += a[j] s for j < n: one term more in n sums.
+C10_ALWAYS_INLINE void axpy(int64_t n, double s, const double* a, double* y) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) y[j] += a[j] * s;
+}
+
+// The sizes of a call and its patterns: which taps each pattern reads and which patterns
+// read each tap, as lists (the mask has many zeros at small maps: a 3x3 kernel on a 2x2 map
+// reads 4 of its 9 taps at every position; the loops skip them, 2x faster than a product
+// with the mask), and the shares. Without a mask (relu_affine): one pattern of every tap,
+// share 1, no lists.
+struct Patterns {
+  int64_t g, ci, co, k, r;  // groups, input and output channels, taps per (o, i), patterns
+  bool masked;
+  // taps of pattern r: reads[reads_at[r] .. reads_at[r + 1]); patterns reading tap q:
+  // readers[readers_at[q] .. readers_at[q + 1]); both in increasing order
+  std::vector<int64_t> reads, reads_at, readers, readers_at;
+  std::vector<double> share_v;
+  const double* share() const { return share_v.empty() ? nullptr : share_v.data(); }
+};
+
+double or_one(const double* p, int64_t i) { return p ? p[i] : 1.0; }
+
+Patterns patterns_of(const Tensor& mean, const Tensor& weight, const Tensor& mask,
+                     const Tensor& share) {
+  const int64_t g = mean.size(0), ci = mean.size(1), co = weight.size(0);
+  const int64_t k = ci * co ? weight.numel() / (ci * co) : 0;
+  TORCH_CHECK(weight.numel() == co * ci * k, "relu_affine: weight ", weight.sizes(),
+              " does not split into ", ci, " input channels");
+  Patterns p{g, ci, co, k, 1, mask.defined(), {}, {}, {}, {}, {}};
+  if (!p.masked) return p;
+  TORCH_CHECK(mask.dim() == 2 && mask.size(1) == k && share.defined() &&
+                  share.numel() == mask.size(0),
+              "relu_conv: a tap mask (R, ", k, ") and shares (R,), got ", mask.sizes(), " and ",
+              share.defined() ? share.sizes() : at::IntArrayRef{});
+  p.r = mask.size(0);
+  const Tensor mc = mask.to(at::kDouble).contiguous(), sc = share.to(at::kDouble).contiguous();
+  const double* m = mc.data_ptr<double>();
+  for (int64_t r = 0; r < p.r; ++r) {
+    p.reads_at.push_back(p.reads.size());
+    for (int64_t q = 0; q < k; ++q) {
+      TORCH_CHECK(m[r * k + q] == 0.0 || m[r * k + q] == 1.0, "relu_conv: a 0/1 tap mask");
+      if (m[r * k + q] != 0.0) p.reads.push_back(q);
     }
-    ws_[j] = sum;
-    w2s_[j] = sq;
+  }
+  p.reads_at.push_back(p.reads.size());
+  for (int64_t q = 0; q < k; ++q) {
+    p.readers_at.push_back(p.readers.size());
+    for (int64_t r = 0; r < p.r; ++r) {
+      if (m[r * k + q] != 0.0) p.readers.push_back(r);
+    }
+  }
+  p.readers_at.push_back(p.readers.size());
+  p.share_v.assign(sc.data_ptr<double>(), sc.data_ptr<double>() + p.r);
+  return p;
+}
+
+// f(j, at) for every (o, i) pair: j = o C_in + i its index in the weight, `at` that of its
+// (i, o, 0) in the taps (C_in, C_out, R). In the order of what f writes, the taps (i, o) or,
+// `by_weight`, the weight (o, i): writes in order, reads jumping (a write that jumps costs
+// more, its line read first; the weight's gradient ran 1.4x slower in the taps' order).
+// Split as for_each_range (counters, not a division per pair).
+template <typename F>
+void for_each_tap_unit(const Patterns& p, bool by_weight, int64_t cost, const F& f) {
+  const int64_t ci = p.ci, co = p.co, r_n = p.r;
+  const int64_t inner = by_weight ? ci : co;  // the counter that runs fastest
+  for_each_range(ci * co, cost, [=](int64_t lo, int64_t hi) {
+    for (int64_t u = lo, a = lo / inner, b = lo % inner; u < hi; ++u) {
+      const int64_t o = by_weight ? a : b, i = by_weight ? b : a;
+      f(o * ci + i, (i * co + o) * r_n);
+      if (++b == inner) {
+        b = 0;
+        ++a;
+      }
+    }
   });
 }
 
-struct ReluAffine : public torch::autograd::Function<ReluAffine> {
+// taps and taps2 (C_in, C_out, R) of a weight (C_out, C_in, K).
+template <typename T>
+void pattern_sums(const T* w, const Patterns& p, double* taps, double* taps2) {
+  const bool masked = p.masked;
+  const int64_t k = p.k, r_n = p.r, *reads = p.reads.data(), *reads_at = p.reads_at.data();
+  for_each_tap_unit(p, false, 2 * k * r_n, [=](int64_t j, int64_t at) {
+    const T* wj = w + j * k;
+    for (int64_t r = 0; r < r_n; ++r) {
+      double sum = 0.0, sq = 0.0;
+      if (!masked) {  // every tap (a linear layer: K = 1, and the loop's overhead is the cost)
+        for (int64_t q = 0; q < k; ++q) {
+          const double v = double(wj[q]);
+          sum += v;
+          sq += v * v;
+        }
+      } else {
+        for (int64_t t = reads_at[r]; t < reads_at[r + 1]; ++t) {
+          const double v = double(wj[reads[t]]);
+          sum += v;
+          sq += v * v;
+        }
+      }
+      taps[at + r] = sum;
+      taps2[at + r] = sq;
+    }
+  });
+}
+
+// Inputs: mean, var (G, C_in); weight; bias (C_out,) or undefined; mask (R, K) and share
+// (R,), or both undefined (relu_affine). Outputs: out_mean, out_var (G, C_out).
+struct ReluConv : public torch::autograd::Function<ReluConv> {
   static variable_list forward(AutogradContext* ctx, Tensor mean, Tensor var, Tensor weight,
-                               std::optional<Tensor> bias_opt) {
-    const Tensor bias = bias_opt.value_or(Tensor());
+                               std::optional<Tensor> bias_opt, std::optional<Tensor> mask_opt,
+                               std::optional<Tensor> share_opt) {
+    const Tensor bias = bias_opt.value_or(Tensor()), mask = mask_opt.value_or(Tensor());
+    const Tensor share = share_opt.value_or(Tensor());
     const Tensor mc = mean.contiguous(), vc = var.contiguous(), wc = weight.contiguous();
-    const int64_t g = mc.size(0), ci = mc.size(1), co = wc.size(0);
-    const int64_t kk = ci * co ? wc.numel() / (ci * co) : 0;
-    TORCH_CHECK(wc.numel() == co * ci * kk, "relu_affine: weight ", wc.sizes(),
-                " does not split into ", ci, " input channels");
-    Tensor out_mean = at::empty({g, co}, mc.options()), out_var = at::empty({g, co}, mc.options());
-    AT_DISPATCH_FLOATING_TYPES(mc.scalar_type(), "bknbench_relu_affine", [&] {
+    const Patterns p = patterns_of(mc, wc, mask, share);
+    const auto opts = mc.options();
+    Tensor out_mean = at::empty({p.g, p.co}, opts), out_var = at::empty({p.g, p.co}, opts);
+    // kept for the backward, in double: taps and taps2, and mp_r - out_mean per (g, o, r)
+    const int64_t n_taps = p.ci * p.co * p.r;
+    Tensor taps = at::empty({2 * n_taps}, opts.dtype(at::kDouble));
+    Tensor dev = at::empty({p.g * p.co * p.r}, opts.dtype(at::kDouble));
+    AT_DISPATCH_FLOATING_TYPES(mc.scalar_type(), "bknbench_relu_conv", [&] {
       using T = scalar_t;
       const T *m_ = mc.data_ptr<T>(), *v_ = vc.data_ptr<T>(), *w_ = wc.data_ptr<T>();
-      std::vector<double> m1_v(g * ci), v1_v(g * ci), ws_v, w2s_v;
-      double *m1 = m1_v.data(), *v1 = v1_v.data();
-      for_each_unit(g * ci, kTermsCost, [=](int64_t i) {
+      const int64_t ci = p.ci, co = p.co, r_n = p.r;
+      std::vector<double> m1_v(p.g * ci), v1_v(p.g * ci), vp_v(p.g * co * r_n);
+      double *m1 = m1_v.data(), *v1 = v1_v.data(), *vp = vp_v.data();
+      for_each_unit(p.g * ci, kTermsCost, [=](int64_t i) {
         const ReluTerms t = relu_terms(double(m_[i]), double(v_[i]));
         m1[i] = t.m1;
         v1[i] = std::max(t.v1_raw, 0.0);
       });
-      kernel_sums(w_, co * ci, kk, ws_v, w2s_v);
-      const double *ws = ws_v.data(), *w2s = w2s_v.data();
+      double *tp = taps.data_ptr<double>(), *tp2 = tp + n_taps;
+      pattern_sums(w_, p, tp, tp2);
       const Tensor bc = bias.defined() ? bias.contiguous() : Tensor();
-      const T* b_ = bc.defined() ? bc.data_ptr<T>() : nullptr;
+      const T* b_ = ptr<T>(bc);
+      const double* share_ = p.share();
       T *om = out_mean.data_ptr<T>(), *ov = out_var.data_ptr<T>();
-      for_each_range(g * co, 2 * ci, [=](int64_t lo, int64_t hi) {  // gg * C_out + o
-        for (int64_t go = lo, gg = lo / co, o = lo % co; go < hi; ++go) {
-          double sm = value_at(b_, o), sv = 0.0;
+      double* mp = dev.data_ptr<double>();  // mp_r, then mp_r - out_mean, per (g, o, r)
+      for_each_range(p.g * co, 2 * ci * r_n, [=](int64_t lo, int64_t hi) {  // gg * C_out + o
+        channel_blocks(co, lo, hi, [=](int64_t gg, int64_t o0, int64_t o1) {
+          const int64_t first = (gg * co + o0) * r_n, n = (o1 - o0) * r_n;
+          for (int64_t o = o0; o < o1; ++o) {
+            std::fill(mp + (gg * co + o) * r_n, mp + (gg * co + o + 1) * r_n, value_at(b_, o));
+          }
+          std::fill(vp + first, vp + first + n, 0.0);
           for (int64_t i = 0; i < ci; ++i) {
-            sm += ws[o * ci + i] * m1[gg * ci + i];
-            sv += w2s[o * ci + i] * v1[gg * ci + i];
+            const int64_t row = (i * co + o0) * r_n;
+            axpy(n, m1[gg * ci + i], tp + row, mp + first);
+            axpy(n, v1[gg * ci + i], tp2 + row, vp + first);
           }
-          om[go] = T(sm);
-          ov[go] = T(sv);
-          if (++o == co) {
-            o = 0;
-            ++gg;
+          for (int64_t go = gg * co + o0; go < gg * co + o1; ++go) {
+            double *mpo = mp + go * r_n, *vpo = vp + go * r_n;
+            double sm = 0.0, sv = 0.0;
+            for (int64_t r = 0; r < r_n; ++r) {
+              sm += or_one(share_, r) * mpo[r];
+              sv += or_one(share_, r) * vpo[r];
+            }
+            for (int64_t r = 0; r < r_n; ++r) {
+              mpo[r] -= sm;
+              sv += or_one(share_, r) * mpo[r] * mpo[r];
+            }
+            om[go] = T(sm);
+            ov[go] = T(sv);
           }
-        }
+        });
       });
     });
-    ctx->save_for_backward({mc, vc, wc});
+    ctx->save_for_backward({mc, vc, wc, mask, share, taps, dev});
     ctx->saved_data["has_bias"] = bias.defined();
     ctx->set_materialize_grads(false);
     return {out_mean, out_var};
   }
 
+  // Through the mixture: d/d mp_r = s_r (g_mean + 2 g_var (mp_r - out_mean)) and d/d vp_r =
+  // s_r g_var; through the pattern sums into the ReLU's moments and the taps; through
+  // taps = W mask^T and taps2 = W^2 mask^T into W; through the ReLU as fused.py's
+  // `relu_moments_backward`.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const Tensor &mc = saved[0], &vc = saved[1], &wc = saved[2];
-    const int64_t g = mc.size(0), ci = mc.size(1), co = wc.size(0);
-    const int64_t kk = ci * co ? wc.numel() / (ci * co) : 0;
+    const Tensor &mc = saved[0], &vc = saved[1], &wc = saved[2], &taps = saved[5],
+                 &dev = saved[6];
+    const Patterns p = patterns_of(mc, wc, saved[3], saved[4]);
     const Tensor g_out_m = grads[0].defined() ? grads[0].contiguous() : Tensor();
     const Tensor g_out_v = grads[1].defined() ? grads[1].contiguous() : Tensor();
     Tensor g_mean, g_var, g_w, g_bias;
-    AT_DISPATCH_FLOATING_TYPES(mc.scalar_type(), "bknbench_relu_affine_backward", [&] {
+    AT_DISPATCH_FLOATING_TYPES(mc.scalar_type(), "bknbench_relu_conv_backward", [&] {
       using T = scalar_t;
       const T *m_ = mc.data_ptr<T>(), *v_ = vc.data_ptr<T>(), *w_ = wc.data_ptr<T>();
       const T *gom_ = ptr<T>(g_out_m), *gov_ = ptr<T>(g_out_v);
+      const int64_t g = p.g, ci = p.ci, co = p.co, k = p.k, r_n = p.r, row = co * r_n;
       std::vector<ReluTerms> terms_v(g * ci);
       ReluTerms* terms = terms_v.data();
       for_each_unit(g * ci, kTermsCost,
                     [=](int64_t i) { terms[i] = relu_terms(double(m_[i]), double(v_[i])); });
-      std::vector<double> ws_v, w2s_v;
-      kernel_sums(w_, co * ci, kk, ws_v, w2s_v);
-      const double *ws = ws_v.data(), *w2s = w2s_v.data();
-      // weight: d/dW of sum_k W_k (mean side) and of sum_k W_k^2 (variance side)
-      std::vector<double> gws_v(co * ci, 0.0), gw2s_v(co * ci, 0.0);
-      double *gws = gws_v.data(), *gw2s = gw2s_v.data();
+      const double *tp = taps.data_ptr<double>(), *tp2 = tp + ci * row;
+      const double *dv = dev.data_ptr<double>(), *share_ = p.share();
+      const bool masked = p.masked;
+      const int64_t *readers = p.readers.data(), *readers_at = p.readers_at.data();
+      // the pattern sums' gradients per (g, o, r)
+      std::vector<double> gmp_v(g * row), gvp_v(g * row);
+      double *gmp = gmp_v.data(), *gvp = gvp_v.data();
+      for_each_unit(g * co, 4 * r_n, [=](int64_t go) {
+        const double go_m = value_at(gom_, go), go_v = value_at(gov_, go);
+        for (int64_t r = 0; r < r_n; ++r) {
+          const double s = or_one(share_, r);
+          gmp[go * r_n + r] = s * (go_m + 2.0 * go_v * dv[go * r_n + r]);
+          gvp[go * r_n + r] = s * go_v;
+        }
+      });
+      // the taps' gradients: sums over groups of E[ReLU z] d/d mp (taps2: Var[ReLU z] d/d vp)
+      std::vector<double> gt_v(ci * row, 0.0), gt2_v(ci * row, 0.0);
+      double *gt = gt_v.data(), *gt2 = gt2_v.data();
       Tensor gm = at::empty({g, ci}, mc.options()), gv = at::empty({g, ci}, mc.options());
       T *gmean_ = gm.data_ptr<T>(), *gvar_ = gv.data_ptr<T>();
-      // per input channel i, the groups in order: the weight's sums over groups stay in i's unit
-      for_each_unit(ci, 4 * g * co, [=](int64_t i) {
+      // per input channel i, the groups in order: the taps' sums over groups stay in i's unit
+      for_each_unit(ci, 4 * g * row, [=](int64_t i) {
+        const double *ti = tp + i * row, *ti2 = tp2 + i * row;
         for (int64_t gg = 0; gg < g; ++gg) {
           const ReluTerms& t = terms[gg * ci + i];
           const double v1 = std::max(t.v1_raw, 0.0);
+          const double *a = gmp + gg * row, *b = gvp + gg * row;
           double g_m1 = 0.0, g_v1 = 0.0;
-          for (int64_t o = 0; o < co; ++o) {
-            const double go_m = value_at(gom_, gg * co + o), go_v = value_at(gov_, gg * co + o);
-            g_m1 += go_m * ws[o * ci + i];
-            g_v1 += go_v * w2s[o * ci + i];
-            gws[o * ci + i] += go_m * t.m1;
-            gw2s[o * ci + i] += go_v * v1;
+          for (int64_t j = 0; j < row; ++j) {  // (o, r)
+            g_m1 += a[j] * ti[j];
+            g_v1 += b[j] * ti2[j];
           }
+          axpy(row, t.m1, a, gt + i * row);
+          axpy(row, v1, b, gt2 + i * row);
           if (t.v1_raw < 0) g_v1 = 0.0;  // the clamp at 0 passes the gradient at >= 0
           // v1 = E[y^2] - m1^2; the phi terms reach var only above the floor
           const double half_pdf_sd = double(v_[gg * ci + i]) > kVarFloor ? t.pdf / t.sd : 0.0;
@@ -480,12 +620,21 @@ struct ReluAffine : public torch::autograd::Function<ReluAffine> {
       });
       g_mean = gm;
       g_var = gv;
-      if (ctx->needs_input_grad(2)) {
+      if (ctx->needs_input_grad(2)) {  // W[o, i, k] reaches the taps of the patterns reading k
         g_w = at::empty(wc.sizes(), wc.options());
         T* gw_ = g_w.data_ptr<T>();
-        for_each_unit(co * ci, kk, [=](int64_t j) {
-          for (int64_t q = 0; q < kk; ++q) {
-            gw_[j * kk + q] = T(gws[j] + 2.0 * double(w_[j * kk + q]) * gw2s[j]);
+        for_each_tap_unit(p, true, 2 * k * r_n, [=](int64_t j, int64_t at) {
+          for (int64_t q = 0; q < k; ++q) {
+            const double w2 = 2.0 * double(w_[j * k + q]);
+            if (!masked) {  // one pattern, reading every tap
+              gw_[j * k + q] = T(gt[at] + w2 * gt2[at]);
+              continue;
+            }
+            double sum = 0.0;
+            for (int64_t t = readers_at[q]; t < readers_at[q + 1]; ++t) {
+              sum += gt[at + readers[t]] + w2 * gt2[at + readers[t]];
+            }
+            gw_[j * k + q] = T(sum);
           }
         });
       }
@@ -494,12 +643,14 @@ struct ReluAffine : public torch::autograd::Function<ReluAffine> {
         T* gb_ = g_bias.data_ptr<T>();
         for (int64_t o = 0; o < co; ++o) {
           double sum = 0.0;
-          for (int64_t gg = 0; gg < g; ++gg) sum += value_at(gom_, gg * co + o);
+          for (int64_t gg = 0; gg < g; ++gg) {
+            for (int64_t r = 0; r < r_n; ++r) sum += gmp[(gg * co + o) * r_n + r];
+          }
           gb_[o] = T(sum);
         }
       }
     });
-    return {g_mean, g_var, g_w, g_bias};
+    return {g_mean, g_var, g_w, g_bias, Tensor(), Tensor()};
   }
 };
 
@@ -520,7 +671,12 @@ variable_list group_normalize(Tensor x, std::optional<Tensor> mu_hat,
 }
 
 variable_list relu_affine(Tensor mean, Tensor var, Tensor weight, std::optional<Tensor> bias) {
-  return ReluAffine::apply(mean, var, weight, bias);
+  return ReluConv::apply(mean, var, weight, bias, std::nullopt, std::nullopt);
+}
+
+variable_list relu_conv(Tensor mean, Tensor var, Tensor weight, std::optional<Tensor> bias,
+                        Tensor mask, Tensor share) {
+  return ReluConv::apply(mean, var, weight, bias, mask, share);
 }
 
 }  // namespace
@@ -528,5 +684,6 @@ variable_list relu_affine(Tensor mean, Tensor var, Tensor weight, std::optional<
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("group_normalize", &group_normalize, "fused.GroupNormalize on CPU");
   m.def("relu_affine", &relu_affine, "fused._ReluAffine on CPU");
+  m.def("relu_conv", &relu_conv, "borders._ReluConv on CPU");
   m.def("threads_for", &threads_for, "threads the kernels' split uses (a diagnostic)");
 }
