@@ -14,14 +14,16 @@ affine map with given statistics) and their backward. Everything else is on (G, 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 
 from . import native
-from .reference import (VAR_FLOOR, affine_moments, group_moments_reference, guarded_gain,
-                        kalman_update, kernel_sums, normalize, relu_moments, relu_terms)
+from .reference import (RUNNING_RULES, VAR_FLOOR, affine_moments, ema_over_groups,
+                        group_moments_reference, guarded_gain, kalman_update, kernel_sums,
+                        normalize, relu_moments, relu_terms, running_variance)
 
 
 @lru_cache(maxsize=64)
@@ -105,18 +107,45 @@ def group_moments(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Ten
     return _GroupMoments.apply(x, groups)
 
 
+@dataclass(frozen=True)
+class Running:
+    """The running statistics a training forward updates (`update_running`): the layer's
+    buffers mean, var (C,), updated in place; the EMA's momentum; the rule of
+    `running_variance` for a layer with a prediction."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    momentum: float
+    rule: str = "observed"
+
+
+@torch.no_grad()
+def update_running(running: Running, mu, var, s, pe, n_values: int) -> None:
+    """One training forward's update of ``running``, group after group (`ema_over_groups`):
+    the mean takes in mu, the variance `running_variance(var, s, pe, n_values, rule)`, or
+    without a prediction (pe None; then var = s) BatchNorm's s n / (n - 1). mu, var, s:
+    (G, C), n_values behind each; pe: the weight the prediction got (`guarded_gain`)."""
+    if pe is None:
+        target, scale = var, n_values / (n_values - 1)
+    else:
+        target, scale = running_variance(var, s, pe, n_values, running.rule), 1.0
+    running.mean.copy_(ema_over_groups(running.mean, mu, running.momentum))
+    running.var.copy_(ema_over_groups(running.var, target, running.momentum, scale))
+
+
 class GroupNormalize(torch.autograd.Function):
     """Inputs: x (N, C, *S); mu_hat, var_hat (G, C) or None (no prediction: per-group BN);
     p, the weight on the prediction, a float or a 0-d tensor (a learnable gain); weight,
     bias (C,); groups G; guard; eps; scope of the guard ("layer" or "group", see
-    `reference.trusted`). Outputs y (N, C, *S) and the (G, C) statistics m, s (observed),
-    mu, var (used): y = weight (x - mu) / sqrt(var + eps) + bias per group.
+    `reference.trusted`); running: a `Running` to update (`update_running`), or None.
+    Outputs y (N, C, *S) and the (G, C) statistics m, s (observed), mu, var (used):
+    y = weight (x - mu) / sqrt(var + eps) + bias per group.
     Low-precision inputs (autocast) are normalized in float32 and y is returned in their
     dtype."""
 
     @staticmethod
     def forward(ctx, x, mu_hat, var_hat, p, weight, bias, groups: int, guard: float,
-                eps: float, scope: str = "layer"):
+                eps: float, scope: str = "layer", running: Running | None = None):
         c = x.shape[1]
         xt = to_channels(x, groups)  # (B, K, P)
         if xt.dtype in (torch.float16, torch.bfloat16):
@@ -135,6 +164,8 @@ class GroupNormalize(torch.autograd.Function):
         w_k, b_k = (weight, bias) if groups == 1 else (weight.repeat(groups),
                                                         bias.repeat(groups))
         yt = F.batch_norm(xt, mu.reshape(-1), var.reshape(-1), w_k, b_k, False, 0.0, eps)
+        if running is not None:
+            update_running(running, mu, var, s, pe, count)
         ctx.save_for_backward(xt, m, s, mu, var, var_hat, pe, d, w_k)
         ctx.groups, ctx.eps, ctx.shape = groups, eps, x.shape
         ctx.p_is_tensor = torch.is_tensor(p)
@@ -193,25 +224,34 @@ class GroupNormalize(torch.autograd.Function):
         g_x = from_channels(g_xt, groups, ctx.shape)
         if g_x.dtype != g_y.dtype:
             g_x = g_x.to(g_y.dtype)
-        return g_x, g_mu_hat, g_var_hat, g_p, g_weight, g_bias, None, None, None, None
+        return g_x, g_mu_hat, g_var_hat, g_p, g_weight, g_bias, None, None, None, None, None
 
 
 def group_normalize(x, mu_hat, var_hat, p, weight, bias, groups: int, guard: float = 100.0,
-                    eps: float = 1e-5, scope: str = "layer"):
+                    eps: float = 1e-5, scope: str = "layer", running: Running | None = None):
     """y, m, s, mu, var of `GroupNormalize` (see there), on the C++ kernel of `native` when
-    it is built and applies (CPU, float32/64). Under torch.compile the reference composition
-    is traced instead: the compiler fuses it, and it does not trace the hand-written node."""
+    it is built and applies (CPU, float32/64); ``running``, when given, updated in place
+    from the same forward (`update_running`, with the guard's own decision). Under
+    torch.compile the reference composition is traced instead: the compiler fuses it, and it
+    does not trace the hand-written node."""
     if torch.compiler.is_compiling():
         m, s = group_moments(x, groups)
         mu, var = ((m, s) if mu_hat is None
                    else kalman_update(m, s, mu_hat, var_hat, p, guard, scope))
+        if running is not None:
+            pe = None if mu_hat is None else guarded_gain(p, s, var_hat, guard, scope)
+            update_running(running, mu, var, s, pe, x.numel() // (groups * x.shape[1]))
         return normalize(x, mu, var, weight, bias, eps), m, s, mu, var
     p_tensor = p if torch.is_tensor(p) else None
-    if native.usable(x, mu_hat, var_hat, p_tensor, weight, bias):
+    buffers = (None, None) if running is None else (running.mean, running.var)
+    if native.usable(x, mu_hat, var_hat, p_tensor, weight, bias, *buffers):
         return tuple(native.module().group_normalize(
             x, mu_hat, var_hat, p_tensor, 0.0 if p is None or p_tensor is not None else p,
-            weight, bias, groups, guard, eps, scope == "group"))
-    return GroupNormalize.apply(x, mu_hat, var_hat, p, weight, bias, groups, guard, eps, scope)
+            weight, bias, groups, guard, eps, scope == "group", *buffers,
+            0.0 if running is None else running.momentum,
+            0 if running is None else RUNNING_RULES.index(running.rule)))
+    return GroupNormalize.apply(x, mu_hat, var_hat, p, weight, bias, groups, guard, eps, scope,
+                                running)
 
 
 # ---------------------------------------------------------------- ReLU -> affine, fused

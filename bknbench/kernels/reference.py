@@ -122,6 +122,7 @@ def ema_over_groups(running, stats, momentum, scale: float = 1.0):
     return torch.addmv(running, stats.t(), w, beta=(1.0 - momentum) ** g, alpha=scale)
 
 
+
 # ---------------------------------------------------------------- moments through ops
 def relu_terms(mean, var):
     """sd, Phi(a), phi(a), E[ReLU z] and the unclamped Var[ReLU z] for z ~ N(mean, var)."""

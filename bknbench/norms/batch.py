@@ -12,8 +12,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from ..kernels.fused import group_normalize
-from ..kernels.reference import ema_over_groups
+from ..kernels.fused import Running, group_normalize, update_running
 from .probe import Probe
 from .registry import EPS, MOMENTUM, Option, register
 
@@ -98,13 +97,16 @@ class StatsNorm(nn.Module):
     def reference(self, mean: torch.Tensor, var: torch.Tensor):
         return mean, var
 
+    def running_buffers(self, rule: str = "observed") -> Running:
+        """The running buffers as a training forward updates them (`fused.update_running`;
+        `group_normalize` does it in the same call)."""
+        return Running(self.running_mean, self.running_var, self.momentum, rule)
+
     @torch.no_grad()
-    def update_running(self, mean, var, n_values: int, unbiased: bool = True) -> None:
-        """EMA of per-group statistics; variance made unbiased (n / (n - 1)) as
-        torch.nn.BatchNorm does, or taken as given (``unbiased=False``)."""
-        scale = n_values / (n_values - 1) if unbiased else 1.0
-        self.running_mean.copy_(ema_over_groups(self.running_mean, mean, self.momentum))
-        self.running_var.copy_(ema_over_groups(self.running_var, var, self.momentum, scale))
+    def update_running(self, mean, var, n_values: int) -> None:
+        """EMA of per-group (mean, biased variance), the variance made unbiased
+        (n / (n - 1)) as torch.nn.BatchNorm does."""
+        update_running(self.running_buffers(), mean, var, var, None, n_values)
         self.num_batches_tracked.add_(1)
 
     def extra_repr(self) -> str:
@@ -137,9 +139,9 @@ class GroupedBatchNorm(StatsNorm):
             self.num_batches_tracked += 1
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight,
                                 self.bias, True, self.momentum, self.eps)
-        y, mean, var, _, _ = group_normalize(x, None, None, None, self.weight, self.bias, g,
-                                             eps=self.eps)
-        self.update_running(mean.detach(), var.detach(), n_values)
+        y = group_normalize(x, None, None, None, self.weight, self.bias, g, eps=self.eps,
+                            running=self.running_buffers())[0]
+        self.num_batches_tracked.add_(1)
         return y
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..kernels.fused import group_normalize
-from ..kernels.reference import RUNNING_RULES, guarded_gain, running_variance
+from ..kernels.reference import RUNNING_RULES
 from ..kernels.reference import trusted as reference_trusted
 from .batch import StatsNorm, check_defined, values_per_stat
 from .registry import EPS, MOMENTUM, Option, register
@@ -189,31 +189,22 @@ class BatchKalmanNorm(StatsNorm):
             mu_hat, var_hat = self.prior.predict(self.propagate, self.transition, draws,
                                                  self.borders)
             p = self.weight_on_prediction(n_values)
-        # = group_moments, kalman_update (without a prior: none) and normalize, fused
+        # = group_moments, kalman_update (without a prior: none) and normalize, fused, and
+        # the running statistics' update (step 5) from the same guard decision; a probe
+        # sees what training uses and updates nothing
+        running = None if self.probe is not None else self.running_buffers(self.running)
         y, m, s, mu, var = group_normalize(x, mu_hat, var_hat, p, self.weight, self.bias, g,
-                                           self.guard, self.eps, self.guard_scope)
-        if self.probe is not None:  # what training uses, nothing updated
+                                           self.guard, self.eps, self.guard_scope, running)
+        if self.probe is not None:
             self.probe.stats.update(observed=(m, s), used=(mu, var))
             if mu_hat is not None:
                 self.probe.stats["predicted"] = (mu_hat, var_hat)
         else:
-            self.update_running(mu.detach(), self.running_target(s, var, var_hat, p, n_values),
-                                n_values, unbiased=mu_hat is None)
+            self.num_batches_tracked.add_(1)
             if self.counting and mu_hat is not None:
                 self.count_guard(s, var_hat, p)
         self.posterior = Posterior(m, s, mu, var, mu_hat, var_hat)
         return y
-
-    @torch.no_grad()
-    def running_target(self, s, var, var_hat, p, n_values: int):
-        """The variance the running average takes in (see `running_variance`); without a
-        prior the posterior is (m, s) and the layer is BN (`update_running` corrects it)."""
-        if var_hat is None:
-            return var.detach()
-        # the node's guard decision, recomputed (the C++ kernel sums the ratios in double:
-        # an average within rounding of the guard may decide otherwise, for one update)
-        pe = guarded_gain(p, s, var_hat, self.guard, self.guard_scope)
-        return running_variance(var, s, pe, n_values, self.running)
 
     # ---------------------------------------------------------------- diagnostics counters
     def count_guard(self, s, var_hat, p) -> None:

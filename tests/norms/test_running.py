@@ -1,6 +1,7 @@
 """BKN's running variance (`running=`) against the truth: i.i.d. Gaussian input of known
 variance, a prediction that is right, every rule's long-run average against its expected value
-(`observed`: the population variance for every p), and p = 0 exactly BN."""
+(`observed`: the population variance for every p), and p = 0 exactly BN; on both backends (the
+C++ kernel updates the buffers in its forward, the PyTorch node through `update_running`)."""
 import math
 
 import pytest
@@ -54,7 +55,7 @@ def _expected(rule, p, n):
 @pytest.mark.parametrize("b", [2, 4])
 @pytest.mark.parametrize("p", [0.0, 0.5, 0.9])
 @pytest.mark.parametrize("rule", ["observed", "posterior", "authors"])
-def test_running_variance_against_the_truth(rule, p, b, sample_shape):
+def test_running_variance_against_the_truth(rule, p, b, sample_shape, backend):
     """32 forwards of 64 groups = 2048 EMA updates at momentum 0.01 (the start decays by
     0.99^2048 ~ 1e-9); the channels are independent, so their average has a standard error
     from their spread. Bound: 4 standard errors and 2% of sigma^2 (the standard error is
@@ -93,7 +94,7 @@ def test_p0_and_rejected_predictions_reduce_to_the_rule_by_hand(rule):
 
 
 @pytest.mark.parametrize("sample_shape", [(6,), (6, 3, 2)])
-def test_p0_with_a_prior_keeps_bn_running_statistics(sample_shape):
+def test_p0_with_a_prior_keeps_bn_running_statistics(sample_shape, backend):
     """p = 0 with a prediction present: the running buffers equal BatchNorm's to 1e-9."""
     b, groups = 2, 4
     bkn = _layer(sample_shape[0], b, groups, 0.0, "observed", momentum=0.1)
@@ -105,7 +106,7 @@ def test_p0_with_a_prior_keeps_bn_running_statistics(sample_shape):
     torch.testing.assert_close(bkn.running_mean, bn.running_mean, rtol=1e-9, atol=1e-9)
 
 
-def test_rejected_prediction_counts_as_p0_in_the_running_variance():
+def test_rejected_prediction_counts_as_p0_in_the_running_variance(backend):
     """The guard rejects (var_hat / s >= guard): the layer is BN, and so is its running
     variance under `observed` (the weight p the prediction *got*, 0, enters the rule)."""
     bkn = _layer(5, 2, 4, 0.9, "observed", momentum=0.1)
@@ -115,3 +116,48 @@ def test_rejected_prediction_counts_as_p0_in_the_running_variance():
     for layer in (bkn, bn):
         _train(layer, (5, 3), 2, 4, steps=3)
     torch.testing.assert_close(bkn.running_var, bn.running_var, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("rule", ["observed", "posterior", "authors"])
+@pytest.mark.parametrize("prior", [False, True])
+@pytest.mark.parametrize("scope,guard", [("layer", 100.0), ("group", 100.0), ("group", 1.0)])
+@pytest.mark.parametrize("groups", [1, 4])
+def test_the_kernel_updates_the_buffers_as_the_reference(rule, prior, scope, guard, groups):
+    """One forward of `group_normalize` with running buffers, float32: the C++ kernel (in
+    its forward, from its own guard decision) and the PyTorch node against the reference,
+    `update_running` after `guarded_gain` (guard 1 with scope "group": some groups reject,
+    some trust)."""
+    from bknbench.kernels import native
+    from bknbench.kernels.fused import Running, group_normalize, update_running
+    from bknbench.kernels.reference import guarded_gain
+
+    gen = torch.Generator().manual_seed(groups)
+    x = torch.randn(2 * groups, 5, 3, generator=gen) * 2 + 1
+    mu_hat = torch.randn(groups, 5, generator=gen) if prior else None
+    # var_hat / s about 0.15, 0.3, 2.4 and 4.8 (s about 3.3) per group: guard 1 splits them
+    scale = torch.tensor([0.5, 1.0, 8.0, 16.0])[:groups, None]
+    var_hat = (torch.rand(groups, 5, generator=gen) + 0.5) * scale if prior else None
+    start = torch.rand(2, 5, generator=gen) + 0.5
+    args = (x, mu_hat, var_hat, 0.7 if prior else None, torch.ones(5), torch.zeros(5), groups,
+            guard, 1e-5, scope)
+
+    def updated():
+        running = Running(start[0].clone(), start[1].clone(), 0.1, rule)
+        group_normalize(*args, running=running)
+        return running
+
+    ran = {}
+    if native.module() is not None:
+        ran["native"] = updated()
+    with native.disabled():
+        ran["torch"] = updated()
+        _, m, s, mu, var = group_normalize(*args)
+    want = Running(start[0].clone(), start[1].clone(), 0.1, rule)
+    pe = guarded_gain(0.7, s, var_hat, guard, scope) if prior else None
+    update_running(want, mu, var, s, pe, 6)
+    if prior and scope == "group" and guard == 1.0:  # the case decides both ways
+        assert 0 < (pe == 0).sum() < groups or groups == 1
+    assert not torch.equal(want.var, start[1])
+    for got in ran.values():
+        torch.testing.assert_close(got.mean, want.mean, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got.var, want.var, rtol=1e-6, atol=1e-6)

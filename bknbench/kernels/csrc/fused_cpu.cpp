@@ -168,18 +168,59 @@ void combine(const T* u, const T* v, const Dims& d, const std::vector<double>& a
   });
 }
 
+// The running statistics of a training forward (reference.update_running), in place as
+// torch's batch norm updates its buffers: per channel the EMA over the groups in order, in
+// closed form (group g weighted momentum (1 - momentum)^(G-1-g)), of the mean used and of
+// the variance the rule takes in: with a prediction reference.running_variance (rule 0
+// "observed", 1 "posterior", 2 "authors": the order of reference.RUNNING_RULES) with the
+// weight pe the guard gave it, without one BatchNorm's s n / (n - 1). Here, not in Python:
+// the guard's decision is at hand, and a layer's update is one call, not about 15 small ops.
+template <typename T>
+void update_running(const Dims& d, const T* mu, const T* var, const T* s,
+                    const std::vector<double>& pe, bool prior, int64_t rule, double momentum,
+                    const Tensor& running_mean, const Tensor& running_var) {
+  TORCH_CHECK(running_mean.is_contiguous() && running_var.is_contiguous() &&
+                  running_mean.numel() == d.c && running_var.numel() == d.c,
+              "group_normalize: running buffers of ", d.c, " channels");
+  TORCH_CHECK(rule >= 0 && rule <= 2, "group_normalize: running rule ", rule);
+  const double n = d.count(), decay = 1.0 - momentum, keep = std::pow(decay, double(d.g));
+  std::vector<double> w(d.g);
+  for (int64_t g = 0; g < d.g; ++g) w[g] = momentum * std::pow(decay, double(d.g - 1 - g));
+  T *rm = running_mean.data_ptr<T>(), *rv = running_var.data_ptr<T>();
+  for (int64_t c = 0; c < d.c; ++c) {
+    double sm = 0.0, sv = 0.0;
+    for (int64_t g = 0; g < d.g; ++g) {
+      const int64_t i = g * d.c + c;
+      double target = double(var[i]);  // without a prediction var = s
+      if (prior && rule == 0) {
+        target += double(s[i]) * ((1.0 - pe[g]) * (1.0 - pe[g])) * (1.0 / (n - 1.0));
+      } else if (prior && rule == 1) {
+        target *= n / (n - 1.0);
+      }
+      sm += w[g] * double(mu[i]);
+      sv += w[g] * target;
+    }
+    rm[c] = T(keep * double(rm[c]) + sm);
+    rv[c] = T(keep * double(rv[c]) + (prior ? 1.0 : n / (n - 1.0)) * sv);
+  }
+}
+
 // ------------------------------------------------------------------ group_normalize
 // Inputs: x (N, C, *S); mu_hat, var_hat (G, C) or undefined (no prediction: per-group BN);
 // p_tensor (0-d, a learnable gain) or undefined, then p_value is the weight on the
 // prediction; weight, bias (C,); guard_per_group: one guard decision per group from its
-// own channel average instead of one over all groups (reference.trusted).
+// own channel average instead of one over all groups (reference.trusted); running_mean,
+// running_var (C,) or undefined, updated in place with `momentum` and `rule`
+// (update_running).
 // Outputs: y (N, C, *S); m, s (observed); mu, var (used).
 struct GroupNormalize : public torch::autograd::Function<GroupNormalize> {
   static variable_list forward(AutogradContext* ctx, Tensor x, std::optional<Tensor> mu_hat_opt,
                                std::optional<Tensor> var_hat_opt,
                                std::optional<Tensor> p_opt, double p_value, Tensor weight,
                                Tensor bias, int64_t groups, double guard, double eps,
-                               bool guard_per_group) {
+                               bool guard_per_group, std::optional<Tensor> running_mean,
+                               std::optional<Tensor> running_var, double momentum,
+                               int64_t rule) {
     const Tensor mu_hat = mu_hat_opt.value_or(Tensor()), var_hat = var_hat_opt.value_or(Tensor());
     const Tensor p_tensor = p_opt.value_or(Tensor());
     const Tensor xc = x.contiguous();
@@ -233,6 +274,10 @@ struct GroupNormalize : public torch::autograd::Function<GroupNormalize> {
       // y = scale x + shift (no first operand: its coefficients are unused)
       combine<scalar_t>(nullptr, xc.data_ptr<scalar_t>(), d, scale, scale, shift,
                         y.data_ptr<scalar_t>());
+      if (running_mean && running_var) {
+        update_running(d, mu_, var_, s_, pe, prior, rule, momentum, *running_mean,
+                       *running_var);
+      }
     });
     ctx->save_for_backward({xc, mu_hat, var_hat, p_tensor, weight, m, s, mu, var});
     ctx->saved_data["pe"] = pe;
@@ -347,8 +392,8 @@ struct GroupNormalize : public torch::autograd::Function<GroupNormalize> {
       if (needs(2)) g_var_hat = to_tensor(gvh, {d.g, d.c});
       if (prior && needs(3)) g_p = at::full({}, gp, p_tensor.options());
     });
-    return {g_x, g_mu_hat, g_var_hat, g_p, Tensor(), g_weight, g_bias,
-            Tensor(), Tensor(), Tensor(), Tensor()};
+    return {g_x,      g_mu_hat, g_var_hat, g_p,      Tensor(), g_weight, g_bias, Tensor(),
+            Tensor(), Tensor(), Tensor(),  Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -665,9 +710,12 @@ int64_t threads_for(int64_t units, int64_t cost) {
 variable_list group_normalize(Tensor x, std::optional<Tensor> mu_hat,
                               std::optional<Tensor> var_hat, std::optional<Tensor> p_tensor,
                               double p_value, Tensor weight, Tensor bias, int64_t groups,
-                              double guard, double eps, bool guard_per_group) {
+                              double guard, double eps, bool guard_per_group,
+                              std::optional<Tensor> running_mean,
+                              std::optional<Tensor> running_var, double momentum, int64_t rule) {
   return GroupNormalize::apply(x, mu_hat, var_hat, p_tensor, p_value, weight, bias, groups,
-                               guard, eps, guard_per_group);
+                               guard, eps, guard_per_group, running_mean, running_var,
+                               momentum, rule);
 }
 
 variable_list relu_affine(Tensor mean, Tensor var, Tensor weight, std::optional<Tensor> bias) {
