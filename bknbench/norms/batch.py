@@ -12,7 +12,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from ..kernels.fused import Running, group_normalize, update_running
+from ..kernels.fused import Running, group_moments, group_normalize, update_running
 from .probe import Probe
 from .registry import EPS, MOMENTUM, Option, register
 
@@ -23,10 +23,10 @@ def values_per_stat(x: torch.Tensor, groups: int) -> int:
     return (x.shape[0] // groups) * math.prod(x.shape[2:])
 
 
-def check_defined(n_values: int, layer: str) -> None:
-    if n_values < 2:
+def check_defined(n_values: int, layer: str, needed: int = 2) -> None:
+    if n_values < needed:
         raise ValueError(
-            f"{layer} is undefined with 1 value per channel per statistic "
+            f"{layer} is undefined with {n_values} value per channel per statistic "
             "(micro-batch 1 without spatial positions)"
         )
 
@@ -38,6 +38,8 @@ class StatsNorm(nn.Module):
     (probe.py) for layers that evaluate with running_mean and running_var."""
 
     batch_dependent = True
+    label = "BatchNorm"  # the layer's name in messages
+    min_values = 2  # values behind each (group, channel) statistic that training needs
 
     def __init__(self, num_features: int, norm_batch: int | None, eps: float = 1e-5,
                  momentum: float = 0.1):
@@ -71,6 +73,23 @@ class StatsNorm(nn.Module):
             raise ValueError(f"batch of {n} is not a multiple of norm_batch {self.norm_batch}")
         return n // self.norm_batch
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The mode decides: a population probe, eval (running statistics) or training,
+        which each normalizer defines in `train_forward`."""
+        if self.probe is not None and self.probe.mode == "population":
+            return self.population_forward(x)
+        if not self.training:
+            return self.eval_forward(x)
+        g = self.groups_of(x)
+        n_values = values_per_stat(x, g)
+        check_defined(n_values, self.label, self.min_values)
+        return self.train_forward(x, g, n_values)
+
+    def train_forward(self, x: torch.Tensor, groups: int, n_values: int) -> torch.Tensor:
+        """x (N, C, *) in G = ``groups`` statistics groups of ``n_values`` values per
+        channel -> the same shape."""
+        raise NotImplementedError
+
     def eval_forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                             False, 0.0, self.eps)
@@ -85,6 +104,13 @@ class StatsNorm(nn.Module):
         n = x.numel() // x.shape[1]
         self.probe.stats["input"] = (mean[None], var[None] * ((n - 1) / n))  # (1, C)
         return y
+
+    def population_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Probe "population" for a layer that normalizes its own way: the probe batch's
+        (1, C) mean and biased variance, recorded."""
+        mean, var = group_moments(x, 1)
+        self.probe.stats["input"] = (mean, var)
+        return mean, var
 
     def eval_statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.running_mean, self.running_var
@@ -122,14 +148,7 @@ class GroupedBatchNorm(StatsNorm):
     exactly as torch.nn.BatchNorm. With one group this is torch.nn.BatchNorm.
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.probe is not None and self.probe.mode == "population":
-            return self.population_forward(x)
-        if not self.training:
-            return self.eval_forward(x)
-        g = self.groups_of(x)
-        n_values = values_per_stat(x, g)
-        check_defined(n_values, "BatchNorm")
+    def train_forward(self, x: torch.Tensor, g: int, n_values: int) -> torch.Tensor:
         if self.probe is not None:  # what training would use, without updating anything
             y, mean, var, _, _ = group_normalize(x, None, None, None, self.weight, self.bias,
                                                  g, eps=self.eps)

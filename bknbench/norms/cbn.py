@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..kernels.fused import group_moments
-from .batch import StatsNorm, check_defined, values_per_stat
+from .batch import StatsNorm
 from .registry import EPS, MOMENTUM, TOTAL, Neighbours, Option, register
 from .common import (CountsMicroBatches, agreed, normalize_given, push,
                      statistics_precision, window_sums)
@@ -77,6 +77,8 @@ class CrossIterationBatchNorm(CountsMicroBatches, StatsNorm):
     run; rho the weight of the compensation (0: the naive cross-iteration average); total
     the run length in micro-batches (0: outside a run, no burn-in); eps; momentum.
     Input (N, C) or (N, C, *spatial); output the same shape."""
+
+    label = "CBN"
 
     def __init__(self, num_features, norm_batch, window=3, burnin=0.67, rho=1.0, total=0,
                  eps=1e-5, momentum=0.1):
@@ -147,14 +149,7 @@ class CrossIterationBatchNorm(CountsMicroBatches, StatsNorm):
         return [t0 + j >= self.at(self.burnin) for j in range(g)]
 
     @torch.compiler.disable  # a host-side schedule and counter, rings: eager under --compile
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.probe is not None and self.probe.mode == "population":
-            return self.population_forward(x)
-        if not self.training:
-            return self.eval_forward(x)
-        g = self.groups_of(x)
-        n_values = values_per_stat(x, g)
-        check_defined(n_values, "CBN")
+    def train_forward(self, x: torch.Tensor, g: int, n_values: int) -> torch.Tensor:
         m, s = group_moments(statistics_precision(x), g)  # (G, C), differentiable
         t0 = self.seen()
         if self.window:

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..kernels.fused import group_moments
 from ..kernels.reference import ema_over_groups
-from .batch import GroupNorm, StatsNorm, check_defined, gn_groups, values_per_stat
+from .batch import GroupNorm, StatsNorm, gn_groups
 from .common import statistics_precision
 from .registry import EPS, MOMENTUM, Neighbours, Option, register
 
@@ -60,6 +60,8 @@ class EvoNormB0(StatsNorm):
     """Args: num_features C; norm_batch; unbiased 1: running variance updated with
     var_B n / (n - 1) (timm); eps; momentum. Input (N, C) or (N, C, *spatial)."""
 
+    label = "EvoNorm-B0"
+
     def __init__(self, num_features, norm_batch, unbiased=0, eps=1e-5, momentum=0.1):
         super().__init__(num_features, norm_batch, eps=eps, momentum=momentum)
         self.unbiased = unbiased
@@ -70,17 +72,14 @@ class EvoNormB0(StatsNorm):
         self.running_var.fill_(1.0)
         self.num_batches_tracked.zero_()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.probe is not None and self.probe.mode == "population":
-            mean, var = group_moments(x, 1)
-            self.probe.stats["input"] = (mean, var)
-            return evonorm_b0(x, var, self.v, self.weight, self.bias, self.eps)
-        if not self.training:
-            return evonorm_b0(x, self.running_var[None], self.v, self.weight, self.bias,
-                              self.eps)
-        g = self.groups_of(x)
-        n = values_per_stat(x, g)
-        check_defined(n, "EvoNorm-B0")
+    def population_forward(self, x: torch.Tensor) -> torch.Tensor:
+        var = self.population_moments(x)[1]
+        return evonorm_b0(x, var, self.v, self.weight, self.bias, self.eps)
+
+    def eval_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return evonorm_b0(x, self.running_var[None], self.v, self.weight, self.bias, self.eps)
+
+    def train_forward(self, x: torch.Tensor, g: int, n: int) -> torch.Tensor:
         x32 = statistics_precision(x)
         var_i, var = moments(x32, g)  # (N, C), (G, C), differentiable
         y = evonorm_b0(x32, var, self.v, self.weight, self.bias, self.eps, var_i).to(x.dtype)

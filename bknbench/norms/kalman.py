@@ -20,7 +20,7 @@ from torch import nn
 from ..kernels.fused import group_normalize
 from ..kernels.reference import RUNNING_RULES
 from ..kernels.reference import trusted as reference_trusted
-from .batch import StatsNorm, check_defined, values_per_stat
+from .batch import StatsNorm
 from .registry import EPS, MOMENTUM, Option, register
 from .transitions import (BORDERS, chain_rules, exact_without_sampling, full_precision,
                           sampled_moments)
@@ -135,6 +135,8 @@ class BatchKalmanNorm(StatsNorm):
     Input (N, C) or (N, C, *spatial); output the same shape.
     """
 
+    label = "BKN"
+
     def __init__(self, num_features, norm_batch, p=0.9, gain="fixed", n0=64.0,
                  transition="analytic", draws=0, propagate="raw", guard=100.0,
                  guard_scope="layer", running="observed", borders="exact", stream="authors",
@@ -175,13 +177,9 @@ class BatchKalmanNorm(StatsNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.posterior = None
-        if self.probe is not None and self.probe.mode == "population":
-            return self.population_forward(x)
-        if not self.training:
-            return self.eval_forward(x)
-        g = self.groups_of(x)
-        n_values = values_per_stat(x, g)
-        check_defined(n_values, "BKN")
+        return super().forward(x)
+
+    def train_forward(self, x: torch.Tensor, g: int, n_values: int) -> torch.Tensor:
         self.in_shape = tuple(x.shape[2:])
         mu_hat = var_hat = p = None
         if self.prior is not None:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.fused import group_moments, to_channels
+from ..kernels.fused import to_channels
 from ..kernels.reference import ema_over_groups
 from .batch import StatsNorm
 from .registry import EPS, TOTAL, Neighbours, Option, register
@@ -52,6 +52,8 @@ class MovingAverageBatchNorm(CountsMicroBatches, StatsNorm):
     Input (N, C) or (N, C, *spatial); output the same shape."""
 
     reference_run = 180_000
+    label = "MABN"
+    min_values = 1  # a second moment is defined on one value
 
     def __init__(self, num_features, norm_batch, batch=32, warmup=5.6e-4, r_warmup=5.6e-3,
                  total=0, ema_init="first", center=1, eps=1e-5,
@@ -79,15 +81,15 @@ class MovingAverageBatchNorm(CountsMicroBatches, StatsNorm):
         sma = max(self.window + 1, self.at(self.warmup))
         return sma, max(sma, self.at(self.r_warmup) + 1)
 
+    def population_forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean, var = self.population_moments(x)
+        return self.normalize_by(x, var[0] + mean[0].square())
+
+    def eval_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.normalize_by(x, self.running_chi)
+
     @torch.compiler.disable  # a host-side schedule and counter, rings: eager under --compile
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.probe is not None and self.probe.mode == "population":
-            mean, var = group_moments(x, 1)
-            self.probe.stats["input"] = (mean, var)
-            return self.normalize_by(x, var[0] + mean[0].square())
-        if not self.training:
-            return self.normalize_by(x, self.running_chi)
-        g = self.groups_of(x)
+    def train_forward(self, x: torch.Tensor, g: int, n_values: int) -> torch.Tensor:
         with torch.no_grad():
             chi_t = second_moment(statistics_precision(to_channels(x.detach(), g))).view(g, -1)
             t = [self.seen() + j + 1 for j in range(g)]  # 1-based micro-batch numbers

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from ..kernels.fused import affine, from_channels, to_channels
 from ..kernels.reference import ema_over_groups
-from .batch import StatsNorm, check_defined, values_per_stat
+from .batch import StatsNorm
 from .registry import EPS, TOTAL, Option, register
 from .common import CountsMicroBatches, ema_before_each, statistics_precision
 
@@ -85,6 +85,7 @@ class BatchRenorm(CountsMicroBatches, StatsNorm):
     micro-batches (0: outside a run, 100k assumed); eps; momentum the EMA rate a.
     Input (N, C) or (N, C, *spatial); output the same shape."""
 
+    label = "BatchRenorm"
     reference_run = 100_000
 
     def __init__(self, num_features, norm_batch, r_max=3.0, d_max=5.0, warmup=0.05,
@@ -114,13 +115,7 @@ class BatchRenorm(CountsMicroBatches, StatsNorm):
                             self.weight, self.bias, False, 0.0, self.eps)
 
     @torch.compiler.disable  # a host-side schedule and counter, rings: eager under --compile
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.probe is not None and self.probe.mode == "population":
-            return self.population_forward(x)
-        if not self.training:
-            return self.eval_forward(x)
-        g = self.groups_of(x)
-        check_defined(values_per_stat(x, g), "BatchRenorm")
+    def train_forward(self, x: torch.Tensor, g: int, n_values: int) -> torch.Tensor:
         t0 = self.seen()
         limits = [self.limits(t0 + k) for k in range(g)]
         if any(lim != limits[0] for lim in limits):  # the schedule moves within the forward
