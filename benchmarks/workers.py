@@ -4,8 +4,9 @@ the default worker count (one per CPU core) where that is another number.
     python benchmarks/workers.py [--quick] [--make-run] [--repeats 5]
 
 The sweep (cnn on mnist1d; bn, gn, bkn x micro-batch 4, 8, 16, 32 x 2 seeds, 2 epochs:
-about half a minute on one worker; --quick: 1 seed, 1 epoch; --make-run: the sweep of
-`make run`, 96 runs on digits, a few minutes per sweep) runs through
+about half a minute on one worker; --quick: 1 seed, 1 epoch; --make-run: the first and
+longest sweep of `make run`'s default study, "paper": 60 runs of the mlp on mnist1d with
+--diagnose, about a minute per sweep) runs through
 `bknbench.sweep.run_sweep` into a fresh temporary folder each repeat, with SerialExecutor
 (1 worker: this process, torch threads = all cores), ProcessExecutor(2) (two spawned
 workers, cores // 2 threads each) and, when the machine does not have 2 cores, what
@@ -25,23 +26,24 @@ from common import header, interleaved, median, parse_args, spread, timed, verdi
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], threads=None,
                       flags={"--one-process": "also time ProcessExecutor(1)",
-                             "--make-run": "time the sweep of `make run` (96 runs)"},
+                             "--make-run": "time make run's paper sweep (60 runs)"},
                       device=False)
     import torch
 
     from bknbench.commands import make_executor
-    from bknbench.config import DEFAULT_BATCH_SIZES, RunConfig, SweepConfig
-    from bknbench.request import DEFAULT_NORMS
+    from bknbench.config import RunConfig, SweepConfig
     from bknbench.sweep.local import ProcessExecutor, cpu_cores
     from bknbench.sweep.plan import SerialExecutor, run_sweep
 
     cores = cpu_cores()
     torch.set_num_threads(cores)  # the serial executor's share: the whole machine
     header("workers: one sweep, 1 vs 2 worker processes", args)
-    if args.make_run:  # bknbench's defaults with --seeds 0,1,2 (the Makefile's RUN_ARGS)
-        sweep = SweepConfig(specs=tuple(DEFAULT_NORMS.split(",")),
-                            batch_sizes=DEFAULT_BATCH_SIZES, seeds=(0, 1, 2),
-                            base=RunConfig(spec=""))
+    if args.make_run:  # the Makefile's `run` target, its first sweep
+        sweep = SweepConfig(specs=("bn", "gn", "bkn", "bkn:propagate=output"),
+                            batch_sizes=(2, 4, 8, 32, 128), seeds=(0, 1, 2),
+                            accumulate_to=128,
+                            base=RunConfig(spec="", dataset="mnist1d", model="mlp", epochs=6,
+                                           diagnose=True))
     else:
         sweep = SweepConfig(specs=("bn", "gn", "bkn"), batch_sizes=(4, 8, 16, 32),
                             seeds=(0,) if args.quick else (0, 1),
