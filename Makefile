@@ -2,8 +2,11 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# CPU build, pinned for reproducible installs; an existing torch (e.g. CUDA) is left alone.
-TORCH_PIN ?= torch==2.13.0
+# Pinned for reproducible installs; an existing torch (e.g. CUDA) is left alone. Where pip
+# reads PyPI, Linux's torch wheel is the CUDA build (several GB): TORCH_INDEX=
+# https://download.pytorch.org/whl/cpu takes the CPU build from PyTorch's index instead.
+TORCH_PIN   ?= torch==2.13.0
+TORCH_INDEX ?=
 # The default study (README, "What the default study shows"): three plain sweeps of the MLP
 # on mnist1d with three seeds, the fewest that give a usable 95% interval, and the
 # statistics diagnostics; then one HTML report over the three, which also writes each
@@ -23,7 +26,8 @@ $(BIN)/python:
 
 # torch first, and only where none is importable, so pip never swaps a CUDA build out.
 $(VENV)/.torch: $(BIN)/python
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH_PIN)"
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH_PIN)" \
+	    $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.torch pyproject.toml
@@ -34,11 +38,12 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install --quiet -e ".[test]"
 	touch $@
 
-# The C++ CPU kernels (bknbench/kernels/native.py), about 30 s; without a compiler it says so in one
-# line and the PyTorch path runs.
+# The C++ CPU kernels (bknbench/kernels/native.py), about 40 s; without a compiler it says so in one
+# line and the PyTorch path runs. Stamped only when built, so a compiler installed later is
+# used by the next make.
 $(VENV)/.native: $(VENV)/.installed bknbench/kernels/csrc/fused_cpu.cpp
 	$(BIN)/python -m bknbench.kernels.native
-	touch $@
+	$(BIN)/python -m bknbench.kernels.native --check 2>/dev/null && touch $@ || true
 
 venv: $(VENV)/.installed $(VENV)/.native
 venv-test: $(VENV)/.installed-test $(VENV)/.native
@@ -55,5 +60,6 @@ run: venv
 test: venv-test
 	$(BIN)/python -m pytest -q
 
+# results/ (every study run here) is left alone; remove it yourself.
 clean:
-	rm -rf $(VENV) results .pytest_cache
+	rm -rf $(VENV) .pytest_cache

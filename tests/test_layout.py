@@ -200,3 +200,15 @@ def test_every_package_says_what_it_holds_and_how_to_add_one():
     for init in PACKAGE.glob("*/__init__.py"):
         doc = ast.get_docstring(ast.parse(init.read_text())) or ""
         assert "Public names" in doc and "To add" in doc, f"{init}: docstring"
+
+
+def test_every_package_is_installed():
+    """A package missing from pyproject's list works in an editable install and is absent
+    from a wheel (`pip install .`, a Ray node): every import of it fails there."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())
+                 ["tool"]["setuptools"]["packages"])
+    found = {".".join(init.parent.relative_to(PACKAGE.parent).parts)
+             for init in PACKAGE.rglob("__init__.py")}
+    assert found <= listed, f"not in pyproject.toml's packages: {sorted(found - listed)}"

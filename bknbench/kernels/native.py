@@ -111,6 +111,11 @@ def build(verbose: bool = False):
 
     out = build_dir()
     out.mkdir(parents=True, exist_ok=True)
+    # torch's loader runs `ninja` from PATH; pip installs it beside this interpreter, which a
+    # virtualenv used without activating (make) does not put on PATH
+    bindir = str(Path(sys.executable).parent)
+    if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
     load(_name(), [str(SOURCE)], extra_cflags=_FLAGS, build_directory=str(out),
          verbose=verbose)
     _State.looked = False

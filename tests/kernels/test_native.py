@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib.util
 import math
 import shutil
+import sysconfig
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,8 +21,10 @@ from native_fixture import both, needs_native, threaded, threads
 def test_kernels_are_built_where_a_compiler_is():
     """`make` builds them; where a compiler and ninja exist, a missing build is a broken
     setup, not a reason to skip the native tests below."""
-    if not (shutil.which("c++") or shutil.which("g++")) or not importlib.util.find_spec("ninja"):
-        pytest.skip("no C++ compiler or ninja here: the PyTorch path runs")
+    headers = Path(sysconfig.get_paths()["include"], "Python.h")
+    if (not (shutil.which("c++") or shutil.which("g++")) or not importlib.util.find_spec("ninja")
+            or not headers.exists()):
+        pytest.skip("no C++ compiler, ninja or Python headers here: the PyTorch path runs")
     assert native.module() is not None, "run `python -m bknbench.kernels.native` (make does)"
     assert native.status() == "native"
     with native.disabled():
