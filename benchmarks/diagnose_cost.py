@@ -6,7 +6,7 @@ Each case is one whole bknbench run (`train_run`: build, train, evaluate every e
 with --diagnose the probes after every epoch and the population accuracy at the end), timed
 wall-clock from call to return with the data already loaded; the figure is the median of the
 repeats of diagnosed / undiagnosed (interleaved), so 1.08 means diagnostics add 8% to a run.
-The runs last 3 epochs (the default sweep's; 1 with --quick): the population accuracy is
+The runs last 3 epochs (`bknbench run`'s default; 1 with --quick): the population accuracy is
 paid once per run, the probes once per epoch.
 Cases: cnn on mnist1d (4000 samples; probe set 512) and on digits (1347 samples, the default
 dataset), bn and bkn, at micro-batch 2 without accumulation (one forward per 2 samples: the

@@ -3,7 +3,7 @@ default K = ceil(20 / epochs), side by side.
 
     python benchmarks/eval_cost.py [--quick] [--repeats 5]
 
-Cases: the default sweep's model (cnn on digits, 3 epochs, so K = 7) with bn at micro-batch
+Cases: `bknbench run`'s default model (cnn on digits, 3 epochs, so K = 7) with bn at micro-batch
 1, 8 and 128, each timed whole (train_run: build, train, every evaluation) with K = 1 and
 with K = 7. An evaluation is one eval-mode forward over the held-out split (450 samples on
 digits), so its cost is fixed per evaluation while a training epoch costs more the smaller

@@ -2,7 +2,7 @@
 
     python benchmarks/kernel_threads.py [--quick] [--threads 1,2] [--repeats 5]
 
-Cases: the CNN on digits (2-D, 8x8: the default sweep's) and on mnist1d (1-D), bn and bkn
+Cases: the CNN on digits (2-D, 8x8: `bknbench run`'s default) and on mnist1d (1-D), bn and bkn
 (analytic transition) at micro-batch 128 and 2, each on every thread count of --threads.
 Each case sets torch.set_num_threads before its run, so the cases of one table, all thread
 counts included, run round-robin in one process. Figure: samples/s of a bknbench run

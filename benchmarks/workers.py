@@ -4,8 +4,8 @@ the default worker count (one per CPU core) where that is another number.
     python benchmarks/workers.py [--quick] [--make-run] [--repeats 5]
 
 The sweep (cnn on mnist1d; bn, gn, bkn x micro-batch 4, 8, 16, 32 x 2 seeds, 2 epochs:
-about half a minute on one worker; --quick: 1 seed, 1 epoch; --make-run: the first and
-longest sweep of `make run`'s default study, "paper": 60 runs of the mlp on mnist1d with
+about half a minute on one worker; --quick: 1 seed, 1 epoch; --make-run: the first sweep
+of `make run`'s default study, "paper": 60 runs of the mlp on mnist1d with
 --diagnose, about a minute per sweep) runs through
 `bknbench.sweep.run_sweep` into a fresh temporary folder each repeat, with SerialExecutor
 (1 worker: this process, torch threads = all cores), ProcessExecutor(2) (two spawned

@@ -120,7 +120,7 @@ def run(
     workers: Annotated[Optional[int], typer.Option(help="Parallel runs. [default: one per "
         "CPU core; with --device cuda one per GPU]")] = None,
     executor: Annotated[str, typer.Option(help="local (this machine) or ray (each run a Ray "
-        "task; needs pip install 'bknbench[ray]').")] = "local",
+        "task; needs pip install '.[ray]' from a checkout).")] = "local",
     address: Annotated[Optional[str], typer.Option(help="Ray cluster to use, e.g. HEAD:6379. "
         "[default: $RAY_ADDRESS, else a local Ray]")] = None,
     cpus_per_run: Annotated[int, typer.Option(help="Ray: CPUs (and torch threads) per run.")] = 1,
@@ -191,7 +191,8 @@ def plot(
     batch_sizes: Annotated[Optional[str], typer.Option(help="Only these micro-batch sizes.")] = None,
     debug: Debug = False,
 ):
-    """Error vs micro-batch size, and convergence (validation error vs epoch)."""
+    """Error vs micro-batch size, convergence (validation error vs training samples seen),
+    and, with stats.csv (--diagnose), the statistics errors per layer."""
     with errors(debug):
         from .commands import plot_command
 

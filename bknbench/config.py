@@ -27,12 +27,12 @@ class RunConfig:
     """One training run. Every field can change the result, so every field is hashed."""
 
     spec: str  # normalizer spec string, e.g. "bkn:p=0.5,transition=sampled"
-    dataset: str = "digits"  # the default sweep's: BN collapses at micro-batch 1 (README)
+    dataset: str = "digits"  # `bknbench run`'s quick look: BN collapses at micro-batch 1
     model: str = "cnn"
     norm_batch: int = 2  # samples behind each normalization statistic (the micro-batch)
     sgd_batch: int = 2  # samples per optimizer step (> norm_batch when accumulating)
     seed: int = 0  # fixes weight init and data order
-    epochs: int = 3  # passes over the training split (the default sweep fits in 3 minutes)
+    epochs: int = 3  # passes over the training split
     base_lr: float = 0.2  # peak learning rate per LR_REF_BATCH samples of SGD batch
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 5e-4  # L2 penalty, per step

@@ -3,7 +3,8 @@
 Public names (import them from their modules): ``reference.normalize``,
 ``reference.kalman_update``, ``reference.guarded_gain``, ``reference.running_variance``,
 ``reference.ema_over_groups``, ``reference.relu_moments``, ``reference.affine_moments``; ``fused.group_normalize``, ``fused.group_moments``,
-``fused.relu_affine_moments``; ``borders.conv_moments``, ``borders.relu_conv_moments``,
+``fused.relu_affine_moments``, ``fused.Running`` and ``fused.update_running`` (a layer's
+running statistics); ``borders.conv_moments``, ``borders.relu_conv_moments``,
 ``borders.pool_moments``; ``native.module``, ``native.status``, ``native.disabled``.
 
 - ``reference``: the pure formulas (group moments, normalize, kalman_update, EMA over groups,

@@ -52,9 +52,3 @@ class Probe:
     def __post_init__(self):
         if self.mode not in ("population", "train"):
             raise ValueError(f"probe mode {self.mode!r}: expected population or train")
-
-
-def probe_mode(layer) -> str | None:
-    """The layer's probe mode, or None outside a diagnostic forward."""
-    probe = getattr(layer, "probe", None)
-    return None if probe is None else probe.mode

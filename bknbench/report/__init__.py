@@ -9,7 +9,7 @@ Public names (import them from their modules): ``schema.RUN_COLUMNS``,
 
 Modules: ``schema`` (every column, once), ``results`` (read and check the CSVs, select runs),
 ``summary`` (per cell: mean, logit-t interval, paired or Welch difference to a reference),
-``plots`` (figures), ``reproduce`` (configuration, environment and the command of a results
+``plots`` (figures), ``stats_figure`` (the diagnostics figure), ``reproduce`` (configuration, environment and the command of a results
 folder), ``html`` and ``page`` (the self-contained report). Nothing here imports the sweep or
 the CLI: a report is made from files alone.
 

@@ -7,7 +7,8 @@ Public names (import them from their modules): ``plan.run_sweep``, ``plan.plan``
 
 Modules: ``plan`` (the grid minus finished runs, the driver loop, the serial executor),
 ``run`` (one run anywhere: train it, make its record), ``local`` (a process pool on this
-machine), ``ray`` (each run a Ray task), ``store`` (the output folder, committed atomically).
+machine), ``ray`` (each run a Ray task), ``store`` (the output folder, committed atomically),
+``index`` (the tables' format and index.log, what they hold).
 
 To add an executor: one file here with a class whose ``map(tasks, store, events)`` yields
 ``(cfg, record)`` as runs finish, calling ``run.execute_run`` wherever the run happens, plus

@@ -23,7 +23,7 @@ from pathlib import Path
 from ..errors import ConfigError
 from .run import execute_run, failed_record
 
-INSTALL_HINT = 'pip install "bknbench[ray]"  (or: pip install "ray[default]>=2.9")'
+INSTALL_HINT = 'pip install ".[ray]" in a bknbench checkout (or: pip install "ray[default]>=2.9")'
 WAIT_S = 1.0  # how often the driver wakes to notice Ctrl-C and nodes that joined
 
 

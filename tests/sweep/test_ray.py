@@ -39,7 +39,7 @@ def test_without_ray_says_how_to_install(monkeypatch):
     from bknbench.commands import make_executor
 
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
-    with pytest.raises(ConfigError, match=r'pip install "bknbench\[ray\]"'):
+    with pytest.raises(ConfigError, match=r'pip install "\.\[ray\]" in a bknbench checkout'):
         make_executor(None, "cpu", executor="ray")
 
 
