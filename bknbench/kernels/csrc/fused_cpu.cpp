@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -427,8 +428,15 @@ C10_ALWAYS_INLINE ReluTerms relu_terms(double mean, double var) {  // as before 
   return {sd, cdf, pdf, m1, var * cdf + mean * m1 - m1 * m1};
 }
 
-// y[j] += a[j] s for j < n: one term more in n sums.
-C10_ALWAYS_INLINE void axpy(int64_t n, double s, const double* a, double* y) {
+// y[j] += a[j] s for j < n: one term more in n sums; `first`: y[j] = 0.0 + a[j] s, the sums'
+// first term (the bits of adding into 0.0, without zeroing y first).
+C10_ALWAYS_INLINE void axpy(int64_t n, double s, const double* a, double* y,
+                            bool first = false) {
+  if (first) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) y[j] = 0.0 + a[j] * s;
+    return;
+  }
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) y[j] += a[j] * s;
 }
@@ -498,18 +506,29 @@ Patterns patterns_of(const Tensor& mean, const Tensor& weight, const Tensor& mas
   return p;
 }
 
-// The loops over the weight run per input channel i (the unit of the split), over all
-// output channels o side by side: the taps of (i, o) are each their own sum in a fixed order
-// (the taps in order, from 0), whole rows of C_out at a time, vectorized. At G = 1 these
-// short sums are the kernel's cost; one pair at a time they were bound by the latency of one
-// addition waiting for the last. `weight_rows` gives the rows: the weight of input channel
-// i as (K, C_out) in double.
+// The loops over the weight run per input channel i (the unit of the split), over the
+// output channels o kTile at a time, their sums side by side in registers: each tap sum of
+// (i, o) is its own chain in a fixed order (the taps in order, from 0). At G = 1 these short
+// sums are the kernel's cost; one pair at a time they were bound by the latency of one
+// addition waiting for the last, and a whole row at a time by loads and stores of the sums.
+// `weight_rows` gives the rows: the weight of input channel i as (K, C_out) in double.
+constexpr int64_t kTile = 8;
+
 template <typename T>
 void weight_rows(const T* w, int64_t ci, int64_t co, int64_t k, int64_t i, double* rows) {
   for (int64_t o = 0; o < co; ++o) {
     const T* wo = w + (o * ci + i) * k;
     for (int64_t q = 0; q < k; ++q) rows[q * co + o] = double(wo[q]);
   }
+}
+
+// f(tile, o0) for the output channels [o0, o0 + tile), tile a std::integral_constant: kTile
+// or, for the last few, 1.
+template <typename F>
+C10_ALWAYS_INLINE void for_each_tile(int64_t co, const F& f) {
+  int64_t o0 = 0;
+  for (; o0 + kTile <= co; o0 += kTile) f(std::integral_constant<int64_t, kTile>{}, o0);
+  for (; o0 < co; ++o0) f(std::integral_constant<int64_t, 1>{}, o0);
 }
 
 // taps and taps2 (C_in, C_out, R) of a weight (C_out, C_in, K).
@@ -519,27 +538,30 @@ void pattern_sums(const T* w, const Patterns& p, double* taps, double* taps2) {
   const int64_t ci = p.ci, co = p.co, k = p.k, r_n = p.r;
   const int64_t *reads = p.reads.data(), *reads_at = p.reads_at.data();
   for_each_range(ci, 2 * k * r_n * co, [=](int64_t lo, int64_t hi) {
-    std::vector<double> buf((k + 2) * co);
-    double *rows = buf.data(), *sum = rows + k * co, *sq = sum + co;
+    std::vector<double> rows_v(k * co);
+    double* rows = rows_v.data();
     for (int64_t i = lo; i < hi; ++i) {
       weight_rows(w, ci, co, k, i, rows);
       for (int64_t r = 0; r < r_n; ++r) {
-        std::fill(sum, sum + 2 * co, 0.0);
         // every tap without a mask (a linear layer: K = 1)
         const int64_t t0 = masked ? reads_at[r] : 0, t1 = masked ? reads_at[r + 1] : k;
-        for (int64_t t = t0; t < t1; ++t) {
-          const double* v = rows + (masked ? reads[t] : t) * co;
-#pragma omp simd
-          for (int64_t o = 0; o < co; ++o) {
-            sum[o] += v[o];
-            sq[o] += v[o] * v[o];
-          }
-        }
         double *out = taps + i * co * r_n + r, *out2 = taps2 + i * co * r_n + r;
-        for (int64_t o = 0; o < co; ++o) {
-          out[o * r_n] = sum[o];
-          out2[o * r_n] = sq[o];
-        }
+        for_each_tile(co, [&](auto tile, int64_t o0) {
+          constexpr int64_t L = decltype(tile)::value;
+          double sum[L] = {}, sq[L] = {};
+          for (int64_t t = t0; t < t1; ++t) {
+            const double* v = rows + (masked ? reads[t] : t) * co + o0;
+#pragma omp simd
+            for (int64_t b = 0; b < L; ++b) {
+              sum[b] += v[b];
+              sq[b] += v[b] * v[b];
+            }
+          }
+          for (int64_t b = 0; b < L; ++b) {
+            out[(o0 + b) * r_n] = sum[b];
+            out2[(o0 + b) * r_n] = sq[b];
+          }
+        });
       }
     }
   });
@@ -653,8 +675,13 @@ struct ReluConv : public torch::autograd::Function<ReluConv> {
         }
       });
       // the taps' gradients: sums over groups of E[ReLU z] d/d mp (taps2: Var[ReLU z] d/d vp)
-      std::vector<double> gt_v(ci * row, 0.0), gt2_v(ci * row, 0.0);
-      double *gt = gt_v.data(), *gt2 = gt2_v.data();
+      // filled by the first group (`axpy` into 0.0: the same bits), not zeroed first
+      std::unique_ptr<double[]> gt_v(new double[ci * row]), gt2_v(new double[ci * row]);
+      double *gt = gt_v.get(), *gt2 = gt2_v.get();
+      if (g == 0) {  // no group: no term
+        std::fill(gt, gt + ci * row, 0.0);
+        std::fill(gt2, gt2 + ci * row, 0.0);
+      }
       Tensor gm = at::empty({g, ci}, mc.options()), gv = at::empty({g, ci}, mc.options());
       T *gmean_ = gm.data_ptr<T>(), *gvar_ = gv.data_ptr<T>();
       // per input channel i, the groups in order: the taps' sums over groups stay in i's
@@ -675,8 +702,8 @@ struct ReluConv : public torch::autograd::Function<ReluConv> {
           for (int64_t l = 0; l < L; ++l) {
             const int64_t i = i0 + l;
             const ReluTerms& t = terms[gg * ci + i];
-            axpy(row, t.m1, a, gt + i * row);
-            axpy(row, std::max(t.v1_raw, 0.0), b, gt2 + i * row);
+            axpy(row, t.m1, a, gt + i * row, gg == 0);
+            axpy(row, std::max(t.v1_raw, 0.0), b, gt2 + i * row, gg == 0);
             const double gv1 = t.v1_raw < 0 ? 0.0 : g_v1[l];  // the clamp passes it at >= 0
             // v1 = E[y^2] - m1^2; the phi terms reach var only above the floor
             const double half_pdf_sd =
@@ -700,10 +727,10 @@ struct ReluConv : public torch::autograd::Function<ReluConv> {
         g_w = at::empty(wc.sizes(), wc.options());
         T* gw_ = g_w.data_ptr<T>();
         // per input channel i (see pattern_sums): its taps' gradients as (R, C_out), then
-        // per tap q the sum over the patterns reading it, for all o side by side
+        // per tile of output channels and tap q the sum over the patterns reading q
         for_each_range(ci, 2 * k * r_n * co, [=](int64_t lo, int64_t hi) {
-          std::vector<double> buf((2 * r_n + 2) * co);
-          double *a = buf.data(), *a2 = a + r_n * co, *w2 = a2 + r_n * co, *sum = w2 + co;
+          std::vector<double> buf(2 * r_n * co);
+          double *a = buf.data(), *a2 = a + r_n * co;
           for (int64_t i = lo; i < hi; ++i) {
             for (int64_t o = 0; o < co; ++o) {
               for (int64_t r = 0; r < r_n; ++r) {
@@ -711,22 +738,25 @@ struct ReluConv : public torch::autograd::Function<ReluConv> {
                 a2[r * co + o] = gt2[(i * co + o) * r_n + r];
               }
             }
-            for (int64_t q = 0; q < k; ++q) {
-              for (int64_t o = 0; o < co; ++o) w2[o] = 2.0 * double(w_[(o * ci + i) * k + q]);
-              if (!masked) {  // one pattern, reading every tap
-                for (int64_t o = 0; o < co; ++o) {
-                  gw_[(o * ci + i) * k + q] = T(a[o] + w2[o] * a2[o]);
+            for_each_tile(co, [&](auto tile, int64_t o0) {
+              constexpr int64_t L = decltype(tile)::value;
+              for (int64_t q = 0; q < k; ++q) {
+                double w2[L], sum[L] = {};
+                for (int64_t b = 0; b < L; ++b) {
+                  w2[b] = 2.0 * double(w_[((o0 + b) * ci + i) * k + q]);
                 }
-                continue;
+                if (!masked) {  // one pattern, reading every tap
+                  for (int64_t b = 0; b < L; ++b) sum[b] = a[o0 + b] + w2[b] * a2[o0 + b];
+                } else {
+                  for (int64_t t = readers_at[q]; t < readers_at[q + 1]; ++t) {
+                    const double *ar = a + readers[t] * co + o0, *ar2 = a2 + readers[t] * co + o0;
+                    _Pragma("omp simd")  // (a #pragma cannot stand in AT_DISPATCH's argument)
+                    for (int64_t b = 0; b < L; ++b) sum[b] += ar[b] + w2[b] * ar2[b];
+                  }
+                }
+                for (int64_t b = 0; b < L; ++b) gw_[((o0 + b) * ci + i) * k + q] = T(sum[b]);
               }
-              std::fill(sum, sum + co, 0.0);
-              for (int64_t t = readers_at[q]; t < readers_at[q + 1]; ++t) {
-                const double *ar = a + readers[t] * co, *ar2 = a2 + readers[t] * co;
-                _Pragma("omp simd")  // (a #pragma cannot stand in AT_DISPATCH's argument)
-                for (int64_t o = 0; o < co; ++o) sum[o] += ar[o] + w2[o] * ar2[o];
-              }
-              for (int64_t o = 0; o < co; ++o) gw_[(o * ci + i) * k + q] = T(sum[o]);
-            }
+            });
           }
         });
       }
