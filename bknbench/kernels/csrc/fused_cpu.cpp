@@ -674,8 +674,20 @@ struct ReluConv : public torch::autograd::Function<ReluConv> {
           gvp[go * r_n + r] = s * go_v;
         }
       });
-      // the taps' gradients: sums over groups of E[ReLU z] d/d mp (taps2: Var[ReLU z] d/d vp)
-      // filled by the first group (`axpy` into 0.0: the same bits), not zeroed first
+      // the same per (g, r, o), for the taps' gradients in the layout (C_in, R, C_out)
+      std::vector<double> gmpt_v(g * row), gvpt_v(g * row);
+      double *gmpt = gmpt_v.data(), *gvpt = gvpt_v.data();
+      for (int64_t gg = 0; gg < g; ++gg) {
+        for (int64_t o = 0; o < co; ++o) {
+          for (int64_t r = 0; r < r_n; ++r) {
+            gmpt[(gg * r_n + r) * co + o] = gmp[(gg * co + o) * r_n + r];
+            gvpt[(gg * r_n + r) * co + o] = gvp[(gg * co + o) * r_n + r];
+          }
+        }
+      }
+      // the taps' gradients: sums over groups of E[ReLU z] d/d mp (taps2: Var[ReLU z] d/d vp),
+      // (C_in, R, C_out), so that the weight's gradient below reads rows of C_out; filled by
+      // the first group (`axpy` into 0.0: the same bits), not zeroed first
       std::unique_ptr<double[]> gt_v(new double[ci * row]), gt2_v(new double[ci * row]);
       double *gt = gt_v.get(), *gt2 = gt2_v.get();
       if (g == 0) {  // no group: no term
@@ -702,8 +714,8 @@ struct ReluConv : public torch::autograd::Function<ReluConv> {
           for (int64_t l = 0; l < L; ++l) {
             const int64_t i = i0 + l;
             const ReluTerms& t = terms[gg * ci + i];
-            axpy(row, t.m1, a, gt + i * row, gg == 0);
-            axpy(row, std::max(t.v1_raw, 0.0), b, gt2 + i * row, gg == 0);
+            axpy(row, t.m1, gmpt + gg * row, gt + i * row, gg == 0);
+            axpy(row, std::max(t.v1_raw, 0.0), gvpt + gg * row, gt2 + i * row, gg == 0);
             const double gv1 = t.v1_raw < 0 ? 0.0 : g_v1[l];  // the clamp passes it at >= 0
             // v1 = E[y^2] - m1^2; the phi terms reach var only above the floor
             const double half_pdf_sd =
@@ -726,25 +738,20 @@ struct ReluConv : public torch::autograd::Function<ReluConv> {
       if (ctx->needs_input_grad(2)) {  // W[o, i, k] reaches the taps of the patterns reading k
         g_w = at::empty(wc.sizes(), wc.options());
         T* gw_ = g_w.data_ptr<T>();
-        // per input channel i (see pattern_sums): its taps' gradients as (R, C_out), then
-        // per tile of output channels and tap q the sum over the patterns reading q
+        // per input channel i (see pattern_sums), per tile of output channels and tap q,
+        // the sum over the patterns reading q, into (K, C_out), written to the weight's
+        // layout after
         for_each_range(ci, 2 * k * r_n * co, [=](int64_t lo, int64_t hi) {
-          std::vector<double> buf(2 * r_n * co);
-          double *a = buf.data(), *a2 = a + r_n * co;
+          std::vector<double> buf(2 * k * co);
+          double *rows = buf.data(), *res = rows + k * co;
           for (int64_t i = lo; i < hi; ++i) {
-            for (int64_t o = 0; o < co; ++o) {
-              for (int64_t r = 0; r < r_n; ++r) {
-                a[r * co + o] = gt[(i * co + o) * r_n + r];
-                a2[r * co + o] = gt2[(i * co + o) * r_n + r];
-              }
-            }
+            const double *a = gt + i * row, *a2 = gt2 + i * row;
+            weight_rows(w_, ci, co, k, i, rows);
             for_each_tile(co, [&](auto tile, int64_t o0) {
               constexpr int64_t L = decltype(tile)::value;
               for (int64_t q = 0; q < k; ++q) {
                 double w2[L], sum[L] = {};
-                for (int64_t b = 0; b < L; ++b) {
-                  w2[b] = 2.0 * double(w_[((o0 + b) * ci + i) * k + q]);
-                }
+                for (int64_t b = 0; b < L; ++b) w2[b] = 2.0 * rows[q * co + o0 + b];
                 if (!masked) {  // one pattern, reading every tap
                   for (int64_t b = 0; b < L; ++b) sum[b] = a[o0 + b] + w2[b] * a2[o0 + b];
                 } else {
@@ -754,9 +761,13 @@ struct ReluConv : public torch::autograd::Function<ReluConv> {
                     for (int64_t b = 0; b < L; ++b) sum[b] += ar[b] + w2[b] * ar2[b];
                   }
                 }
-                for (int64_t b = 0; b < L; ++b) gw_[((o0 + b) * ci + i) * k + q] = T(sum[b]);
+                for (int64_t b = 0; b < L; ++b) res[q * co + o0 + b] = sum[b];
               }
             });
+            for (int64_t o = 0; o < co; ++o) {
+              T* gwo = gw_ + (o * ci + i) * k;
+              for (int64_t q = 0; q < k; ++q) gwo[q] = T(res[q * co + o]);
+            }
           }
         });
       }
