@@ -26,7 +26,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <memory>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -569,6 +568,16 @@ void pattern_sums(const T* w, const Patterns& p, double* taps, double* taps2) {
 
 constexpr int64_t kLanes = 4;  // input channels side by side in the backward's dot products
 
+// n doubles of the calling thread's scratch memory, kept from call to call and valid until
+// its next call: the backward's buffers of the taps' gradients are large at G = 1 (C_in C_out
+// R each) and a fresh allocation per call cost page faults and heap trimming. One user at a
+// time per thread: the backward of ReluConv, which calls no other kernel while it holds it.
+double* scratch(size_t n) {
+  thread_local std::vector<double> buf;
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
+
 // Inputs: mean, var (G, C_in); weight; bias (C_out,) or undefined; mask (R, K) and share
 // (R,), or both undefined (relu_affine). Outputs: out_mean, out_var (G, C_out).
 struct ReluConv : public torch::autograd::Function<ReluConv> {
@@ -687,9 +696,10 @@ struct ReluConv : public torch::autograd::Function<ReluConv> {
       }
       // the taps' gradients: sums over groups of E[ReLU z] d/d mp (taps2: Var[ReLU z] d/d vp),
       // (C_in, R, C_out), so that the weight's gradient below reads rows of C_out; filled by
-      // the first group (`axpy` into 0.0: the same bits), not zeroed first
-      std::unique_ptr<double[]> gt_v(new double[ci * row]), gt2_v(new double[ci * row]);
-      double *gt = gt_v.get(), *gt2 = gt2_v.get();
+      // the first group (`axpy` into 0.0: the same bits), not zeroed first; in the thread's
+      // `scratch`
+      double* gt = scratch(2 * ci * row);
+      double* gt2 = gt + ci * row;
       if (g == 0) {  // no group: no term
         std::fill(gt, gt + ci * row, 0.0);
         std::fill(gt2, gt2 + ci * row, 0.0);
