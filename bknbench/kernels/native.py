@@ -101,8 +101,12 @@ def usable(*tensors) -> bool:
     if module() is None or torch.compiler.is_compiling():
         return False
     dtype = tensors[0].dtype
-    return dtype in (torch.float32, torch.float64) and all(
-        t is None or (t.device.type == "cpu" and t.dtype == dtype) for t in tensors)
+    if dtype not in (torch.float32, torch.float64):
+        return False
+    for t in tensors:  # a loop, not all(generator): called per layer and step
+        if t is not None and (t.device.type != "cpu" or t.dtype != dtype):
+            return False
+    return True
 
 
 def build(verbose: bool = False):

@@ -162,6 +162,17 @@ class BatchKalmanNorm(StatsNorm):
         self.posterior: Posterior | None = None  # this forward's, for successors
         self.in_shape: tuple[int, ...] = ()  # spatial shape of the input, for sampling
 
+    # per-forward state, set a few times per layer and step (the model's pre-hook clears it
+    # too): plain attributes, past nn.Module.__setattr__, which would look each name up among
+    # the parameters, buffers and submodules first (none of these values is one of them)
+    _PLAIN = frozenset({"posterior", "in_shape"})
+
+    def __setattr__(self, name, value):
+        if name in BatchKalmanNorm._PLAIN:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     def weight_on_prediction(self, n_values: int):
         if self.gain == "learnable":
             return 1.0 - torch.sigmoid(self.gain_logit)

@@ -77,14 +77,21 @@ def _out_shape(axes) -> tuple[int, ...]:
 def _affine(op, borders: str, relu: bool):
     """The rule of a linear or convolution layer, after a ReLU when ``relu``."""
     groups = getattr(op, "groups", 1)
+    known = {}  # map shape -> its geometry: the op's is fixed, worked out once per shape
+
+    def geometry(shape):
+        """(axes, out shape, whether borders change nothing) on maps of ``shape``."""
+        if isinstance(op, nn.Linear):  # a flattened map: every input is read, no borders
+            return None, (), True
+        axes = conv_axes(op, shape)
+        return axes, _out_shape(axes), borders == "ignore" or trivial(axes)
 
     def rule(mean, var, shape):
-        if isinstance(op, nn.Linear):  # a flattened map: every input is read, no borders
-            axes, out = None, ()
+        if torch.compiler.is_compiling():  # the compiler traces the geometry, not a cache
+            axes, out, plain = geometry(shape)
         else:
-            axes = conv_axes(op, shape)
-            out = _out_shape(axes)
-        if axes is None or borders == "ignore" or trivial(axes):
+            axes, out, plain = known.get(shape) or known.setdefault(shape, geometry(shape))
+        if plain:
             if relu and groups == 1:  # the fused node (and C++ kernel)
                 return (*relu_affine_moments(mean, var, op.weight, op.bias), out)
             if relu:

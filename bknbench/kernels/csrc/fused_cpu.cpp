@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <cmath>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -426,8 +427,15 @@ C10_ALWAYS_INLINE ReluTerms relu_terms(double mean, double var) {  // as before 
   return {sd, cdf, pdf, m1, var * cdf + mean * m1 - m1 * m1};
 }
 
-// y[j] += a[j] s for j < n: one term more in n sums.
-C10_ALWAYS_INLINE void axpy(int64_t n, double s, const double* a, double* y) {
+// y[j] += a[j] s for j < n: one term more in n sums; `first`: y[j] = 0.0 + a[j] s, the sums'
+// first term (the bits of adding into 0.0, without zeroing y first).
+C10_ALWAYS_INLINE void axpy(int64_t n, double s, const double* a, double* y,
+                            bool first = false) {
+  if (first) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) y[j] = 0.0 + a[j] * s;
+    return;
+  }
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) y[j] += a[j] * s;
 }
@@ -449,6 +457,20 @@ struct Patterns {
 
 double or_one(const double* p, int64_t i) { return p ? p[i] : 1.0; }
 
+// A tensor's values in double, in order, without a tensor op for float32 and float64 (the
+// exact conversion .to(kDouble) makes; at G = 1 two such ops per call cost more than the loops).
+std::vector<double> as_doubles(const Tensor& t) {
+  const Tensor c = t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble
+                       ? t.contiguous()
+                       : t.to(at::kDouble).contiguous();
+  std::vector<double> out(c.numel());
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "bknbench_as_doubles", [&] {
+    const scalar_t* v = c.data_ptr<scalar_t>();
+    for (size_t j = 0; j < out.size(); ++j) out[j] = double(v[j]);
+  });
+  return out;
+}
+
 Patterns patterns_of(const Tensor& mean, const Tensor& weight, const Tensor& mask,
                      const Tensor& share) {
   const int64_t g = mean.size(0), ci = mean.size(1), co = weight.size(0);
@@ -462,8 +484,8 @@ Patterns patterns_of(const Tensor& mean, const Tensor& weight, const Tensor& mas
               "relu_conv: a tap mask (R, ", k, ") and shares (R,), got ", mask.sizes(), " and ",
               share.defined() ? share.sizes() : at::IntArrayRef{});
   p.r = mask.size(0);
-  const Tensor mc = mask.to(at::kDouble).contiguous(), sc = share.to(at::kDouble).contiguous();
-  const double* m = mc.data_ptr<double>();
+  const std::vector<double> m_v = as_doubles(mask);
+  const double* m = m_v.data();
   for (int64_t r = 0; r < p.r; ++r) {
     p.reads_at.push_back(p.reads.size());
     for (int64_t q = 0; q < k; ++q) {
@@ -479,57 +501,81 @@ Patterns patterns_of(const Tensor& mean, const Tensor& weight, const Tensor& mas
     }
   }
   p.readers_at.push_back(p.readers.size());
-  p.share_v.assign(sc.data_ptr<double>(), sc.data_ptr<double>() + p.r);
+  p.share_v = as_doubles(share);
   return p;
 }
 
-// f(j, at) for every (o, i) pair: j = o C_in + i its index in the weight, `at` that of its
-// (i, o, 0) in the taps (C_in, C_out, R). In the order of what f writes, the taps (i, o) or,
-// `by_weight`, the weight (o, i): writes in order, reads jumping (a write that jumps costs
-// more, its line read first; the weight's gradient ran 1.4x slower in the taps' order).
-// Split as for_each_range (counters, not a division per pair).
+// The loops over the weight run per input channel i (the unit of the split), over the
+// output channels o kTile at a time, their sums side by side in registers: each tap sum of
+// (i, o) is its own chain in a fixed order (the taps in order, from 0). At G = 1 these short
+// sums are the kernel's cost; one pair at a time they were bound by the latency of one
+// addition waiting for the last, and a whole row at a time by loads and stores of the sums.
+// `weight_rows` gives the rows: the weight of input channel i as (K, C_out) in double.
+constexpr int64_t kTile = 8;
+
+template <typename T>
+void weight_rows(const T* w, int64_t ci, int64_t co, int64_t k, int64_t i, double* rows) {
+  for (int64_t o = 0; o < co; ++o) {
+    const T* wo = w + (o * ci + i) * k;
+    for (int64_t q = 0; q < k; ++q) rows[q * co + o] = double(wo[q]);
+  }
+}
+
+// f(tile, o0) for the output channels [o0, o0 + tile), tile a std::integral_constant: kTile
+// or, for the last few, 1.
 template <typename F>
-void for_each_tap_unit(const Patterns& p, bool by_weight, int64_t cost, const F& f) {
-  const int64_t ci = p.ci, co = p.co, r_n = p.r;
-  const int64_t inner = by_weight ? ci : co;  // the counter that runs fastest
-  for_each_range(ci * co, cost, [=](int64_t lo, int64_t hi) {
-    for (int64_t u = lo, a = lo / inner, b = lo % inner; u < hi; ++u) {
-      const int64_t o = by_weight ? a : b, i = by_weight ? b : a;
-      f(o * ci + i, (i * co + o) * r_n);
-      if (++b == inner) {
-        b = 0;
-        ++a;
-      }
-    }
-  });
+C10_ALWAYS_INLINE void for_each_tile(int64_t co, const F& f) {
+  int64_t o0 = 0;
+  for (; o0 + kTile <= co; o0 += kTile) f(std::integral_constant<int64_t, kTile>{}, o0);
+  for (; o0 < co; ++o0) f(std::integral_constant<int64_t, 1>{}, o0);
 }
 
 // taps and taps2 (C_in, C_out, R) of a weight (C_out, C_in, K).
 template <typename T>
 void pattern_sums(const T* w, const Patterns& p, double* taps, double* taps2) {
   const bool masked = p.masked;
-  const int64_t k = p.k, r_n = p.r, *reads = p.reads.data(), *reads_at = p.reads_at.data();
-  for_each_tap_unit(p, false, 2 * k * r_n, [=](int64_t j, int64_t at) {
-    const T* wj = w + j * k;
-    for (int64_t r = 0; r < r_n; ++r) {
-      double sum = 0.0, sq = 0.0;
-      if (!masked) {  // every tap (a linear layer: K = 1, and the loop's overhead is the cost)
-        for (int64_t q = 0; q < k; ++q) {
-          const double v = double(wj[q]);
-          sum += v;
-          sq += v * v;
-        }
-      } else {
-        for (int64_t t = reads_at[r]; t < reads_at[r + 1]; ++t) {
-          const double v = double(wj[reads[t]]);
-          sum += v;
-          sq += v * v;
-        }
+  const int64_t ci = p.ci, co = p.co, k = p.k, r_n = p.r;
+  const int64_t *reads = p.reads.data(), *reads_at = p.reads_at.data();
+  for_each_range(ci, 2 * k * r_n * co, [=](int64_t lo, int64_t hi) {
+    std::vector<double> rows_v(k * co);
+    double* rows = rows_v.data();
+    for (int64_t i = lo; i < hi; ++i) {
+      weight_rows(w, ci, co, k, i, rows);
+      for (int64_t r = 0; r < r_n; ++r) {
+        // every tap without a mask (a linear layer: K = 1)
+        const int64_t t0 = masked ? reads_at[r] : 0, t1 = masked ? reads_at[r + 1] : k;
+        double *out = taps + i * co * r_n + r, *out2 = taps2 + i * co * r_n + r;
+        for_each_tile(co, [&](auto tile, int64_t o0) {
+          constexpr int64_t L = decltype(tile)::value;
+          double sum[L] = {}, sq[L] = {};
+          for (int64_t t = t0; t < t1; ++t) {
+            const double* v = rows + (masked ? reads[t] : t) * co + o0;
+#pragma omp simd
+            for (int64_t b = 0; b < L; ++b) {
+              sum[b] += v[b];
+              sq[b] += v[b] * v[b];
+            }
+          }
+          for (int64_t b = 0; b < L; ++b) {
+            out[(o0 + b) * r_n] = sum[b];
+            out2[(o0 + b) * r_n] = sq[b];
+          }
+        });
       }
-      taps[at + r] = sum;
-      taps2[at + r] = sq;
     }
   });
+}
+
+constexpr int64_t kLanes = 4;  // input channels side by side in the backward's dot products
+
+// n doubles of the calling thread's scratch memory, kept from call to call and valid until
+// its next call: the backward's buffers of the taps' gradients are large at G = 1 (C_in C_out
+// R each) and a fresh allocation per call cost page faults and heap trimming. One user at a
+// time per thread: the backward of ReluConv, which calls no other kernel while it holds it.
+double* scratch(size_t n) {
+  thread_local std::vector<double> buf;
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
 }
 
 // Inputs: mean, var (G, C_in); weight; bias (C_out,) or undefined; mask (R, K) and share
@@ -637,49 +683,101 @@ struct ReluConv : public torch::autograd::Function<ReluConv> {
           gvp[go * r_n + r] = s * go_v;
         }
       });
-      // the taps' gradients: sums over groups of E[ReLU z] d/d mp (taps2: Var[ReLU z] d/d vp)
-      std::vector<double> gt_v(ci * row, 0.0), gt2_v(ci * row, 0.0);
-      double *gt = gt_v.data(), *gt2 = gt2_v.data();
+      // the same per (g, r, o), for the taps' gradients in the layout (C_in, R, C_out)
+      std::vector<double> gmpt_v(g * row), gvpt_v(g * row);
+      double *gmpt = gmpt_v.data(), *gvpt = gvpt_v.data();
+      for (int64_t gg = 0; gg < g; ++gg) {
+        for (int64_t o = 0; o < co; ++o) {
+          for (int64_t r = 0; r < r_n; ++r) {
+            gmpt[(gg * r_n + r) * co + o] = gmp[(gg * co + o) * r_n + r];
+            gvpt[(gg * r_n + r) * co + o] = gvp[(gg * co + o) * r_n + r];
+          }
+        }
+      }
+      // the taps' gradients: sums over groups of E[ReLU z] d/d mp (taps2: Var[ReLU z] d/d vp),
+      // (C_in, R, C_out), so that the weight's gradient below reads rows of C_out; filled by
+      // the first group (`axpy` into 0.0: the same bits), not zeroed first; in the thread's
+      // `scratch`
+      double* gt = scratch(2 * ci * row);
+      double* gt2 = gt + ci * row;
+      if (g == 0) {  // no group: no term
+        std::fill(gt, gt + ci * row, 0.0);
+        std::fill(gt2, gt2 + ci * row, 0.0);
+      }
       Tensor gm = at::empty({g, ci}, mc.options()), gv = at::empty({g, ci}, mc.options());
       T *gmean_ = gm.data_ptr<T>(), *gvar_ = gv.data_ptr<T>();
-      // per input channel i, the groups in order: the taps' sums over groups stay in i's unit
-      for_each_unit(ci, 4 * g * row, [=](int64_t i) {
-        const double *ti = tp + i * row, *ti2 = tp2 + i * row;
+      // per input channel i, the groups in order: the taps' sums over groups stay in i's
+      // unit; kLanes channels side by side, each its own chain in its own order (the dot
+      // products over (o, r) were bound by one addition waiting for the last)
+      const auto channels = [=](auto lanes, int64_t i0) {
+        constexpr int64_t L = decltype(lanes)::value;
         for (int64_t gg = 0; gg < g; ++gg) {
-          const ReluTerms& t = terms[gg * ci + i];
-          const double v1 = std::max(t.v1_raw, 0.0);
           const double *a = gmp + gg * row, *b = gvp + gg * row;
-          double g_m1 = 0.0, g_v1 = 0.0;
+          double g_m1[L], g_v1[L];
+          for (int64_t l = 0; l < L; ++l) g_m1[l] = g_v1[l] = 0.0;
           for (int64_t j = 0; j < row; ++j) {  // (o, r)
-            g_m1 += a[j] * ti[j];
-            g_v1 += b[j] * ti2[j];
+            for (int64_t l = 0; l < L; ++l) {
+              g_m1[l] += a[j] * tp[(i0 + l) * row + j];
+              g_v1[l] += b[j] * tp2[(i0 + l) * row + j];
+            }
           }
-          axpy(row, t.m1, a, gt + i * row);
-          axpy(row, v1, b, gt2 + i * row);
-          if (t.v1_raw < 0) g_v1 = 0.0;  // the clamp at 0 passes the gradient at >= 0
-          // v1 = E[y^2] - m1^2; the phi terms reach var only above the floor
-          const double half_pdf_sd = double(v_[gg * ci + i]) > kVarFloor ? t.pdf / t.sd : 0.0;
-          gmean_[gg * ci + i] = T(g_m1 * t.cdf + 2.0 * g_v1 * t.m1 * (1.0 - t.cdf));
-          gvar_[gg * ci + i] = T(g_v1 * t.cdf + 0.5 * (g_m1 - 2.0 * g_v1 * t.m1) * half_pdf_sd);
+          for (int64_t l = 0; l < L; ++l) {
+            const int64_t i = i0 + l;
+            const ReluTerms& t = terms[gg * ci + i];
+            axpy(row, t.m1, gmpt + gg * row, gt + i * row, gg == 0);
+            axpy(row, std::max(t.v1_raw, 0.0), gvpt + gg * row, gt2 + i * row, gg == 0);
+            const double gv1 = t.v1_raw < 0 ? 0.0 : g_v1[l];  // the clamp passes it at >= 0
+            // v1 = E[y^2] - m1^2; the phi terms reach var only above the floor
+            const double half_pdf_sd =
+                double(v_[gg * ci + i]) > kVarFloor ? t.pdf / t.sd : 0.0;
+            gmean_[gg * ci + i] = T(g_m1[l] * t.cdf + 2.0 * gv1 * t.m1 * (1.0 - t.cdf));
+            gvar_[gg * ci + i] =
+                T(gv1 * t.cdf + 0.5 * (g_m1[l] - 2.0 * gv1 * t.m1) * half_pdf_sd);
+          }
         }
+      };
+      for_each_range(ci, 4 * g * row, [=](int64_t lo, int64_t hi) {
+        int64_t i = lo;
+        for (; i + kLanes <= hi; i += kLanes) {
+          channels(std::integral_constant<int64_t, kLanes>{}, i);
+        }
+        for (; i < hi; ++i) channels(std::integral_constant<int64_t, 1>{}, i);
       });
       g_mean = gm;
       g_var = gv;
       if (ctx->needs_input_grad(2)) {  // W[o, i, k] reaches the taps of the patterns reading k
         g_w = at::empty(wc.sizes(), wc.options());
         T* gw_ = g_w.data_ptr<T>();
-        for_each_tap_unit(p, true, 2 * k * r_n, [=](int64_t j, int64_t at) {
-          for (int64_t q = 0; q < k; ++q) {
-            const double w2 = 2.0 * double(w_[j * k + q]);
-            if (!masked) {  // one pattern, reading every tap
-              gw_[j * k + q] = T(gt[at] + w2 * gt2[at]);
-              continue;
+        // per input channel i (see pattern_sums), per tile of output channels and tap q,
+        // the sum over the patterns reading q, into (K, C_out), written to the weight's
+        // layout after
+        for_each_range(ci, 2 * k * r_n * co, [=](int64_t lo, int64_t hi) {
+          std::vector<double> buf(2 * k * co);
+          double *rows = buf.data(), *res = rows + k * co;
+          for (int64_t i = lo; i < hi; ++i) {
+            const double *a = gt + i * row, *a2 = gt2 + i * row;
+            weight_rows(w_, ci, co, k, i, rows);
+            for_each_tile(co, [&](auto tile, int64_t o0) {
+              constexpr int64_t L = decltype(tile)::value;
+              for (int64_t q = 0; q < k; ++q) {
+                double w2[L], sum[L] = {};
+                for (int64_t b = 0; b < L; ++b) w2[b] = 2.0 * rows[q * co + o0 + b];
+                if (!masked) {  // one pattern, reading every tap
+                  for (int64_t b = 0; b < L; ++b) sum[b] = a[o0 + b] + w2[b] * a2[o0 + b];
+                } else {
+                  for (int64_t t = readers_at[q]; t < readers_at[q + 1]; ++t) {
+                    const double *ar = a + readers[t] * co + o0, *ar2 = a2 + readers[t] * co + o0;
+                    _Pragma("omp simd")  // (a #pragma cannot stand in AT_DISPATCH's argument)
+                    for (int64_t b = 0; b < L; ++b) sum[b] += ar[b] + w2[b] * ar2[b];
+                  }
+                }
+                for (int64_t b = 0; b < L; ++b) res[q * co + o0 + b] = sum[b];
+              }
+            });
+            for (int64_t o = 0; o < co; ++o) {
+              T* gwo = gw_ + (o * ci + i) * k;
+              for (int64_t q = 0; q < k; ++q) gwo[q] = T(res[q * co + o]);
             }
-            double sum = 0.0;
-            for (int64_t t = readers_at[q]; t < readers_at[q + 1]; ++t) {
-              sum += gt[at + readers[t]] + w2 * gt2[at + readers[t]];
-            }
-            gw_[j * k + q] = T(sum);
           }
         });
       }
