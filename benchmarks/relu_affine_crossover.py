@@ -1,8 +1,8 @@
 """Where the C++ relu_affine and relu_conv kernels stop paying: each kernel against its
-PyTorch node (`kernels.fused._ReluAffine`, `kernels.borders._ReluConv`, whose matrix
+PyTorch node (`kernels.relu._ReluAffine`, `kernels.borders._ReluConv`, whose matrix
 products run on BLAS), forward and backward, on one thread, for G groups x C_in x C_out
 channel triples (x R border patterns for relu_conv). The median of 5 repeats of 200 calls
-each, side by side; the ratios decide `fused.NATIVE_RELU_AFFINE_MAX` and
+each, side by side; the ratios decide `relu.NATIVE_RELU_AFFINE_MAX` and
 `borders.NATIVE_RELU_CONV_MAX`.
 
     .venv/bin/python benchmarks/relu_affine_crossover.py
@@ -16,7 +16,7 @@ import torch
 
 from bknbench.kernels import native
 from bknbench.kernels.borders import NATIVE_RELU_CONV_MAX, _axes_tensors, _ReluConv, conv_axis
-from bknbench.kernels.fused import NATIVE_RELU_AFFINE_MAX, _ReluAffine
+from bknbench.kernels.relu import NATIVE_RELU_AFFINE_MAX, _ReluAffine
 
 AFFINE = [(1, 128, 128, ()), (2, 128, 128, ()), (4, 128, 128, ()), (8, 128, 128, ()),
           (64, 128, 128, ()), (1, 32, 64, (3, 3)), (8, 32, 64, (3, 3)), (64, 32, 64, (3, 3))]

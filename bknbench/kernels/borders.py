@@ -22,7 +22,7 @@ from functools import lru_cache
 import torch
 
 from . import native
-from .fused import relu_moments_backward
+from .relu import relu_moments_backward
 from .reference import positions_mixture, relu_moments, relu_terms
 
 
@@ -142,7 +142,7 @@ def conv_moments(mean, var, weight, bias, axes, groups: int = 1):
 
 class _ReluConv(torch.autograd.Function):
     """``conv_moments(*relu_moments(mean, var), weight, bias, axes)`` as one autograd node
-    (dense weight), for the same reason as `fused._ReluAffine`: a few large ops instead of
+    (dense weight), for the same reason as `relu._ReluAffine`: a few large ops instead of
     ~60 small ones. Backward: the mixture over positions R with shares w_r, mean = sum_r w_r
     mp_r, var = sum_r w_r (vp_r + (mp_r - mean)^2), gives d/d mp_r = w_r (g_mean + 2 g_var
     (mp_r - mean)) and d/d vp_r = w_r g_var; then through the tap sums and the ReLU."""

@@ -1,7 +1,7 @@
 """Optional C++ kernels for the CPU training step: `csrc/fused_cpu.cpp`.
 
 They compute exactly what the Python autograd nodes `fused.GroupNormalize`,
-`fused._ReluAffine` and `borders._ReluConv` compute (tests check them against the reference
+`relu._ReluAffine` and `borders._ReluConv` compute (tests check them against the reference
 formulas), with one call per layer forward and one backward instead of ~150 small tensor
 ops; on CPU those ops, not arithmetic, are BKN's cost (docs/PERFORMANCE.md). Their passes over the
 activations are split over torch's intra-op threads (`torch.set_num_threads`) by channel and

@@ -6,7 +6,7 @@ var, shape)`` carrying the spatial shape of the map (the source layer's input sh
 start; convolutions and pooling change it, Flatten and Linear end it). The formulas live in
 kernels/: `relu_moments`, `affine_moments` (reference.py), the border-aware `conv_moments`
 and `pool_moments` (borders.py). ReLU followed by a linear or convolution layer, the pair
-between almost every two norms, is one autograd node: `relu_affine_moments` (fused.py, and
+between almost every two norms, is one autograd node: `relu_affine_moments` (kernels/relu.py, and
 its C++ kernel) where borders change nothing, `relu_conv_moments` (borders.py) where they do.
 Sampled (the authors'): push Gaussian draws through the ops.
 
@@ -25,7 +25,8 @@ from torch import nn
 
 from ..kernels.borders import (adaptive_axis, conv_axis, conv_moments, dense_weight,
                                pool_axis, pool_moments, relu_conv_moments, trivial)
-from ..kernels.fused import group_moments, relu_affine_moments
+from ..kernels.fused import group_moments
+from ..kernels.relu import relu_affine_moments
 from ..kernels.reference import affine_moments, relu_moments
 
 BORDERS = ("exact", "ignore")

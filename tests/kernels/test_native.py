@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from bknbench.kernels import native
-from bknbench.kernels.fused import group_normalize, relu_affine_moments
+from bknbench.kernels.fused import group_normalize
+from bknbench.kernels.relu import relu_affine_moments
 from native_fixture import both, needs_native, threaded, threads
 
 
@@ -136,8 +137,8 @@ def test_relu_affine_native_equals_torch_node(wshape, bias, groups):
 @needs_native
 def test_relu_affine_takes_the_node_past_the_crossover():
     """Small problems on the C++ kernel, large ones (the paper's 64 groups) on the node,
-    whose matrix products run on BLAS (fused.NATIVE_RELU_AFFINE_MAX)."""
-    from bknbench.kernels.fused import NATIVE_RELU_AFFINE_MAX
+    whose matrix products run on BLAS (relu.NATIVE_RELU_AFFINE_MAX)."""
+    from bknbench.kernels.relu import NATIVE_RELU_AFFINE_MAX
 
     def node(groups, c_in=128, c_out=128):
         mean = torch.zeros(groups, c_in, requires_grad=True)

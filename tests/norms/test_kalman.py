@@ -10,7 +10,8 @@ from torch import nn
 from bknbench.norms.kalman import BatchKalmanNorm, Path, Posterior, SumPrior
 from bknbench.kernels.reference import kalman_update, affine_moments, relu_moments, normalize
 from bknbench.norms.transitions import op_moments, sampled_moments
-from bknbench.kernels.fused import relu_affine_moments, group_moments
+from bknbench.kernels.fused import group_moments
+from bknbench.kernels.relu import relu_affine_moments
 from bknbench.norms.batch import GroupedBatchNorm
 from bknbench.norms.registry import parse_spec
 

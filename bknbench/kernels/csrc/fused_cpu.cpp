@@ -3,7 +3,7 @@
 //   relu_affine:     moments after ReLU then a linear or convolution layer
 //   relu_conv:       the same with the convolution's zero padding counted (border patterns)
 // Same inputs, outputs and gradients as the Python nodes `fused.GroupNormalize`,
-// `fused._ReluAffine` and `borders._ReluConv`; tests check them against the reference
+// `relu._ReluAffine` and `borders._ReluConv`; tests check them against the reference
 // formulas.
 //
 // Why C++: at micro-batch sizes BKN's cost is the number of small tensor ops (about 150 per
@@ -829,7 +829,7 @@ variable_list relu_conv(Tensor mean, Tensor var, Tensor weight, std::optional<Te
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("group_normalize", &group_normalize, "fused.GroupNormalize on CPU");
-  m.def("relu_affine", &relu_affine, "fused._ReluAffine on CPU");
+  m.def("relu_affine", &relu_affine, "relu._ReluAffine on CPU");
   m.def("relu_conv", &relu_conv, "borders._ReluConv on CPU");
   m.def("threads_for", &threads_for, "threads the kernels' split uses (a diagnostic)");
 }
