@@ -17,14 +17,6 @@ RUN = ["run", "--dataset", "synthetic", "--epochs", "1", "--seeds", "0", "--work
        "--quiet"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is fastest, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def assert_one_line_error(result, *words):
     assert result.exit_code == 2, result.output

@@ -33,14 +33,6 @@ TIMING = {"train_time_s", "samples_per_s", "wall_s"}  # the only columns allowed
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def start(*args) -> subprocess.Popen:
     """`bknbench ARGS` in its own process group, as a terminal would run it: with Ctrl-C's
     default action, even where pytest runs as a background job of a script, which a shell
