@@ -27,7 +27,7 @@ from ..errors import ConfigError
 from ..kernels.fused import group_moments
 from .batch import StatsNorm
 from .registry import EPS, MOMENTUM, TOTAL, Neighbours, Option, register
-from .common import (CountsMicroBatches, agreed, normalize_given, push,
+from .common import (CountsMicroBatches, agreed, eager_when_compiled, normalize_given, push,
                      statistics_precision, window_sums)
 
 CONV_WEIGHT = ((nn.Conv1d, torch.nn.grad.conv1d_weight), (nn.Conv2d, torch.nn.grad.conv2d_weight))
@@ -148,7 +148,7 @@ class CrossIterationBatchNorm(CountsMicroBatches, StatsNorm):
         """Per group of a forward: past the burn-in (its entry counts for later ones)."""
         return [t0 + j >= self.at(self.burnin) for j in range(g)]
 
-    @torch.compiler.disable  # a host-side schedule and counter, rings: eager under --compile
+    @eager_when_compiled
     def train_forward(self, x: torch.Tensor, g: int, n_values: int) -> torch.Tensor:
         m, s = group_moments(statistics_precision(x), g)  # (G, C), differentiable
         t0 = self.seen()

@@ -15,6 +15,9 @@ takes them of a run length it names (``reference_run``).
 """
 from __future__ import annotations
 
+import functools
+import sys
+
 import torch
 import torch.nn.functional as F
 
@@ -51,6 +54,24 @@ class CountsMicroBatches:
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self._seen = None
+
+
+def eager_when_compiled(fn):
+    """``torch.compiler.disable(fn)`` (a host-side schedule, counters and rings cannot be
+    traced), made at the first call in a process that has torch.compile loaded: the
+    decorator itself imports torch._dynamo, about 1 s of every process's start-up, which
+    a process that never compiles need not pay."""
+    disabled = None
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        nonlocal disabled
+        if disabled is None:
+            if "torch._dynamo" not in sys.modules:
+                return fn(*args, **kwargs)
+            disabled = torch.compiler.disable(fn)
+        return disabled(*args, **kwargs)
+    return call
 
 
 # ---------------------------------------------------------------- shared math

@@ -31,7 +31,7 @@ from ..kernels.fused import to_channels
 from ..kernels.reference import ema_over_groups
 from .batch import StatsNorm
 from .registry import EPS, TOTAL, Neighbours, Option, register
-from .common import (CountsMicroBatches, agreed, choose, ema_before_each, push,
+from .common import (CountsMicroBatches, agreed, choose, eager_when_compiled, ema_before_each, push,
                      rms_normalize, second_moment, statistics_precision, window_sums)
 
 R_CLIP = 5.0  # r in [1/5, 5] (MABN.py)
@@ -88,7 +88,7 @@ class MovingAverageBatchNorm(CountsMicroBatches, StatsNorm):
     def eval_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.normalize_by(x, self.running_chi)
 
-    @torch.compiler.disable  # a host-side schedule and counter, rings: eager under --compile
+    @eager_when_compiled
     def train_forward(self, x: torch.Tensor, g: int, n_values: int) -> torch.Tensor:
         with torch.no_grad():
             chi_t = second_moment(statistics_precision(to_channels(x.detach(), g))).view(g, -1)

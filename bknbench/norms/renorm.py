@@ -27,7 +27,8 @@ from ..kernels.fused import affine, from_channels, to_channels
 from ..kernels.reference import ema_over_groups
 from .batch import StatsNorm
 from .registry import EPS, TOTAL, Option, register
-from .common import CountsMicroBatches, ema_before_each, statistics_precision
+from .common import (CountsMicroBatches, eager_when_compiled, ema_before_each,
+                     statistics_precision)
 
 D_SHARE = 4 / 7  # d_max's relaxation ends this share of the way to r_max's: (25k-5k)/(40k-5k)
 
@@ -114,7 +115,7 @@ class BatchRenorm(CountsMicroBatches, StatsNorm):
         return F.batch_norm(x, self.running_mean, self.running_std.square() - self.eps,
                             self.weight, self.bias, False, 0.0, self.eps)
 
-    @torch.compiler.disable  # a host-side schedule and counter, rings: eager under --compile
+    @eager_when_compiled
     def train_forward(self, x: torch.Tensor, g: int, n_values: int) -> torch.Tensor:
         t0 = self.seen()
         limits = [self.limits(t0 + k) for k in range(g)]
