@@ -12,7 +12,7 @@ from the device once). Everything goes through the protocol of ``bknbench/norms/
 never a layer's class, so a new batch-dependent normalizer is diagnosed the day it is added.
 
 To add a metric: compute it in ``Diagnostics.epoch_rows`` as a 0-d tensor beside the others
-(they are read in one transfer), and document its name in the README's stats.csv table.
+(they are read in one transfer), and document its name in docs/diagnostics.md's stats.csv table.
 """
 from .diagnostics import Diagnostics
 from .measure import logvar_error, mean_error

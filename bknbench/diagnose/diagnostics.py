@@ -27,7 +27,7 @@ def forked_rng(device: torch.device):
 
 
 class Diagnostics:
-    """Statistics diagnostics of one run (README, "Statistics diagnostics").
+    """Statistics diagnostics of one run (docs/diagnostics.md).
 
     model: the model being trained (probed in place, never changed); x_train: (N, ...) the
     training inputs on the model's device; norm_batch, sgd_batch: the run's micro-batch and
@@ -67,7 +67,7 @@ class Diagnostics:
 
     def epoch_rows(self, epoch: int) -> list[dict]:
         """The stats rows of this epoch: {epoch, layer, layer_name, metric, value}; resets the
-        layers' training counters. Metric names: README, stats.csv."""
+        layers' training counters. Metric names: docs/diagnostics.md, stats.csv."""
         if not self.layers:
             return []
         pop, used = self.probe()

@@ -52,7 +52,7 @@ METRIC_COLUMNS = (
 )
 
 # One row per run, epoch, batch-dependent layer and metric (stats.csv, --diagnose); the
-# metric names are listed in the README ("Statistics diagnostics").
+# metric names are listed in docs/diagnostics.md.
 STATS_COLUMNS = (
     "run_id",
     "epoch",  # 1-based; measured after the epoch's training, with its weights

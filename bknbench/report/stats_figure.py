@@ -1,8 +1,8 @@
 """The statistics diagnostics figure (stats.csv, `bknbench run --diagnose`).
 
 Per batch-dependent layer a column of panels, per (dataset, model) two rows: the mean error
-(m - mu)^2 / var and the log-variance error (log(v / var))^2 (README, "Statistics
-diagnostics") against the micro-batch size, both axes logarithmic. A line per spec: solid,
+(m - mu)^2 / var and the log-variance error (log(v / var))^2 (docs/diagnostics.md,
+against the micro-batch size, both axes logarithmic. A line per spec: solid,
 the statistics training normalizes with ("used"); dashed, the running statistics evaluation
 uses. Each point is the mean over seeds of the last epoch's value; only ok runs enter. Specs
 are drawn in order with decreasing line width, so that identical lines (bkn:p=0 and bn) both

@@ -201,9 +201,9 @@ DET_ONE = ["run", "--dataset", "synthetic", "--norms", "gn", "--batch-sizes", "1
 
 def test_deterministic_serial_equals_a_worker_process(tmp_path):
     """--deterministic fixes the thread count at 1: this process (2 threads) and a worker
-    process (a pool of one gets all cores) give the same rows. The same run with --threads
-    2 gives other numbers, so the thread count does matter here (test_ray.py compares Ray
-    on this same run)."""
+    process (a pool of one gets all cores) give the same rows, and --threads 2 is recorded
+    as asked. Whether 2 threads change the floating-point sums depends on the CPU and its
+    BLAS, so no test asserts a difference (test_ray.py compares Ray on this same run)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -218,8 +218,6 @@ def test_deterministic_serial_equals_a_worker_process(tmp_path):
     assert without_timing([serial]) == without_timing([pool])
     assert without_timing(rows(tmp_path / "serial" / "metrics.csv")) == without_timing(
         rows(tmp_path / "pool" / "metrics.csv"))
-    [serial_epoch], [two_epoch] = (rows(tmp_path / n / "metrics.csv") for n in ("serial", "two"))
-    assert serial_epoch["val_loss"] != two_epoch["val_loss"]
 
 
 def reports_its_process(cfg, run_dir: str) -> dict:
