@@ -1,7 +1,7 @@
 """The statistics diagnostics figure (stats.csv, `bknbench run --diagnose`).
 
 Per batch-dependent layer a column of panels, per (dataset, model) two rows: the mean error
-(m - mu)^2 / var and the log-variance error (log(v / var))^2 (docs/diagnostics.md,
+(m - mu)^2 / var and the log-variance error (log(v / var))^2 (docs/diagnostics.md)
 against the micro-batch size, both axes logarithmic. A line per spec: solid,
 the statistics training normalizes with ("used"); dashed, the running statistics evaluation
 uses. Each point is the mean over seeds of the last epoch's value; only ok runs enter. Specs
