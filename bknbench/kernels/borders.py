@@ -23,7 +23,7 @@ import torch
 
 from . import native
 from .relu import relu_moments_backward
-from .reference import positions_mixture, relu_moments, relu_terms
+from .reference import positions_mixture, relu_moments, relu_terms, to_device
 
 
 # ---------------------------------------------------------------- geometry of one axis
@@ -102,8 +102,8 @@ def _axes_tensors(axes, dtype: torch.dtype, device: torch.device):
     mask = torch.ones((1, 1), dtype=dtype, device=device)
     share = torch.ones(1, dtype=dtype, device=device)
     for patterns, counts, out in axes:
-        mask = torch.kron(mask, torch.tensor(patterns, dtype=dtype, device=device))
-        share = torch.kron(share, torch.tensor(counts, dtype=dtype, device=device) / out)
+        mask = torch.kron(mask, to_device(patterns, device, dtype))
+        share = torch.kron(share, to_device(counts, device, dtype) / out)
     return mask, share
 
 

@@ -25,6 +25,21 @@ from .reference import (RUNNING_RULES, ema_over_groups, group_moments_reference,
                         kalman_update, normalize, running_variance)
 
 
+def eval_form_backward(g_yt, xt, weight, mean, var, eps: float):
+    """The backward of `F.batch_norm(xt, mean, var, weight, None, False, 0.0, eps)` (the
+    inference form, statistics given): g_xt = g_y weight r, and per channel
+    sum(g_y (x - mean) r), sum(g_y), with r = (var + eps)^-1/2. xt, g_yt: (B, K, P);
+    weight, mean, var: (K,).
+
+    The saved mean and inverse std are passed although the CPU kernel reads only mean and
+    var in this form (the same bits): CUDA's kernel skips its eval-form path for inputs
+    contiguous with stride 1 on the channel dim ((N, C) features, 1x1 maps) and then
+    asserts "save_mean should always be defined"."""
+    return torch.ops.aten.native_batch_norm_backward(
+        g_yt, xt, weight, mean, var, mean, torch.rsqrt(var + eps), False, eps,
+        [True, True, True])
+
+
 @lru_cache(maxsize=64)
 def _zeros_ones(k: int, dtype: torch.dtype, device: torch.device):
     # constant (mean 0, var 1) statistics for `affine`: read-only, shared
@@ -186,9 +201,8 @@ class GroupNormalize(torch.autograd.Function):
             g_yt = g_yt.to(xt.dtype)
         # y = w_k (x - mu) r + b_k, r = (var + eps)^-1/2: the kernel returns g_y w_k r and the
         # per-channel sums  sum(g_y (x - mu)) r  and  sum(g_y)
-        g_xt, g_wk, g_bk = torch.ops.aten.native_batch_norm_backward(
-            g_yt, xt, w_k, mu.reshape(-1), var.reshape(-1), None, None, False, ctx.eps,
-            [True, True, True])
+        g_xt, g_wk, g_bk = eval_form_backward(g_yt, xt, w_k, mu.reshape(-1), var.reshape(-1),
+                                              ctx.eps)
         g_weight, g_bias = ((g_wk, g_bk) if groups == 1 else
                             (g_wk.view(groups, c).sum(0), g_bk.view(groups, c).sum(0)))
         w_r = w_k.view(groups, c) * torch.rsqrt(var + ctx.eps)

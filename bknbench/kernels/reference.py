@@ -5,6 +5,7 @@ compute the same, and tests hold them to these. Under torch.compile these are wh
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from functools import lru_cache
 
@@ -109,17 +110,36 @@ def _ema_weights(g: int, momentum: float, dtype: torch.dtype, device: torch.devi
     return momentum * decay ** torch.arange(g - 1, -1, -1, dtype=dtype, device=device)
 
 
+def full_precision(device_type: str):
+    """A context without autocast, where it is on: statistics are computed in the dtype of
+    the statistics they start from. CUDA's autocast runs addmv, mm, matmul and einsum in
+    bf16 (CPU's only some of them), which would round a running average every step."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def to_device(values, device, dtype=None) -> torch.Tensor:
+    """Host values (a list, nested lists) as a tensor on ``device`` without waiting for it:
+    a non-blocking copy (from pageable memory CUDA stages the values at once and does not
+    synchronize), where torch.tensor(values, device=cuda) waits for the device."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
 def ema_over_groups(running, stats, momentum, scale: float = 1.0):
     """Running average after G sequential EMA updates, one per group, in closed form.
 
     Equals G updates ``r = (1 - momentum) * r + momentum * scale * stats[g]`` in order, so
     one grouped forward keeps the same running statistics as G separate micro-batch
-    forwards. running: (C,); stats: (G, C) -> (C,). One fused op (addmv).
+    forwards. running: (C,); stats: (G, C) -> (C,), in running's dtype, autocast off
+    (`full_precision`). One fused op (addmv).
     """
     g = stats.shape[0]
     weights = _ema_weights.__wrapped__ if torch.compiler.is_compiling() else _ema_weights
-    w = weights(g, float(momentum), stats.dtype, stats.device)  # (the compiler cannot cache)
-    return torch.addmv(running, stats.t(), w, beta=(1.0 - momentum) ** g, alpha=scale)
+    w = weights(g, float(momentum), running.dtype, running.device)  # (the compiler cannot cache)
+    with full_precision(running.device.type):
+        return torch.addmv(running, stats.to(running.dtype).t(), w,
+                           beta=(1.0 - momentum) ** g, alpha=scale)
 
 
 

@@ -117,7 +117,7 @@ class CrossIterationBatchNorm(CountsMicroBatches, StatsNorm):
             if name.startswith("ring_"):
                 buf.zero_()
         self.micro_batches.zero_()
-        self._seen = None
+        self._seen = 0
 
     def past(self, dtype):
         """The stored micro-batches at today's weights: mu, nu (window, C), and which count."""

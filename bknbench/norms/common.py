@@ -21,24 +21,26 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from ..kernels.fused import from_channels, to_channels
-from ..kernels.reference import normalize
+from ..kernels.fused import eval_form_backward, from_channels, to_channels
+from ..kernels.reference import full_precision, normalize, to_device
 
 
 class CountsMicroBatches:
     """Mixin for an nn.Module: a ``micro_batches`` buffer and its value on the host.
 
-    The host copy is read from the buffer once after construction or a state_dict load, and
-    then kept in step, so deciding a phase never waits for the device."""
+    The host copy is set at construction, reset and state_dict load, and then kept in step,
+    so deciding a phase never waits for the device."""
 
     reference_run = 0  # micro-batches a fraction refers to when the run length is unknown
 
     def init_counter(self) -> None:
         self.register_buffer("micro_batches", torch.tensor(0, dtype=torch.long))
-        self._seen: int | None = None
+        self._seen: int | None = 0
 
     def seen(self) -> int:
-        """Micro-batches seen in training forwards so far."""
+        """Micro-batches seen in training forwards so far, kept on the host: set at
+        construction, reset and state_dict load (from the loaded value), so a step never
+        reads the buffer on the device (only a load that did not include it)."""
         if self._seen is None:
             self._seen = int(self.micro_batches)
         return self._seen
@@ -51,9 +53,11 @@ class CountsMicroBatches:
         """The micro-batch at ``fraction`` of the run (of ``reference_run`` outside a run)."""
         return round(fraction * (self.total or self.reference_run))
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self._seen = None
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        loaded = state_dict.get(prefix + "micro_batches")  # the loaded value, on the host
+        self._seen = None if loaded is None else int(loaded)  # (a checkpoint is loaded on
+        # the CPU: no wait for the device)
 
 
 def eager_when_compiled(fn):
@@ -96,7 +100,8 @@ def ema_before_each(running: torch.Tensor, stats: torch.Tensor, momentum: float)
     k = torch.arange(g, dtype=stats.dtype, device=stats.device)
     lag = k[:, None] - 1 - k[None, :]  # (G, G): g - 1 - j
     w = torch.where(lag >= 0, momentum * decay ** lag.clamp_min(0), 0.0)
-    return decay ** k[:, None] * running[None] + w @ stats
+    with full_precision(stats.device.type):  # a matmul autocast would run in bf16
+        return decay ** k[:, None] * running[None] + w @ stats
 
 
 def agreed(flags: list[bool], device):
@@ -104,7 +109,7 @@ def agreed(flags: list[bool], device):
     branch on the device), else a (G, 1) bool tensor for torch.where."""
     if all(flags) or not any(flags):
         return flags[0]
-    return torch.tensor(flags, device=device)[:, None]
+    return to_device(flags, device)[:, None]
 
 
 def choose(flag, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -121,10 +126,13 @@ def window_sums(past: torch.Tensor, new: torch.Tensor, k: int):
     precede new[g] in the sequence past, new[0], new[1], ... (the current one excluded)."""
     if new.shape[0] == 1:
         return past.sum(0, keepdim=True)
-    seq = torch.cat([past, new])  # (k + G, *T)
-    csum = torch.cat([torch.zeros_like(seq[:1]), seq.cumsum(0)])  # (k + G + 1, *T)
     g = new.shape[0]
-    return csum[k:k + g] - csum[:g]
+    if k == 0:
+        return torch.zeros_like(new)
+    # each window summed on its own (unfold: (G, *T, k) views), not cumsum differences:
+    # cumsum has no deterministic CUDA kernel, and the differences round
+    seq = torch.cat([past, new])  # (k + G, *T)
+    return seq.unfold(0, k, 1)[:g].sum(-1)
 
 
 def push(ring: torch.Tensor, new: torch.Tensor) -> None:
@@ -165,8 +173,7 @@ class _NormalizeGiven(torch.autograd.Function):
         groups, shape = ctx.groups, ctx.shape
         g_yt = to_channels(g_y, groups).to(xt.dtype)
         # eval-form kernel: g_y w r, sum(g_y (x - mean) r) and sum(g_y), r = (var + eps)^-1/2
-        g_xt, g_wk, g_bk = torch.ops.aten.native_batch_norm_backward(
-            g_yt, xt, w_k, mean_k, var_k, None, None, False, ctx.eps, [True, True, True])
+        g_xt, g_wk, g_bk = eval_form_backward(g_yt, xt, w_k, mean_k, var_k, ctx.eps)
         invstd = torch.rsqrt(var_k + ctx.eps)
         w_r = w_k * invstd
         g_mean = (-g_bk * w_r).view(groups, -1)
@@ -216,9 +223,8 @@ class _RmsNormalize(torch.autograd.Function):
         w_k = (weight * r).reshape(-1)
         zeros = torch.zeros_like(w_k)
         # eval-form kernel with mean 0, var chi: g_xt = g s, g_wk = sum(dy z), g_bk = sum(dy)
-        g_xt, g_wk, g_bk = torch.ops.aten.native_batch_norm_backward(
-            to_channels(g_y, groups).to(xt.dtype), xt, w_k, zeros, chi.reshape(-1), None, None,
-            False, ctx.eps, [True, True, True])
+        g_xt, g_wk, g_bk = eval_form_backward(to_channels(g_y, groups).to(xt.dtype), xt, w_k,
+                                              zeros, chi.reshape(-1), ctx.eps)
         psi = (w_k * g_wk).view(groups, c) / (xt.shape[0] * xt.shape[2])  # mean(g z)
         psi_used, ring = psi, ctx.ring
         if ring is not None and ring.shape[0]:

@@ -21,6 +21,7 @@ import torch
 from ..kernels.fused import group_moments
 from ..kernels.reference import kalman_update
 from .batch import gn_groups
+from .common import statistics_precision
 from .kalman import BKN_OPTIONS, BatchKalmanNorm, Posterior
 from .registry import Option, register
 
@@ -42,7 +43,9 @@ class GroupKalmanNorm(BatchKalmanNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c = x.shape[:2]
         self.in_shape = tuple(x.shape[2:])
-        m, s = group_moments(x, n)  # (N, C): every sample is its own statistics group
+        # (N, C): every sample is its own statistics group; float32 under autocast, as the
+        # prediction (kalman.py) and every other normalizer's statistics
+        m, s = group_moments(statistics_precision(x), n)
         mu, var, mu_hat, var_hat = m, s, None, None
         if self.prior is not None:
             transition = self.transition if self.training else "analytic"
@@ -61,7 +64,7 @@ class GroupKalmanNorm(BatchKalmanNorm):
                  * self.weight)
         shift = self.bias - mean_j.expand_as(mu_g).reshape(n, c) * scale
         view = (n, c) + (1,) * (x.dim() - 2)
-        return torch.addcmul(shift.view(view), x, scale.view(view))
+        return torch.addcmul(shift.view(view), x, scale.view(view)).to(x.dtype)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", groups={self.groups}"

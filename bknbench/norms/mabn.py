@@ -74,7 +74,7 @@ class MovingAverageBatchNorm(CountsMicroBatches, StatsNorm):
         self.ring_chi.zero_()
         self.ring_psi.zero_()
         self.micro_batches.zero_()
-        self._seen = None
+        self._seen = 0
 
     def phases(self) -> tuple[int, int]:
         """(first micro-batch, 1-based, of the SMAs; first with r active)."""

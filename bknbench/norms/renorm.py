@@ -28,7 +28,7 @@ from ..kernels.reference import ema_over_groups
 from .batch import StatsNorm
 from .registry import EPS, TOTAL, Option, register
 from .common import (CountsMicroBatches, eager_when_compiled, ema_before_each,
-                     statistics_precision)
+                     statistics_precision, to_device)
 
 D_SHARE = 4 / 7  # d_max's relaxation ends this share of the way to r_max's: (25k-5k)/(40k-5k)
 
@@ -103,7 +103,7 @@ class BatchRenorm(CountsMicroBatches, StatsNorm):
         self.running_mean.zero_()
         self.running_std.fill_(1.0)
         self.micro_batches.zero_()
-        self._seen = None
+        self._seen = 0
 
     def limits(self, t: int) -> tuple[float, float]:
         """(r_max, d_max) for the micro-batch after ``t`` seen."""
@@ -120,7 +120,7 @@ class BatchRenorm(CountsMicroBatches, StatsNorm):
         t0 = self.seen()
         limits = [self.limits(t0 + k) for k in range(g)]
         if any(lim != limits[0] for lim in limits):  # the schedule moves within the forward
-            r_max, d_max = torch.tensor(limits, dtype=x.dtype, device=x.device).unbind(1)
+            r_max, d_max = to_device(limits, x.device, x.dtype).unbind(1)  # no wait
             limits = (r_max[:, None], d_max[:, None])
         else:
             limits = limits[0]

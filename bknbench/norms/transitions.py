@@ -18,8 +18,6 @@ Gaussian where a ReLU acts.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 
@@ -28,6 +26,7 @@ from ..kernels.borders import (adaptive_axis, conv_axis, conv_moments, dense_wei
 from ..kernels.fused import group_moments
 from ..kernels.relu import relu_affine_moments
 from ..kernels.reference import affine_moments, relu_moments
+from ..kernels.reference import full_precision  # noqa: F401 (kalman.py imports it from here)
 
 BORDERS = ("exact", "ignore")
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -182,14 +181,6 @@ def exact_without_sampling(ops) -> bool:
     authors pass statistics through the shortcut."""
     return all(analytic_rule(op) is not None and next(op.parameters(), None) is None
                for op in ops)
-
-
-def full_precision(device_type: str):
-    """A context without autocast, where it is on: moments are statistics, computed in the
-    dtype of the statistics they start from (an autocast matmul would round them to bf16)."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------- sampled
