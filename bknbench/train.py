@@ -104,6 +104,33 @@ def sync(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
+class TrainingMemory:
+    """Peak CUDA memory of the training steps, bytes: the peak over each stretch of steps
+    between evaluations (reset when it starts, read when it ends), less what the dataset
+    holds on the device (``base``). Model, optimizer state, activations and gradients are
+    in it; the dataset, evaluations and diagnostics probes are not. None off CUDA."""
+
+    def __init__(self, device: torch.device):
+        self.device = device if device.type == "cuda" else None
+        self.base = 0
+        self.peak: int | None = None if self.device is None else 0
+
+    def allocated(self) -> int:
+        return 0 if self.device is None else torch.cuda.memory_allocated(self.device)
+
+    def start(self) -> None:
+        if self.device is not None:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def stop(self) -> None:
+        if self.device is not None:
+            top = torch.cuda.max_memory_allocated(self.device) - self.base
+            self.peak = max(self.peak, top)
+
+    def mb(self) -> float | None:
+        return None if self.peak is None else self.peak / 2**20
+
+
 @torch.no_grad()
 def evaluate(model, x, y, batch: int) -> tuple[float, float]:
     """Mean loss and accuracy (%) in eval mode. x: (N, C, *S), y: (N,)."""
@@ -117,6 +144,18 @@ def evaluate(model, x, y, batch: int) -> tuple[float, float]:
         correct += (out.argmax(1) == y[i:i + batch]).sum()
     model.train(was_training)
     return loss.item() / len(x), 100.0 * correct.item() / len(x)
+
+
+def compiled(model):
+    """torch.compile(model), dynamo's caches emptied first. Dynamo guards on the Python
+    values a model reads (norm_batch); after 8 recompilations of the same code in one
+    process (config.recompile_limit) it runs every later model eagerly, silently: a sweep
+    in one process (one worker per GPU) would report eager runs as compiled from its 9th
+    micro-batch size on. Each run compiles its model afresh instead."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    return torch.compile(model)
 
 
 def configure_determinism(cfg: RunConfig) -> None:
@@ -161,7 +200,10 @@ def train_run(cfg: RunConfig, data: Dataset | None = None,
     steps = n_train // cfg.sgd_batch  # drop the last partial batch: every statistic sees
     # exactly norm_batch samples
     model, opt, sched, order = fresh_state(cfg, data, device, steps)
+    memory = TrainingMemory(device)
+    before = memory.allocated()
     data = data.to(device)
+    memory.base = memory.allocated() - before  # the dataset: not training memory
     out = RunOutcome(val_samples=len(data.x_test))
     start_epoch = 0
     if checkpoint is not None and checkpoint.exists():
@@ -171,20 +213,17 @@ def train_run(cfg: RunConfig, data: Dataset | None = None,
             # unreadable (e.g. written by another version): start over, never fail the run
             model, opt, sched, order = fresh_state(cfg, data, device, steps)
             out = RunOutcome(val_samples=len(data.x_test))
-    step_fn = model
-    if cfg.compile:
-        step_fn = torch.compile(model)
+    step_fn = compiled(model) if cfg.compile else model
     augment = None
     if cfg.augment and data.image:
         from .data.augment import crop_flip
         augment = crop_flip
     diag = (Diagnostics(model, data.x_train, cfg.norm_batch, cfg.sgd_batch)
             if cfg.diagnose else None)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     try:
         for epoch in range(start_epoch, cfg.epochs):
             t_epoch = time.perf_counter()
+            memory.start()
             model.train()
             perm = torch.randperm(n_train, generator=order)[: steps * cfg.sgd_batch]
             perm = perm.to(device).view(steps, cfg.sgd_batch)
@@ -210,6 +249,7 @@ def train_run(cfg: RunConfig, data: Dataset | None = None,
                     continue
                 sync(device)  # the training time stops here; the evaluation is not in it
                 out.train_time_s += time.perf_counter() - t_epoch
+                memory.stop()
                 # train_loss and train_acc: over this epoch's steps so far
                 train_loss = loss_sum.item() / i
                 if not math.isfinite(train_loss):
@@ -222,6 +262,7 @@ def train_run(cfg: RunConfig, data: Dataset | None = None,
                     "val_loss": val_loss, "val_acc": val_acc,
                     "lr": opt.param_groups[0]["lr"], "wall_s": time.perf_counter() - t0})
                 t_epoch = time.perf_counter()
+                memory.start()
             if not math.isfinite(train_loss):
                 out.status, out.reason = "diverged", f"training loss became {train_loss} in epoch {epoch + 1}"
                 break
@@ -242,8 +283,8 @@ def train_run(cfg: RunConfig, data: Dataset | None = None,
         out.status, out.reason = "failed", str(e).splitlines()[0]
     except torch.OutOfMemoryError as e:
         out.status, out.reason = "oom", str(e).splitlines()[0]
-    if device.type == "cuda":
-        out.peak_mem_mb = torch.cuda.max_memory_allocated(device) / 2**20
+        memory.stop()
+    out.peak_mem_mb = memory.mb()
     return out
 
 
