@@ -152,7 +152,7 @@ def run(
                            deterministic=deterministic, threads=threads)
         req = RunRequest(norms=norms, batch_sizes=batch_sizes, seeds=seeds, preset=preset,
                          accumulate_to=accumulate_to, out=out, resume=resume, run=run_flags,
-                         verify=verify)
+                         verify=verify, remote_gpus=executor == "ray" and gpus_per_run > 0)
         sweep, out_dir = build_sweep(req)
         from .commands import run_command
 

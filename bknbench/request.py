@@ -29,6 +29,9 @@ class RunRequest:
     resume: Path | None = None
     run: dict = field(default_factory=dict)  # RunConfig fields given as flags (not None)
     verify: bool = False  # check the CIFAR files' MD5 sums before anything reads them
+    # the runs go to Ray workers with GPUs (--gpus-per-run > 0): their device, not this
+    # machine's (`train.resolve_device`)
+    remote_gpus: bool = False
 
 
 DEFAULT_DEVICE = "auto"  # cuda when present, else mps, else cpu
@@ -80,7 +83,7 @@ def build_sweep(req: RunRequest) -> tuple[SweepConfig, Path]:
         except ConfigError as e:
             raise ConfigError(f"{Path(req.resume) / 'sweep.json'}: {e}") from None
         check_files(sweep.base, req.verify)
-        validate(sweep)
+        validate(sweep, req.remote_gpus)
         return sweep, Path(req.resume)
     preset = get_preset(req.preset) if req.preset else None
     run = dict(preset.run) if preset else {}
@@ -91,7 +94,7 @@ def build_sweep(req: RunRequest) -> tuple[SweepConfig, Path]:
         raise ConfigError(f"unknown run setting(s): {', '.join(sorted(unknown))}")
     from .train import resolve_device
 
-    run["device"] = resolve_device(run.get("device", DEFAULT_DEVICE))
+    run["device"] = resolve_device(run.get("device", DEFAULT_DEVICE), req.remote_gpus)
     if run.get("deterministic") and run.get("threads") == 1:
         del run["threads"]  # what --deterministic means anyway: one id for both spellings
     base = RunConfig(spec="", **run)
@@ -109,7 +112,7 @@ def build_sweep(req: RunRequest) -> tuple[SweepConfig, Path]:
         raise ConfigError("--norms names the same spec twice")
     sweep = SweepConfig(specs=tuple(specs), batch_sizes=batches, seeds=seeds, base=base,
                         accumulate_to=accumulate_to)
-    validate(sweep)
+    validate(sweep, req.remote_gpus)
     return sweep, Path(req.out) if req.out is not None else default_out()
 
 
@@ -128,9 +131,10 @@ def check_files(base: RunConfig, verify: bool) -> None:
     verify_cifar(base.dataset, base.data_dir)
 
 
-def validate(sweep: SweepConfig) -> None:
+def validate(sweep: SweepConfig, remote_gpus: bool = False) -> None:
     """Check every value a run would trip over later, and that each spec builds on the
-    model (an analytic transition the model has no rule for fails here)."""
+    model (an analytic transition the model has no rule for fails here); the device where
+    the runs go (remote_gpus: Ray workers', `train.resolve_device`)."""
     from .data import load_dataset
     from .models import make_model
     from .norms import parse_spec
@@ -160,7 +164,7 @@ def validate(sweep: SweepConfig) -> None:
     for b in sweep.batch_sizes:
         if b <= 0:
             raise ConfigError(f"--batch-sizes: {b} is not a positive batch size")
-    resolve_device(base.device)
+    resolve_device(base.device, remote_gpus)
     data = load_dataset(base.dataset, base.data_dir)
     n_train = len(data.x_train)
     runs = sweep.expand()  # also checks --accumulate-to against each batch

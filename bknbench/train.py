@@ -43,8 +43,12 @@ class RunOutcome:
     val_acc_population: float | None = None  # --diagnose: eval with population statistics
 
 
-def resolve_device(name: str) -> str:
-    """auto -> cuda when present, else mps, else cpu. An unavailable device is an error."""
+def resolve_device(name: str, remote_gpus: bool = False) -> str:
+    """auto -> cuda when present, else mps, else cpu. An unavailable device is an error.
+    remote_gpus: the runs go to workers with GPUs (Ray, --gpus-per-run > 0), not to this
+    machine: auto is cuda, and cuda is not looked for here (each worker checks its own)."""
+    if remote_gpus and name in ("auto", "cuda"):
+        return "cuda"
     if name == "auto":
         if torch.cuda.is_available():
             return "cuda"

@@ -168,7 +168,8 @@ def test_bad_ray_input(tmp_path, monkeypatch, args, words):
     import bknbench.train
 
     monkeypatch.setitem(sys.modules, "ray", types.ModuleType("ray"))
-    monkeypatch.setattr(bknbench.train, "resolve_device", lambda name: name)  # cuda or not
+    monkeypatch.setattr(bknbench.train, "resolve_device",
+                        lambda name, remote_gpus=False: name)  # cuda or not
     i = RUN.index("--workers")
     base = RUN[:i] + RUN[i + 2:]  # --workers is for the local executor
     result = runner.invoke(app, base + ["--norms", "gn", "--batch-sizes", "16", "--executor",

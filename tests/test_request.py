@@ -112,3 +112,16 @@ def test_threads_one_with_deterministic_is_the_default_spelled_out():
     assert base(threads=1).threads == 1 and base(threads=1).run_id != base().run_id
     with pytest.raises(ConfigError, match="--threads must be at least 1, got 0"):
         base(threads=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the driver must lack a GPU")
+@pytest.mark.parametrize("device", ["cuda", "auto"])
+def test_a_driver_without_a_gpu_sends_gpu_runs_to_ray_workers(device):
+    """--executor ray --gpus-per-run > 0: the workers' GPUs, not the driver's, decide."""
+    run = {"dataset": "synthetic", "device": device}
+    sweep, _ = build_sweep(RunRequest(norms="gn", batch_sizes="16", run=run, remote_gpus=True))
+    assert sweep.base.device == "cuda"
+    local, _ = build_sweep(RunRequest(norms="gn", batch_sizes="16", run={**run, "device": "auto"}))
+    assert local.base.device == "cpu"
+    with pytest.raises(ConfigError, match="no CUDA device is available"):
+        build_sweep(RunRequest(norms="gn", batch_sizes="16", run={**run, "device": "cuda"}))
