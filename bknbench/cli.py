@@ -110,6 +110,9 @@ def run(
     deterministic: Annotated[Optional[bool], typer.Option("--deterministic", help="Bitwise "
         "repeatable runs, the same on every executor (1 torch thread per run unless "
         "--threads).")] = None,
+    cudnn_benchmark: Annotated[Optional[bool], typer.Option("--cudnn-benchmark", help="cuDNN "
+        "times its convolution algorithms and keeps the fastest (CUDA; not with "
+        "--deterministic).")] = None,
     threads: Annotated[Optional[int], typer.Option(help="Torch threads per run. [default: 1 "
         "with --deterministic, else the executor's share: all cores when serial, cores / "
         "workers, --cpus-per-run on Ray]")] = None,
@@ -149,7 +152,8 @@ def run(
                            data_dir=str(data_dir) if data_dir else None,
                            milestones=int_list(milestones, "--milestones") if milestones else None,
                            device=device, amp=amp, compile=compile,
-                           deterministic=deterministic, threads=threads)
+                           deterministic=deterministic, threads=threads,
+                           cudnn_benchmark=cudnn_benchmark)
         req = RunRequest(norms=norms, batch_sizes=batch_sizes, seeds=seeds, preset=preset,
                          accumulate_to=accumulate_to, out=out, resume=resume, run=run_flags,
                          verify=verify, remote_gpus=executor == "ray" and gpus_per_run > 0)

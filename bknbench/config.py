@@ -45,6 +45,7 @@ class RunConfig:
     amp: bool = False  # bf16 autocast
     compile: bool = False  # torch.compile the model
     deterministic: bool = False  # bitwise repeatable kernels
+    cudnn_benchmark: bool = False  # cuDNN picks its fastest convolution algorithms (CUDA)
     threads: int | None = None  # torch intra-op threads; None: 1 if deterministic, else the
     # executor's share of the cores (see sweep/run.py run_threads)
     eval_batch: int = 1024  # samples per evaluation forward (eval mode: no effect on results)
@@ -91,12 +92,14 @@ def run_id(cfg: RunConfig) -> str:
     """Stable id: the hash of the fully resolved configuration (eval_batch,
     evals_per_epoch and diagnose excluded: they cannot change a result — a diagnosed run
     trains exactly as the same run without, tests/diagnose; threads only when set, so ids
-    from before it existed hold)."""
+    from before it existed hold; cudnn_benchmark likewise)."""
     d = cfg.to_dict()
     for unhashed in ("eval_batch", "evals_per_epoch", "diagnose"):
         d.pop(unhashed)
     if d["threads"] is None:
         d.pop("threads")
+    if not d["cudnn_benchmark"]:  # only when set, as threads
+        d.pop("cudnn_benchmark")
     blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 

@@ -165,6 +165,10 @@ def validate(sweep: SweepConfig, remote_gpus: bool = False) -> None:
         if b <= 0:
             raise ConfigError(f"--batch-sizes: {b} is not a positive batch size")
     resolve_device(base.device, remote_gpus)
+    if base.cudnn_benchmark and (base.deterministic or not base.device.startswith("cuda")):
+        raise ConfigError("--cudnn-benchmark is for --device cuda without --deterministic "
+                          f"(here: --device {base.device}"
+                          f"{', --deterministic' if base.deterministic else ''})")
     data = load_dataset(base.dataset, base.data_dir)
     n_train = len(data.x_train)
     runs = sweep.expand()  # also checks --accumulate-to against each batch

@@ -163,12 +163,12 @@ def compiled(model):
 
 
 def configure_determinism(cfg: RunConfig) -> None:
-    """Set per run, both ways, so a deterministic run never leaks into the next one in
-    the same process."""
+    """Set per run, both ways, so a deterministic (or cudnn-benchmark) run never leaks into
+    the next one in the same process."""
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(cfg.deterministic)
-    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
 
 
 def fresh_state(cfg: RunConfig, data: Dataset, device: torch.device, steps: int):

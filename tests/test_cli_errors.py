@@ -86,6 +86,8 @@ def results_dir(tmp_path_factory):
     pytest.param(["--norms", "gn", "--device", "cuda"], ["no CUDA device is available"],
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here")),
     (["--norms", "gn", "--threads", "0"], ["--threads must be at least 1, got 0"]),
+    (["--norms", "gn", "--device", "cpu", "--cudnn-benchmark"],
+     ["--cudnn-benchmark is for --device cuda", "--device cpu"]),
     (["--norms", "gn", "--preset", "nope"], ["unknown preset 'nope'"]),
     (["--norms", "gn", "--verify"], ["--verify checks the files of cifar10, cifar100",
                                      "--dataset synthetic has none to check"]),
