@@ -75,14 +75,16 @@ class _CatchInput:
 class CrossIterationBatchNorm(CountsMicroBatches, StatsNorm):
     """Args: num_features C; norm_batch; window past micro-batches; burnin fraction of the
     run; rho the weight of the compensation (0: the naive cross-iteration average); total
-    the run length in micro-batches (0: outside a run, no burn-in); eps; momentum.
+    the run length in micro-batches (0: outside a run, no burn-in); weight_init "one" (BN's
+    weight 1) | "uniform" (U(0, 1), the reference's); eps; momentum.
     Input (N, C) or (N, C, *spatial); output the same shape."""
 
     label = "CBN"
 
     def __init__(self, num_features, norm_batch, window=3, burnin=0.67, rho=1.0, total=0,
-                 eps=1e-5, momentum=0.1):
+                 weight_init="one", eps=1e-5, momentum=0.1):
         super().__init__(num_features, norm_batch, eps=eps, momentum=momentum)
+        self.weight_init = weight_init
         self.window, self.burnin, self.rho, self.total = window, burnin, rho, total
         k = window
         self.register_buffer("ring_mu", torch.zeros(k, num_features))
@@ -91,6 +93,12 @@ class CrossIterationBatchNorm(CountsMicroBatches, StatsNorm):
         self.init_counter()
         self._feed: tuple[nn.Module, ...] = ()  # a tuple: not registered as a submodule
         self.feed_input: torch.Tensor | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if self.weight_init == "uniform":  # the reference's nn.init.uniform_
+            nn.init.uniform_(self.weight)
 
     @property
     def feed(self) -> nn.Module | None:
@@ -208,6 +216,9 @@ class CrossIterationBatchNorm(CountsMicroBatches, StatsNorm):
            "rho": Option(float, 1.0, lambda v: v >= 0, ">= 0",
                          "weight of the Taylor compensation (0: naive average)"),
            "total": TOTAL,
+           "weight_init": Option(("one", "uniform"), "one",
+                                 help="the norm's weight starts at 1 (as bn) or U(0, 1) "
+                                      "(reference)"),
            "eps": EPS,
            "momentum": MOMENTUM},
           neighbours=Neighbours(feed=True))

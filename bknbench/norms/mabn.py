@@ -14,9 +14,9 @@ Eval: y = weight x / sqrt(chi_E + eps) + bias.
 
 Phases (MABN.py: current statistics while t <= K or t < warmup_iters = 100; r = 1 while
 t <= max(1000, warmup_iters); the det run has 180k iterations), as fractions of the run:
-the SMAs from micro-batch max(K + 1, warmup) on, r from max(that, r_warmup) on. Defaults
-5.6e-4 and 5.6e-3, about 100 and 1000 of 180k; 180k micro-batches is the run assumed outside
-a bknbench run.
+the SMAs from micro-batch max(K + 1, warmup) on, r from max(that, r_warmup + 1) on. Defaults
+100/180k and 1000/180k (5.56e-4, 5.56e-3): the SMAs from micro-batch 100 and r from 1001 of
+180k exactly, as MABN.py; 180k micro-batches is the run assumed outside a bknbench run.
 
 ``center=1`` asks the model builder to centre the weight of the layer feeding each MABN layer
 (W minus its mean over input channels and kernel, per output channel: MABN's CenConv2d).
@@ -35,6 +35,9 @@ from .common import (CountsMicroBatches, agreed, choose, eager_when_compiled, em
                      rms_normalize, second_moment, statistics_precision, window_sums)
 
 R_CLIP = 5.0  # r in [1/5, 5] (MABN.py)
+REFERENCE_RUN = 180_000  # micro-batches of the MABN detection run
+WARMUP = 100 / REFERENCE_RUN  # the SMAs from micro-batch 100 of it (MABN.py warmup_iters)
+R_WARMUP = 1000 / REFERENCE_RUN  # r = 1 through micro-batch 1000 of it
 
 
 class Centred(nn.Module):
@@ -51,11 +54,11 @@ class MovingAverageBatchNorm(CountsMicroBatches, StatsNorm):
     micro-batch's chi) | "one"; center (read by the model builder); eps; momentum.
     Input (N, C) or (N, C, *spatial); output the same shape."""
 
-    reference_run = 180_000
+    reference_run = REFERENCE_RUN
     label = "MABN"
     min_values = 1  # a second moment is defined on one value
 
-    def __init__(self, num_features, norm_batch, batch=32, warmup=5.6e-4, r_warmup=5.6e-3,
+    def __init__(self, num_features, norm_batch, batch=32, warmup=WARMUP, r_warmup=R_WARMUP,
                  total=0, ema_init="first", center=1, eps=1e-5,
                  momentum=0.02):
         super().__init__(num_features, norm_batch, eps=eps, momentum=momentum)
@@ -151,9 +154,9 @@ def _neighbours(options) -> Neighbours:
           "and of the gradient term in the backward, EMA-based correction r",
           {"batch": Option(int, 32, lambda v: v >= 1, ">= 1",
                            "samples the SMAs stand for: K = batch / micro-batch (MABN: 32)"),
-           "warmup": Option(float, 5.6e-4, lambda v: 0 <= v <= 1, "in [0, 1]",
+           "warmup": Option(float, WARMUP, lambda v: 0 <= v <= 1, "in [0, 1]",
                             "fraction of the run before the SMAs (MABN: 100 of 180k)"),
-           "r_warmup": Option(float, 5.6e-3, lambda v: 0 <= v <= 1, "in [0, 1]",
+           "r_warmup": Option(float, R_WARMUP, lambda v: 0 <= v <= 1, "in [0, 1]",
                               "fraction of the run with r = 1 (MABN: 1000 of 180k)"),
            "total": TOTAL,
            "ema_init": Option(("first", "one"), "first",

@@ -224,3 +224,14 @@ def test_checkpointed_run_resumes_the_window(tmp_path):
     keys = ("train_loss", "train_acc", "val_loss", "val_acc")
     assert [[r[k] for k in keys] for r in resumed.epochs] == [[r[k] for k in keys]
                                                               for r in full.epochs]
+
+
+def test_weight_init_one_as_bn_or_uniform_as_the_reference():
+    """The reference's CBN layer draws its weight from U(0, 1) (nn.init.uniform_); the
+    default starts at 1, as bn, so that cbn against bn is the method alone."""
+    assert torch.equal(parse_spec("cbn").build(64, 2).weight.detach(), torch.ones(64))
+    torch.manual_seed(3)
+    layer = parse_spec("cbn:weight_init=uniform").build(64, 2)
+    torch.manual_seed(3)
+    assert torch.equal(layer.weight.detach(), torch.rand(64))  # U(0, 1), one draw each
+    assert torch.equal(layer.bias.detach(), torch.zeros(64))

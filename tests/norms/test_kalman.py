@@ -262,11 +262,12 @@ def test_layer_forward_matches_a_by_hand_computation(spec):
     m2, s2 = group_moments(h, 4)
     p = {"bkn": 0.9, "bkn:p=0.5": 0.5, "bkn:gain=adaptive,n0=10": 10 / (10 + 12),
          "bkn:gain=learnable,p=0.7": 0.7, "bkn:propagate=output": 0.9}[spec]
-    if second.gain == "learnable":
-        p = second.weight_on_prediction(12)  # a tensor: the gradient path
-        assert p.item() == pytest.approx(0.7, abs=1e-6)  # initialised at p (float32 logit)
-    p_used = torch.as_tensor(second.weight_on_prediction(12)).detach()
-    assert p_used.item() == pytest.approx(float(torch.as_tensor(p).detach()), abs=1e-12)
+    if second.gain == "learnable":  # p = 1 - sigmoid(logit), the logit at log((1 - p) / p)
+        logit = second.gain_logit.item()  # float32: p is 0.7 to about 1e-7
+        assert logit == pytest.approx(math.log(0.3 / 0.7), abs=1e-6)
+        p = 1 - 1 / (1 + math.exp(-logit))
+    p_used = float(torch.as_tensor(second.weight_on_prediction(12)))
+    assert p_used == pytest.approx(p, abs=1e-7)
     mu, var = kalman_update(m2, s2, mu_hat, var_hat, p)
     assert not torch.allclose(mu, m2)  # the prediction was used (guard not triggered)
     torch.testing.assert_close(second.posterior.mu, mu, rtol=1e-10, atol=1e-10)

@@ -159,3 +159,28 @@ def test_window_from_the_batch_option():
     assert parse_spec("mabn").build(C, 2).window == 16  # MABN's 32 / 2
     assert parse_spec("mabn").build(C, 32).window == 1
     assert parse_spec("mabn:batch=128").build(C, 8).ring_psi.shape == (15, C)
+
+
+def test_default_phases_are_the_reference_iterations():
+    """MABN.py over its 180k-iteration run: current statistics while t < warmup_iters = 100,
+    r = 1 while t <= 1000; a run twice as long doubles both."""
+    assert _layer("mabn:center=0").phases() == (100, 1001)
+    assert _layer("mabn:center=0,total=360000").phases() == (200, 2001)
+
+
+def test_the_sma_starts_at_micro_batch_100():
+    """K = 4 / 2 = 2: micro-batch 99 is normalized by its own chi, micro-batch 100 by the
+    mean of chi_99 and chi_100 (r still 1)."""
+    layer = _layer("mabn:batch=4,center=0")
+    w, b = layer.weight.detach().view(1, C), layer.bias.detach().view(1, C)
+    chis, ys, xs = [], [], []
+    for t in range(1, 101):
+        x = _x((2, C), seed=t)
+        y = layer(x).detach()
+        chis.append((x * x).mean(0))
+        xs.append(x)
+        ys.append(y)
+    own = w * xs[98] / torch.sqrt(chis[98] + EPS) + b
+    torch.testing.assert_close(ys[98], own, rtol=1e-12, atol=1e-12)
+    sma = w * xs[99] / torch.sqrt((chis[98] + chis[99]) / 2 + EPS) + b
+    torch.testing.assert_close(ys[99], sma, rtol=1e-12, atol=1e-12)

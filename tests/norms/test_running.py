@@ -70,12 +70,18 @@ def test_running_variance_against_the_truth(rule, p, b, sample_shape, backend):
     assert layer.running_mean.sub(MU).abs().mean() < 0.05 * math.sqrt(SIGMA2)
 
 
-def test_the_issue_figure_and_its_fix():
+@pytest.mark.parametrize("rule, eval_std", [("posterior", math.sqrt(1 / 1.99)),
+                                             ("observed", 1.0)])
+def test_the_issue_figure_and_its_fix(rule, eval_std):
     """(N, C), micro-batch 2, p = 0.9, a right prediction: the old rule (`posterior`) ends at
-    ~1.99 sigma^2, so eval outputs are ~0.71x what training saw; `observed` at sigma^2."""
-    assert _expected("posterior", 0.9, 2) == pytest.approx(1.99)
-    assert math.sqrt(0.995 / _expected("posterior", 0.9, 2)) == pytest.approx(0.707, abs=1e-3)
-    assert _expected("posterior", 0.9, 4) == pytest.approx(1.33)
+    (0.9 + 0.1 / 2 + 0.09 / 2) x 2 = 1.99 sigma^2, so the layer's eval outputs have std
+    0.71 where training saw 1; `observed` ends at sigma^2 and keeps 1."""
+    layer = _layer(256, 2, 64, 0.9, rule)
+    _train(layer, (256,), 2, 64, steps=32)
+    layer.eval()
+    g = torch.Generator().manual_seed(5)
+    y = layer(MU + math.sqrt(SIGMA2) * torch.randn(512, 256, generator=g, dtype=D))
+    assert y.std().item() == pytest.approx(eval_std, abs=0.02)
 
 
 @pytest.mark.parametrize("rule", ["observed", "posterior", "authors"])

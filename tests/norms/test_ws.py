@@ -1,5 +1,7 @@
 """WS + GN: the builder standardizes exactly the layers feeding a norm; the network computes
 GroupNorm(conv(x, W_hat)); the biased/unbiased convention is removed by the GroupNorm."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -56,13 +58,23 @@ def test_ws_gn_cnn_is_groupnorm_of_standardized_convolutions():
     torch.testing.assert_close(net(x), out, rtol=1e-10, atol=1e-10)
 
 
+def test_standardized_against_hand_numbers():
+    # filter [1, 2, 3]: mean 2, biased variance 2/3; filter [0, 0, 4]: mean 4/3, variance 32/9
+    w = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 4.0]], dtype=D)
+    s1, s2 = math.sqrt(2 / 3 + 1e-6), math.sqrt(32 / 9 + 1e-6)
+    want = torch.tensor([[-1 / s1, 0.0, 1 / s1],
+                         [-4 / 3 / s2, -4 / 3 / s2, 8 / 3 / s2]], dtype=D)
+    torch.testing.assert_close(Standardized()(w), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(standardized(w), want, rtol=1e-12, atol=1e-12)  # the oracle
+
+
 def test_the_variance_convention_cancels_in_the_groupnorm():
-    """timm's biased variance vs the authors' unbiased std: one common factor per layer,
-    which GroupNorm removes (up to eps)."""
+    """timm's biased variance (the layer) vs the authors' unbiased std (the equation here):
+    one common factor per layer, which GroupNorm removes (up to eps)."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(8, 3, 3, generator=g, dtype=D)
     x = _x((4, 3, 10))
-    a = F.group_norm(F.conv1d(x, standardized(w, 0.0, 0)), 4, eps=1e-12)
+    a = F.group_norm(F.conv1d(x, Standardized(eps=0.0)(w)), 4, eps=1e-12)
     b = F.group_norm(F.conv1d(x, standardized(w, 0.0, 1)), 4, eps=1e-12)
     torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
 

@@ -90,6 +90,11 @@ def alive(pid: int) -> bool:
         return False
 
 
+def mid_run(out: Path) -> bool:
+    """A run without a record has checkpointed an epoch: the sweep is inside a run."""
+    return any(not (p.parent / "record.json").exists() for p in out.glob("runs/*/checkpoint.pt"))
+
+
 def check_consistent(out: Path, seen_rows: dict, seen_csv: dict) -> None:
     """The state a kill may leave: whole records; an index that parses, has no duplicate
     and lags at most the one record committed at the kill; finished rows unchanged."""
@@ -117,7 +122,8 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
         before = len(records(out))
         proc = start("run", *where, "--workers", str(workers))
         wait_for(lambda: len(records(out)) > before or proc.poll() is not None)
-        time.sleep(rng.uniform(0.0, 0.6))  # anywhere in a run, its commit, or the next start
+        if rng.random() < 0.5:  # else at once: in the commit of the record just seen
+            wait_for(lambda: mid_run(out) or proc.poll() is not None)
         workers_pids = children(proc.pid)
         with contextlib.suppress(ProcessLookupError):  # unless it has finished already
             if group:
@@ -237,13 +243,20 @@ def reports_its_process(cfg, run_dir: str) -> dict:
 
 
 def dies_at_seed_1(cfg, run_dir: str) -> dict:
-    """Stand-in for execute_run in a worker: seed 1 kills its process, every time; the
-    others take a while, so they are in flight when it dies."""
-    with open(Path(run_dir) / "calls", "a") as f:
+    """Stand-in for execute_run in a worker: seed 1 kills its process, every time, once
+    seed 0 has started; seed 0 stays in flight until the pool its death breaks ends its
+    worker."""
+    import dataclasses
+
+    calls = Path(run_dir) / "calls"
+    with open(calls, "a") as f:
         f.write("x")
     if cfg.seed == 1:
+        other = Path(run_dir).parent / dataclasses.replace(cfg, seed=0).run_id / "calls"
+        wait_for(other.exists, timeout_s=60)
         os._exit(1)
-    time.sleep(0.5)
+    if cfg.seed == 0 and calls.read_text() == "x":
+        wait_for(lambda: False, timeout_s=120)  # "timed out": the pool never ended it
     return {"row": {"run_id": cfg.run_id, "status": "ok"}, "metrics": [], "finished_at": 0.0}
 
 
@@ -303,8 +316,9 @@ def test_worker_death_reruns_the_others_and_fails_the_culprit(tmp_path):
     assert len(done) == 3 and sorted(by_seed) == [0, 1, 2]
     assert by_seed[0]["status"] == by_seed[2]["status"] == "ok"
     assert by_seed[1]["status"] == "failed" and "worker process died" in by_seed[1]["reason"]
-    # the culprit ran twice: with the others, then alone
+    # the culprit ran twice: with the others, then alone; the one beside it ran again
     assert (store.run_dir(tasks[1].run_id) / "calls").read_text() == "xx"
+    assert (store.run_dir(tasks[0].run_id) / "calls").read_text() == "xx"
 
 
 def test_failures_are_recorded_and_the_sweep_goes_on(tmp_path):
