@@ -84,6 +84,12 @@ def _load(results: Path, norms, batch_sizes):
     from .report.results import load_results, select
 
     res = load_results(results)
+    if res.split:
+        from .render import stderr
+
+        stderr.print(f"note: {results} holds runs of one spec and micro-batch that differ in "
+                     f"{', '.join(res.split)}; they are kept apart, each spec naming its "
+                     "values", highlight=False, soft_wrap=True)
     if norms or batch_sizes:
         res = select(res, specs=split_specs(norms) if norms else None,
                      batch_sizes=int_list(batch_sizes, "--batch-sizes") if batch_sizes else None)

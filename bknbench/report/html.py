@@ -168,7 +168,7 @@ def _sweep_section(i: int, folder: Path, results: Results) -> str:
 <section id="sweep-{i}">
 <h2>Sweep {i}: {escape(title)}</h2>
 <p class="sub">results folder <code>{escape(str(folder))}</code></p>
-<p>{_grid_text(runs)}</p>
+<p>{_grid_text(runs)}</p>{_split_note(results)}
 <h3>Comparison</h3>
 {_summary_table(summary, f"table-{i}")}
 <p class="note">{escape(method_note(summary))}. Click a column to sort.</p>
@@ -186,6 +186,14 @@ several values: they differ between runs)</p>{_kv(resolved_config(runs))}</div>
 <h3>Reproduce</h3>
 <pre>{escape(run_command(folder, runs))}</pre>
 </section>"""
+
+
+def _split_note(results: Results) -> str:
+    if not results.split:
+        return ""
+    return (f'<p class="note">This folder holds runs of one spec and micro-batch that differ in '
+            f'{escape(", ".join(results.split))}: they are never pooled; each spec names its '
+            "values.</p>")
 
 
 def _headline(i: int, results: Results) -> str:

@@ -70,10 +70,15 @@ def environment(runs: pd.DataFrame, folder: Path) -> list[tuple[str, str]]:
     return rows
 
 
+def flag_name(name: str) -> str:
+    """The `bknbench run` flag of a RunConfig or SweepConfig field."""
+    return FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+
+
 def _flag(name: str, value) -> list[str]:
     if name in PER_RUN or name in NO_FLAG or value is None:
         return []
-    flag = FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+    flag = flag_name(name)
     if name == "augment":
         return ["--augment" if value else "--no-augment"]
     if isinstance(value, bool):
@@ -104,16 +109,48 @@ def _sweep(folder: Path, runs: pd.DataFrame) -> dict:
 
 
 def run_command(folder: Path, runs: pd.DataFrame) -> str:
-    """The `bknbench run` command line that makes this folder's runs again, into `folder`."""
+    """The `bknbench run` command line that makes this folder's runs again, into `folder`:
+    one per grid of the sweep's history (a sweep extended with more seeds or sizes), grids
+    that differ in one axis only merged into one command."""
     sweep = _sweep(folder, runs)
-    args = ["bknbench", "run", "--norms", ",".join(sweep["specs"]),
-            "--batch-sizes", ",".join(map(str, sweep["batch_sizes"])),
-            "--seeds", ",".join(map(str, sweep["seeds"]))]
-    if sweep.get("accumulate_to") is not None:
-        args += ["--accumulate-to", str(sweep["accumulate_to"])]
-    for name, value in sweep.get("base", {}).items():
-        args += _flag(name, value)
-    return _wrap(args + ["--out", str(folder)])
+    commands = []
+    for grid in merged_grids(sweep.get("history") or [sweep]):
+        args = ["bknbench", "run", "--norms", ",".join(grid["specs"]),
+                "--batch-sizes", ",".join(map(str, grid["batch_sizes"])),
+                "--seeds", ",".join(map(str, grid["seeds"]))]
+        if sweep.get("accumulate_to") is not None:
+            args += ["--accumulate-to", str(sweep["accumulate_to"])]
+        for name, value in sweep.get("base", {}).items():
+            args += _flag(name, value)
+        commands.append(_wrap(args + ["--out", str(folder)]))
+    return "\n".join(commands)
+
+
+AXES = ("specs", "batch_sizes", "seeds")
+
+
+def merged_grids(grids: list[dict]) -> list[dict]:
+    """The grids of a sweep's history, fewest commands first: a grid inside another is
+    dropped, two grids equal but on one axis become one with that axis joined."""
+    out: list[dict] = []
+    for grid in grids:
+        grid = {k: list(grid.get(k, ())) for k in AXES}
+        merged = True
+        while merged:
+            merged = False
+            for i, other in enumerate(out):
+                differ = [k for k in AXES if set(grid[k]) != set(other[k])]
+                if all(set(grid[k]) <= set(other[k]) for k in AXES):
+                    grid, merged = out.pop(i), True
+                elif len(differ) <= 1 or all(set(other[k]) <= set(grid[k]) for k in AXES):
+                    joined = {k: list(dict.fromkeys(other[k] + grid[k])) for k in AXES}
+                    joined["batch_sizes"] = sorted(joined["batch_sizes"])
+                    out.pop(i)
+                    grid, merged = joined, True
+                if merged:
+                    break
+        out.append(grid)
+    return out
 
 
 def report_command(folders: list[Path], out: Path) -> str:

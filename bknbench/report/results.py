@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -34,6 +35,9 @@ class Results:
     metrics: pd.DataFrame  # empty (with METRIC_COLUMNS) when metrics.csv is absent
     path: Path
     stats: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=list(STATS_COLUMNS)))
+    # settings that differ between runs of one spec and micro-batch (a folder written before
+    # one sweep per folder was enforced); each such run's spec names its values, "bn [epochs=2]"
+    split: tuple[str, ...] = ()
 
 
 def load_results(path: str | Path) -> Results:
@@ -74,7 +78,58 @@ def load_results(path: str | Path) -> Results:
     stats = (_read_table(folder / "stats.csv", STATS_COLUMNS, _STATS_INTS, ("value",),
                          allow_empty=True) if has_stats
              else pd.DataFrame(columns=list(STATS_COLUMNS)))
-    return Results(runs=runs, metrics=metrics, path=folder, stats=stats)
+    runs, split = split_settings(runs)
+    return Results(runs=runs, metrics=metrics, path=folder, stats=stats, split=split)
+
+
+# Configuration fields that may differ between the runs of one cell without making another
+# experiment: the seed (what a cell averages over) and choices that cannot change a result.
+POOLED = ("seed", "spec", "norm_batch", "eval_batch", "evals_per_epoch", "diagnose",
+          "threads", "data_dir")
+
+
+def split_settings(runs: pd.DataFrame) -> tuple[pd.DataFrame, tuple[str, ...]]:
+    """Runs of one (dataset, model, spec, micro-batch) whose configurations (runs.csv's
+    `config`) differ in anything but POOLED are never averaged together: each run's spec
+    gets the differing settings' values, "bn [epochs=2]", so they form their own cells.
+    Returns the runs and the names of those settings (none: the runs unchanged)."""
+    if "config" not in runs.columns:
+        return runs, ()
+    configs = []
+    for text in runs["config"]:
+        try:
+            c = json.loads(text)
+        except (TypeError, ValueError):
+            c = {}
+        configs.append({k: json.dumps(v) for k, v in (c if isinstance(c, dict) else {}).items()
+                        if k not in POOLED})
+    cells: dict[tuple, list[dict]] = {}
+    for key, c in zip(zip(runs["dataset"], runs["model"], runs["spec"], runs["norm_batch"]),
+                      configs):
+        cells.setdefault(key, []).append(c)
+    split = tuple(dict.fromkeys(
+        k for group in cells.values() for k in dict.fromkeys(k for c in group for k in c)
+        if len({c.get(k) for c in group}) > 1))
+    if not split:
+        return runs, ()
+    runs = runs.copy()
+    runs["spec"] = [f"{spec} [{', '.join(f'{_short(k)}={_value(c.get(k))}' for k in split)}]"
+                    for spec, c in zip(runs["spec"], configs)]
+    return runs, split
+
+
+def _short(name: str) -> str:
+    return {"base_lr": "lr"}.get(name, name)
+
+
+def _value(text: str | None) -> str:
+    value = None if text is None else json.loads(text)
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def base_spec(spec: str) -> str:
+    """A spec without the settings split_settings gave it: "bn [epochs=2]" -> "bn"."""
+    return spec.partition(" [")[0]
 
 
 def _read_table(path: Path, required, ints, floats, allow_empty: bool) -> pd.DataFrame:
@@ -132,7 +187,10 @@ def select(results: Results, specs: Iterable[str] | None = None,
     for col, wanted in filters:
         wanted = list(wanted or ())
         if wanted:
-            keep &= runs[col].isin([int(w) for w in wanted] if col == "norm_batch" else wanted)
+            match = runs[col].isin([int(w) for w in wanted] if col == "norm_batch" else wanted)
+            if col == "spec":  # a spec given alone also selects its split cells
+                match |= runs[col].map(base_spec).isin(wanted)
+            keep &= match
     chosen = runs[keep].reset_index(drop=True)
     if chosen.empty:
         present = lambda col: ", ".join(str(v) for v in dict.fromkeys(runs[col]))  # noqa: E731
@@ -142,4 +200,4 @@ def select(results: Results, specs: Iterable[str] | None = None,
     metrics = results.metrics[results.metrics["run_id"].isin(chosen["run_id"])]
     stats = results.stats[results.stats["run_id"].isin(chosen["run_id"])]
     return Results(runs=chosen, metrics=metrics.reset_index(drop=True), path=results.path,
-                   stats=stats.reset_index(drop=True))
+                   stats=stats.reset_index(drop=True), split=results.split)

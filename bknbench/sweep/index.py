@@ -43,9 +43,20 @@ TABLES = (
 LOG = "index.log"
 
 
+def file_mode() -> int:
+    """The mode a new file gets under the process's umask (0644 under umask 022): what
+    open() gives, where mkstemp's temporary files are 0600."""
+    mask = os.umask(0)  # the only way to read it; set back at once
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write to a temporary file in the same folder, then rename it into place: a kill at
+    any instant leaves the old file or the new one, readable as the umask says."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()

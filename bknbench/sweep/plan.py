@@ -83,17 +83,80 @@ def sweep_from_dict(d: dict) -> SweepConfig:
         raise ConfigError(f"not a bknbench sweep ({type(e).__name__}: {e})") from None
 
 
-def plan(sweep: SweepConfig, store: Store, retry_failed: bool = False):
-    """(all runs, runs still to do). A run is done when the index holds it (and, with
+def plan(sweep: SweepConfig, store: Store, retry_failed: bool = False,
+         earlier: tuple[SweepConfig, ...] = ()):
+    """(all runs, runs still to do): the runs of `earlier` grids of the folder's sweep,
+    then those of `sweep`, each once. A run is done when the index holds it (and, with
     retry_failed, it is ok); no record is read."""
     runs = sweep.expand()
     ids = [cfg.run_id for cfg in runs]
     if len(set(ids)) != len(ids):
         raise ConfigError("the sweep repeats a configuration (a spec, batch or seed given twice)")
+    runs = list({cfg.run_id: cfg for grid in (*earlier, sweep)
+                 for cfg in grid.expand()}.values())
     done = store.finished()
-    todo = [cfg for cfg, run_id in zip(runs, ids) if run_id not in done
-            or (retry_failed and done[run_id] != "ok")]
+    todo = [cfg for cfg in runs if cfg.run_id not in done
+            or (retry_failed and done[cfg.run_id] != "ok")]
     return runs, todo
+
+
+# ---------------------------------------------------------------- one sweep per folder
+# The SweepConfig fields a folder's sweep may grow along (the grid's axes; "tune" and
+# "tune_seeds" are the tuned grids where a SweepConfig has them). Any other difference
+# makes another experiment, which a folder never mixes in.
+GRID_AXES = ("specs", "batch_sizes", "seeds", "tune", "tune_seeds")
+
+
+def _settings(d: dict) -> dict:
+    """A saved sweep's settings outside its grid, flattened: {"epochs": 3, ...}; the
+    round trip through SweepConfig fills fields added since the folder was written."""
+    d = sweep_to_dict(sweep_from_dict(d))
+    flat = {k: v for k, v in d.items() if k not in GRID_AXES and k != "base"}
+    flat.update({k: v for k, v in d["base"].items() if k != "spec"})
+    return flat
+
+
+def grid_of(d: dict) -> dict:
+    """The grid axes of a saved sweep."""
+    return {k: d[k] for k in GRID_AXES if k in d}
+
+
+def extend_sweep(saved: dict | None, sweep: SweepConfig, out: Path) -> dict:
+    """The sweep.json of `out` once `sweep` runs there: `sweep`, with "history" listing the
+    grids run in the folder, in order. ConfigError, naming the settings, when the folder
+    holds a sweep that differs in anything but its grid."""
+    new = sweep_to_dict(sweep)
+    if saved is None:
+        return {**new, "history": [grid_of(new)]}
+    try:
+        there = _settings(saved)
+    except ConfigError as e:
+        raise ConfigError(f"{Path(out) / 'sweep.json'}: {e}") from None
+    here = _settings(new)
+    diffs = [k for k in dict.fromkeys([*there, *here]) if there.get(k) != here.get(k)]
+    if diffs:
+        from ..report.reproduce import flag_name
+
+        said = "; ".join(f"{flag_name(k)} {_text(there.get(k))} there, {_text(here.get(k))} "
+                         "here" for k in diffs)
+        raise ConfigError(f"{out} holds another sweep ({said}); a folder holds one sweep, "
+                          f"whose grid (norms, batch sizes, seeds) may grow: give a new --out "
+                          f"folder, or continue that sweep with --resume {out}")
+    history = saved.get("history") or [grid_of(saved)]
+    if grid_of(new) not in history:
+        history = [*history, grid_of(new)]
+    return {**new, "history": history}
+
+
+def _text(value) -> str:
+    if value is None:
+        return "unset"
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def earlier_grids(saved: dict) -> tuple[SweepConfig, ...]:
+    """Every grid of a folder's sweep.json as a SweepConfig (its settings, that grid)."""
+    return tuple(sweep_from_dict({**saved, **grid}) for grid in saved.get("history", []))
 
 
 @contextlib.contextmanager
@@ -124,14 +187,15 @@ def run_sweep(sweep: SweepConfig, out: Path, executor: Executor | None = None,
     store = Store(out)
     try:
         store.prepare()
-        store.save_sweep(sweep_to_dict(sweep))  # before a Ctrl-C may say "resume"
+        saved = extend_sweep(store.saved_sweep(), sweep, out)
+        store.save_sweep(saved)  # before a Ctrl-C may say "resume"
     except BaseException:
         store.close()
         raise
     report = SweepReport(out=Path(out))
     results = None
     try:
-        runs, todo = plan(sweep, store, retry_failed)
+        runs, todo = plan(sweep, store, retry_failed, earlier_grids(saved))
         report.planned, report.skipped = len(runs), len(runs) - len(todo)
         done, redo = store.finished(), {cfg.run_id for cfg in todo}
         report.earlier_failed = [store.load_record(cfg.run_id)["row"] for cfg in runs

@@ -234,6 +234,12 @@ class Store:
     def save_sweep(self, sweep: dict) -> None:
         atomic_write(self.root / "sweep.json", json.dumps(sweep, indent=1))
 
+    def saved_sweep(self) -> dict | None:
+        """sweep.json, or None in a folder without one."""
+        if not (self.root / "sweep.json").exists():
+            return None
+        return self.load_sweep()
+
     def load_sweep(self) -> dict:
         path = self.root / "sweep.json"
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 
 import pytest
 
@@ -221,3 +222,20 @@ def test_corrupt_sweep_json_is_one_line(tmp_path, text, words):
     (tmp_path / "sweep.json").write_text(text)
     with pytest.raises(ConfigError, match=words):
         build_sweep(RunRequest(resume=tmp_path))
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_files_are_as_readable_as_the_umask_says(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        store = committed(tmp_path, 3)
+        store.save_sweep({"specs": ["bn"]})
+        store._drop(SWEEP.expand()[0].run_id)  # a rebuild: every table replaced
+        store.close()
+    finally:
+        os.umask(old)
+    files = [p for p in tmp_path.rglob("*") if p.is_file() and p.name != ".lock"]
+    assert {p.name for p in files} >= {"runs.csv", "metrics.csv", "index.log", "sweep.json",
+                                       "record.json"}
+    assert {p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode & 0o777)
+            for p in files} == {p.relative_to(tmp_path).as_posix(): oct(mode) for p in files}
