@@ -131,32 +131,33 @@ def test_bkn_authors_is_the_authors_code(case, monkeypatch):
 
 def test_micro_batch_1_on_a_1x1_map_outputs_beta(monkeypatch):
     """4x4 inputs at micro-batch 1: the last stage's maps are 1x1, one value per statistic;
-    the guard rejects the prediction and the layer outputs its bias, as theirs does."""
+    the guard rejects the prediction and the layer outputs its bias, as theirs does (up to
+    rounding amplified by gamma / sqrt(eps) = 316 gamma, in both). bkn refuses."""
     ref = np.load(REFS / "m4_n2_b1.npz")
-    beta = tool.case_arrays("m4_n2_b1")["params"]["blocks.2.norm2.bias"]
-    np.testing.assert_allclose(ref["step0/blocks.2.norm2/y_mean"], np.stack([beta] * 2),
-                               rtol=1e-6)
+    beta = np.stack([tool.case_arrays("m4_n2_b1")["params"]["blocks.2.norm2.bias"]] * 2)
     ours = run_ours("m4_n2_b1", "bkn-authors", "tf", monkeypatch)
-    np.testing.assert_allclose(ours["step0/blocks.2.norm2/y_mean"], np.stack([beta] * 2),
-                               rtol=1e-6)
+    for y in (ref["step0/blocks.2.norm2/y_mean"], ours["step0/blocks.2.norm2/y_mean"]):
+        np.testing.assert_allclose(y, beta, atol=1e-3)
+    with pytest.raises(ValueError, match="undefined with 1 value"):
+        run_ours("m4_n2_b1", "bkn-authors:one_value=refuse", "tf", monkeypatch)
 
 
-# each behaviour of the authors' code, set back to ours: the comparison sees it
+# each behaviour of the authors' code set back to ours, on 8x8 maps at micro-batch 1: the
+# comparison must see it (seen: docs/normalizers.md, "Checked against the authors' code")
 DEPARTURES = {
-    "padding=torch": ("bkn-authors", "torch", "step0/logits"),
-    "shortcut_pad=group": ("bkn-authors:shortcut_pad=group", "tf", "step0/final_norm/var"),
-    "stem_var=biased": ("bkn-authors:stem_var=biased", "tf", "step0/blocks.0.norm2/var"),
-    "running_groups=all": ("bkn-authors:running_groups=all", "tf",
-                           "running/blocks.1.norm2/mean"),
-    "stem_grad=flows": ("bkn-authors:stem_grad=flows", "tf", "step0/grad/stem_conv.weight"),
-    "transition=analytic": ("bkn-authors:transition=analytic", "tf",
-                            "step0/blocks.0.norm2/var"),
-    "running=observed": ("bkn-authors:running=observed", "tf", "running/final_norm/var"),
+    "padding=torch": ("bkn-authors", "torch"),
+    "shortcut_pad=group": ("bkn-authors:shortcut_pad=group", "tf"),
+    "stem_var=biased": ("bkn-authors:stem_var=biased", "tf"),
+    "stem_grad=flows": ("bkn-authors:stem_grad=flows", "tf"),
+    "running_groups=all": ("bkn-authors:running_groups=all", "tf"),
+    "running=observed": ("bkn-authors:running=observed", "tf"),
+    "transition=analytic": ("bkn-authors:transition=analytic", "tf"),
 }
 
 
 @pytest.mark.parametrize("departure", list(DEPARTURES))
 def test_each_departure_is_seen(departure, monkeypatch):
-    spec, padding, key = DEPARTURES[departure]
-    err = errors("m16_n8_b2", spec, monkeypatch, padding)
-    assert err[key] > 100 * RTOL, f"{departure}: {key} off by only {err[key]:.2e}"
+    spec, padding = DEPARTURES[departure]
+    err = errors("m8_n2_b1", spec, monkeypatch, padding)
+    worst = max(err, key=err.get)
+    assert err[worst] > 4 * RTOL, f"{departure}: at most {err[worst]:.2e} ({worst})"
