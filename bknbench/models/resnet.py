@@ -38,11 +38,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ..norms import NormSpec
+from ..norms import NormSpec, Option
 from ..norms.kalman import BatchKalmanNorm, Path, SumPrior
 from .chain import activation, connect
 from .registry import register_model
 
+PADDINGS = ("torch", "tf")
+RESNET_OPTIONS = {
+    "padding": Option(PADDINGS, "torch",
+                      help="stride-2 convolutions: torch: 1 on both sides; tf: TensorFlow's "
+                      "SAME, 0 before and 1 after (the authors')"),
+}
 DEPTHS = {20: 3, 32: 5, 56: 9, 110: 18}  # depth -> blocks per stage n (depth = 6 n + 2)
 WIDTHS = (16, 32, 64)  # channels of the three stages
 
@@ -71,18 +77,26 @@ class Shortcut(nn.Module):
         return x
 
     def moments(self, mean: torch.Tensor, var: torch.Tensor, shape: tuple[int, ...],
-                pool_variance: bool = True):
+                pool_variance: bool = True, flat: bool = False):
         """Per-group channel moments through the shortcut (a transition rule). mean, var:
         (G, C_in) -> (G, C_out), and the spatial shape after it. Pooling keeps the mean and
         divides the variance by the window area (values independent across positions; the
         windows are full, floor mode without padding), unless ``pool_variance`` is False
         (the authors' stream); padded channels are constant 0: mean 0, var 0. The padding
         is along dim 1, i.e. inside every group, so group g's real channels stay group g's
-        (padding a flattened (G * C) vector would not)."""
+        (padding a flattened (G * C) vector would not). ``flat``: the authors' padding of
+        the flat (G * C) vector, (C_out - C_in) G / 2 zeros on each end, then cut into G
+        groups of C_out: with G > 1 channels land in other groups."""
         if self.stride > 1:
             shape = tuple(n // self.stride for n in shape)
             if pool_variance:
                 var = var / (self.stride * self.stride)
+        if flat:
+            g = mean.shape[0]
+            lo = (self.c_out - self.c_in) * g // 2
+            pad = (lo, (self.c_out - self.c_in) * g - lo)
+            return (F.pad(mean.reshape(-1), pad).view(g, -1),
+                    F.pad(var.reshape(-1), pad).view(g, -1), shape)
         return F.pad(mean, (self.lo, self.hi)), F.pad(var, (self.lo, self.hi)), shape
 
     def extra_repr(self) -> str:
@@ -91,18 +105,54 @@ class Shortcut(nn.Module):
 
 class PaddedStream(nn.Module):
     """The authors' residual stream through a shortcut: channels padded (aligned in every
-    group), the variance not divided by the pooling area. Parameter-free, with exact moments
-    of its own, so it is never sampled."""
+    group, or with ``flat`` as the authors pad the flat vector), the variance not divided
+    by the pooling area. Parameter-free, with exact moments of its own, so it is never
+    sampled."""
 
-    def __init__(self, shortcut: Shortcut):
+    def __init__(self, shortcut: Shortcut, flat: bool = False):
         super().__init__()
-        self.shortcut = shortcut
+        self.shortcut, self.flat = shortcut, flat
 
     def moments(self, mean, var, shape):
-        return self.shortcut.moments(mean, var, shape, pool_variance=False)
+        return self.shortcut.moments(mean, var, shape, pool_variance=False, flat=self.flat)
 
 
-def conv3x3(c_in: int, c_out: int, stride: int = 1, bias: bool = False) -> nn.Conv2d:
+def tf_same_pads(shape, kernel_size, stride) -> tuple[tuple[int, int], ...]:
+    """TensorFlow's padding "SAME" per spatial dim: total = max((ceil(n / s) - 1) s + k - n,
+    0), total // 2 before, the rest after. 3x3 stride 2 on an even map: (0, 1)."""
+    pads = []
+    for n, k, s in zip(shape, kernel_size, stride):
+        total = max((-(-n // s) - 1) * s + k - n, 0)
+        pads.append((total // 2, total - total // 2))
+    return tuple(pads)
+
+
+class SamePadConv2d(nn.Conv2d):
+    """A convolution padded as TensorFlow's "SAME" (`tf_same_pads`), the authors' Conv2D.
+    The padding is a forward pre-hook, so whatever reads the convolution's input (CBN's
+    hook, registered later) sees the padded map that the unpadded convolution reads; the
+    transitions read the pads from `same_pads`."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, bias: bool):
+        super().__init__(c_in, c_out, 3, stride=stride, padding=0, bias=bias)
+        self.register_forward_pre_hook(_pad_same)
+
+    def same_pads(self, shape) -> tuple[tuple[int, int], ...]:
+        return tf_same_pads(shape, self.kernel_size, self.stride)
+
+
+def _pad_same(conv: SamePadConv2d, args):
+    x = args[0]
+    pads = conv.same_pads(x.shape[2:])
+    return (F.pad(x, [v for lo_hi in reversed(pads) for v in lo_hi]),) + args[1:]
+
+
+def conv3x3(c_in: int, c_out: int, stride: int = 1, bias: bool = False,
+            padding: str = "torch") -> nn.Conv2d:
+    """3x3 convolution, zero padding 1 on both sides ("torch"), or TensorFlow's SAME ("tf"),
+    which differs only at stride 2 (0 before, 1 after on an even map)."""
+    if padding == "tf" and stride > 1:
+        return SamePadConv2d(c_in, c_out, stride, bias)
     return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=bias)
 
 
@@ -111,12 +161,12 @@ class PreActBlock(nn.Module):
     (N, C_out, H / stride, W / stride). ``first``: no norm1/relu1 (the stem's are used)."""
 
     def __init__(self, spec: NormSpec, norm_batch, c_in, c_out, stride, first=False,
-                 bias=False):
+                 bias=False, padding="torch"):
         super().__init__()
         self.first = first
         self.norm1 = None if first else spec.build(c_in, norm_batch)
         self.relu1 = None if first else activation(spec)
-        self.conv1 = conv3x3(c_in, c_out, stride, bias)
+        self.conv1 = conv3x3(c_in, c_out, stride, bias, padding)
         self.norm2 = spec.build(c_out, norm_batch)
         self.relu2 = activation(spec)
         self.conv2 = conv3x3(c_out, c_out, 1, bias)
@@ -133,7 +183,7 @@ class PreActResNet(nn.Module):
     logits (N, num_classes). See the module docstring for the layout and the BKN chain."""
 
     def __init__(self, spec: NormSpec, norm_batch, n: int, in_channels: int,
-                 num_classes: int, widths=WIDTHS):
+                 num_classes: int, widths=WIDTHS, padding: str = "torch"):
         super().__init__()
         bias = spec.name == "none"  # a norm's shift makes the conv bias redundant
         self.stem_conv = conv3x3(in_channels, widths[0], 1, bias)
@@ -144,7 +194,8 @@ class PreActResNet(nn.Module):
             for k in range(n):
                 stride = 2 if stage > 0 and k == 0 else 1
                 blocks.append(PreActBlock(spec, norm_batch, c_in, c_out, stride,
-                                          first=(stage == 0 and k == 0), bias=bias))
+                                          first=(stage == 0 and k == 0), bias=bias,
+                                          padding=padding))
                 c_in = c_out
         self.blocks = nn.Sequential(*blocks)
         self.final_norm = spec.build(c_in, norm_batch)
@@ -189,7 +240,8 @@ class PreActResNet(nn.Module):
         if self.stem_norm.stream == "authors":
             if block.first:
                 return Path(self.stem_norm, (block.shortcut,), tap="input")
-            return Path(block.norm1, (PaddedStream(block.shortcut),), tap="prediction")
+            flat = self.stem_norm.shortcut_pad == "flat"
+            return Path(block.norm1, (PaddedStream(block.shortcut, flat),), tap="prediction")
         if block.first:  # x is the stem's ReLU output
             return Path(self.stem_norm, (self.stem_relu, block.shortcut), tap="output")
         return Path(block.norm1, (block.shortcut,), tap="input")
@@ -220,21 +272,23 @@ class PreActResNet(nn.Module):
         return self.fc(h.mean(dim=(2, 3)))  # global average pooling -> (N, num_classes)
 
 
-def build_resnet(depth: int, spec: NormSpec, norm_batch, in_shape, num_classes):
+def build_resnet(depth: int, spec: NormSpec, norm_batch, in_shape, num_classes,
+                 padding: str = "torch"):
     if depth not in DEPTHS:
         raise ConfigError(f"no resnet{depth}; depths: {', '.join(map(str, DEPTHS))}")
     if len(in_shape) != 3 or in_shape[1] % 4 or in_shape[2] % 4:
         raise ConfigError(f"resnet{depth} needs images (C, H, W) with H, W divisible by 4, "
                           f"got sample shape {tuple(in_shape)}")
-    return PreActResNet(spec, norm_batch, DEPTHS[depth], in_shape[0], num_classes)
+    return PreActResNet(spec, norm_batch, DEPTHS[depth], in_shape[0], num_classes,
+                        padding=padding)
 
 
 def _register(depth: int) -> None:
-    def builder(spec, norm_batch, in_shape, num_classes):
-        return build_resnet(depth, spec, norm_batch, in_shape, num_classes)
+    def builder(spec, norm_batch, in_shape, num_classes, padding):
+        return build_resnet(depth, spec, norm_batch, in_shape, num_classes, padding)
     builder.__doc__ = (f"Pre-activation ResNet-{depth} (n = {DEPTHS[depth]} blocks per "
                        "stage, 16/32/64 channels), the authors' CIFAR network.")
-    register_model(f"resnet{depth}")(builder)
+    register_model(f"resnet{depth}", RESNET_OPTIONS)(builder)
 
 
 for _depth in DEPTHS:

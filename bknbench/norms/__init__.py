@@ -6,7 +6,8 @@ whose ``build(num_features, norm_batch)`` makes the layer), ``split_specs``, ``n
 ``BatchKalmanNorm``, ``GroupKalmanNorm``.
 
 Modules: ``registry`` (Option, NormEntry, register, parse_spec), ``batch`` (StatsNorm, BN per
-group, bn, bn-accum, gn, ln, none), ``kalman`` (BKN: priors, posterior, layer),
+group, bn, bn-accum, gn, ln, none), ``kalman`` (the BKN layer, bkn, bkn-authors), ``priors`` (what feeds
+a BKN layer and what it hands on),
 ``gkn`` (Group Kalman Normalization), ``transitions`` (how statistics travel between layers);
 the rivals ``renorm`` (brn), ``mabn``, ``cbn``, ``frn``, ``evonorm`` (evonorm-b0, -s0), ``ws``
 (ws-gn), with ``common`` (run-length phases, windows and normalization nodes they share).

@@ -22,7 +22,7 @@ from ..kernels.fused import group_moments
 from ..kernels.reference import kalman_update
 from .batch import gn_groups
 from .common import statistics_precision
-from .kalman import BKN_OPTIONS, BatchKalmanNorm, Posterior
+from .kalman import BATCH_ONLY, BKN_OPTIONS, BatchKalmanNorm, Posterior
 from .registry import Option, register
 
 
@@ -72,7 +72,7 @@ class GroupKalmanNorm(BatchKalmanNorm):
 
 @register("gkn", "Group Kalman Normalization: per-sample GroupNorm statistics fused with "
           "the prediction from the preceding layers (NeurIPS version)",
-          {**{k: o for k, o in BKN_OPTIONS.items() if k != "running"},
+          {**{k: o for k, o in BKN_OPTIONS.items() if k not in BATCH_ONLY},
            "groups": Option(int, 8, lambda v: v >= 1, ">= 1", "number of channel groups")},
           chained=True)
 def _gkn(num_features, norm_batch, **options):

@@ -11,99 +11,18 @@ the observation and `normalize`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from functools import cached_property
+from dataclasses import replace
 
 import torch
 from torch import nn
 
-from ..kernels.fused import group_normalize
-from ..kernels.reference import RUNNING_RULES
+from ..kernels.fused import group_normalize, update_running
+from ..kernels.reference import RUNNING_RULES, guarded_gain
 from ..kernels.reference import trusted as reference_trusted
 from .batch import StatsNorm
 from .registry import EPS, MOMENTUM, Option, register
-from .transitions import (BORDERS, chain_rules, exact_without_sampling, full_precision,
-                          sampled_moments)
-
-
-# ---------------------------------------------------------------- priors: what feeds a layer
-@dataclass(eq=False)
-class Path:
-    """The distribution reaching a layer from ``source`` through ``ops``.
-
-    tap="input": the statistics of the source's own (pre-normalization) input, used by
-    identity shortcuts. tap="prediction": the source's prediction of them (the authors'
-    residual stream). tap="output": what the source hands on; paper-faithful layers use the
-    source's raw posterior here (as the authors' code does), ``propagate=output`` layers use
-    the moments of the source's normalized output.
-    """
-
-    source: "BatchKalmanNorm"
-    ops: tuple[nn.Module, ...] = ()
-    tap: str = "output"
-    _rules: dict = field(default_factory=dict, repr=False, init=False)
-
-    def start(self, propagate: str):
-        post = self.source.posterior
-        if post is None:
-            raise RuntimeError("BKN chain: a predecessor did not run in this forward pass")
-        if self.tap == "output" and propagate == "output":
-            return post.output_moments(self.source)
-        if self.tap == "prediction":
-            if post.mu_hat is None:
-                raise RuntimeError("BKN chain: tap 'prediction' on a layer without a prior")
-            return post.mu_hat, post.var_hat
-        return post.mu, post.var
-
-    def rules(self, borders: str) -> list:
-        """The analytic moment rules of the ops, looked up once (the ops never change)."""
-        if borders not in self._rules:
-            self._rules[borders] = chain_rules(self.ops, borders)
-        return self._rules[borders]
-
-    @cached_property
-    def passes_exactly(self) -> bool:
-        return exact_without_sampling(self.ops)
-
-    def predict(self, propagate: str, transition: str, draws: int, borders: str = "exact"):
-        """(mu_hat, var_hat), (G, C_out), in the dtype of the source's statistics (float32
-        under autocast, as the observed ones)."""
-        mean, var = self.start(propagate)
-        if transition == "sampled" and not self.passes_exactly:
-            out = sampled_moments(mean, var, self.ops, self.source.in_shape, draws)
-            return out[0].to(mean.dtype), out[1].to(mean.dtype)
-        # sampled: parameter-free ops (a shortcut) pass exactly, borders as the ops see them
-        shape = self.source.in_shape
-        with full_precision(mean.device.type):
-            for rule in self.rules(borders if transition == "analytic" else "exact"):
-                mean, var, shape = rule(mean, var, shape)
-        return mean, var
-
-
-@dataclass(eq=False)
-class SumPrior:
-    """A sum of independent branches (residual block): means add, variances add."""
-
-    terms: tuple[Path, ...]
-
-    def predict(self, propagate, transition, draws, borders="exact"):
-        parts = [t.predict(propagate, transition, draws, borders) for t in self.terms]
-        return sum(p[0] for p in parts), sum(p[1] for p in parts)
-
-
-@dataclass
-class Posterior:
-    m: torch.Tensor  # observed mean (G, C)
-    s: torch.Tensor  # observed biased variance (G, C)
-    mu: torch.Tensor  # posterior mean (G, C)
-    var: torch.Tensor  # posterior variance (G, C)
-    mu_hat: torch.Tensor | None = None  # prediction (G, C), None without a prior
-    var_hat: torch.Tensor | None = None
-
-    def output_moments(self, layer: "BatchKalmanNorm"):
-        """Per-group moments of the layer's normalized output y = w (x - mu) / sqrt(var+eps) + b."""
-        scale = layer.weight * torch.rsqrt(self.var + layer.eps)
-        return (self.m - self.mu) * scale + layer.bias, self.s * scale * scale
+from .priors import Path, Posterior, SumPrior, ops_of  # noqa: F401 (the layer's API)
+from .transitions import BORDERS
 
 
 # ---------------------------------------------------------------- the layer
@@ -140,8 +59,12 @@ class BatchKalmanNorm(StatsNorm):
     def __init__(self, num_features, norm_batch, p=0.9, gain="fixed", n0=64.0,
                  transition="analytic", draws=0, propagate="raw", guard=100.0,
                  guard_scope="layer", running="observed", borders="exact", stream="authors",
-                 eps=1e-5, momentum=0.1):
+                 running_groups="all", stem_var="biased", stem_grad="flows",
+                 shortcut_pad="group", one_value="refuse", eps=1e-5, momentum=0.1):
         super().__init__(num_features, norm_batch, eps=eps, momentum=momentum)
+        self.running_groups, self.stem_var, self.stem_grad = running_groups, stem_var, stem_grad
+        self.shortcut_pad = shortcut_pad
+        self.min_values = 1 if one_value == "allow" else 2
         self.p, self.gain, self.n0 = p, gain, n0
         self.transition, self.draws, self.propagate, self.guard = (
             transition, draws, propagate, guard)
@@ -201,7 +124,10 @@ class BatchKalmanNorm(StatsNorm):
         # = group_moments, kalman_update (without a prior: none) and normalize, fused, and
         # the running statistics' update (step 5) from the same guard decision; a probe
         # sees what training uses and updates nothing
-        running = None if self.probe is not None else self.running_buffers(self.running)
+        # the authors' rule (running_groups="first") and a single value (s = 0) update here
+        own = self.running_groups == "first" or n_values == 1
+        running = (None if self.probe is not None or own
+                   else self.running_buffers(self.running))
         y, m, s, mu, var = group_normalize(x, mu_hat, var_hat, p, self.weight, self.bias, g,
                                            self.guard, self.eps, self.guard_scope, running)
         if self.probe is not None:
@@ -210,10 +136,40 @@ class BatchKalmanNorm(StatsNorm):
                 self.probe.stats["predicted"] = (mu_hat, var_hat)
         else:
             self.num_batches_tracked.add_(1)
+            if own:
+                self.update_own(mu, var, s, var_hat, p, n_values)
             if self.counting and mu_hat is not None:
                 self.count_guard(s, var_hat, p)
         self.posterior = Posterior(m, s, mu, var, mu_hat, var_hat)
+        if self.prior is None:
+            self.posterior = self.handed_on(self.posterior, n_values)
         return y
+
+    @torch.no_grad()
+    def update_own(self, mu, var, s, var_hat, p, n_values: int) -> None:
+        """The running update outside the fused node: of group 0 only, once per forward
+        (running_groups "first", the authors' `batch_mean[:n_out]`), or of every group;
+        with one value per statistic (s = 0) the n / (n - 1) factors multiply 0 (TF's
+        fused_batch_norm returns variance 0 there too), so n = 2 stands in for n = 1."""
+        pe = None if var_hat is None else guarded_gain(p, s, var_hat, self.guard,
+                                                       self.guard_scope)
+        k = 1 if self.running_groups == "first" else mu.shape[0]
+        if pe is not None and pe.dim():
+            pe = pe[:k]
+        update_running(self.running_buffers(self.running), mu[:k], var[:k], s[:k], pe,
+                       max(n_values, 2))
+
+    def handed_on(self, post: Posterior, n_values: int) -> Posterior:
+        """What a layer without a prior (the stem) hands on. The authors' first layer is
+        tf.nn.fused_batch_norm, whose variance output is unbiased (stem_var "unbiased":
+        var n / (n - 1)) and whose gradient ignores its statistics outputs (stem_grad
+        "stopped": they are constants for backpropagation)."""
+        if self.stem_var == "unbiased":
+            n = max(n_values, 2)
+            post = replace(post, var=post.var * (n / (n - 1)))
+        if self.stem_grad == "stopped":
+            post = Posterior(*(t.detach() for t in (post.m, post.s, post.mu, post.var)))
+        return post
 
     # ---------------------------------------------------------------- diagnostics counters
     def count_guard(self, s, var_hat, p) -> None:
@@ -255,14 +211,6 @@ class BatchKalmanNorm(StatsNorm):
                 f"chained={self.prior is not None}")
 
 
-def ops_of(prior) -> list[nn.Module]:
-    if prior is None:
-        return []
-    if isinstance(prior, SumPrior):
-        return [op for t in prior.terms for op in t.ops]
-    return list(prior.ops)
-
-
 BKN_OPTIONS = {
     "p": Option(float, 0.9, lambda v: 0.0 <= v <= 1.0, "in [0, 1]",
                 "weight on the prediction (Kalman gain q = 1 - p)"),
@@ -288,12 +236,42 @@ BKN_OPTIONS = {
     "stream": Option(("authors", "posterior"), "authors",
                      help="resnet shortcut term: authors: the prediction passed into the "
                      "block; posterior: the block input's posterior"),
+    "running_groups": Option(("all", "first"), "all",
+                             help="running statistics: one EMA update per group, or of "
+                             "group 0 only, once per forward (authors)"),
+    "stem_var": Option(("biased", "unbiased"), "biased",
+                       help="variance a layer without prior hands on: biased, or times "
+                       "n/(n-1) as the authors' fused_batch_norm returns it"),
+    "stem_grad": Option(("flows", "stopped"), "flows",
+                        help="gradient through the statistics a layer without prior hands "
+                        "on; stopped: constants (authors' fused_batch_norm)"),
+    "shortcut_pad": Option(("group", "flat"), "group",
+                           help="resnet stride-2 stream: zero channels padded in every "
+                           "group, or around the flat (G*C) vector (authors)"),
+    "one_value": Option(("refuse", "allow"), "refuse",
+                        help="one value per statistic (micro-batch 1, no positions): "
+                        "refuse, or run as the authors (guard rejects, output = bias)"),
     "eps": EPS,
     "momentum": MOMENTUM,
 }
+# BKN as the authors' code computes it (kalman_norm.py, cifar-kn-microbatch.py, checked
+# against it by tests/models/test_authors.py); in a resnet, with --model resnetN:padding=tf
+AUTHORS = {"transition": "sampled", "running": "authors", "running_groups": "first",
+           "stem_var": "unbiased", "stem_grad": "stopped", "shortcut_pad": "flat",
+           "one_value": "allow"}
+# the options a per-sample GKN has no use for (no running statistics, no batch)
+BATCH_ONLY = ("running", "running_groups", "stem_var", "stem_grad", "one_value")
 
 
 @register("bkn", "Batch Kalman Normalization: micro-batch statistics fused with a "
           "prediction from the preceding layers", BKN_OPTIONS, chained=True)
 def _bkn(num_features, norm_batch, **options):
+    return BatchKalmanNorm(num_features, norm_batch, **options)
+
+
+@register("bkn-authors", "BKN exactly as the authors' code: bkn with "
+          + ",".join(f"{k}={v}" for k, v in AUTHORS.items()),
+          {k: (replace(o, default=AUTHORS[k]) if k in AUTHORS else o)
+           for k, o in BKN_OPTIONS.items()}, chained=True)
+def _bkn_authors(num_features, norm_batch, **options):
     return BatchKalmanNorm(num_features, norm_batch, **options)

@@ -45,7 +45,9 @@ def conv_axes(op: nn.Module, shape: tuple[int, ...]):
     if len(shape) != dims:
         raise ValueError(f"{op} needs a {dims}-D map, the transition carries shape {shape}")
     k, s, dil = op.kernel_size, _per_dim(op.stride, dims), _per_dim(op.dilation, dims)
-    if op.padding == "valid":
+    if hasattr(op, "same_pads"):  # padded by the op itself (models/resnet.py SamePadConv2d)
+        pads = op.same_pads(shape)
+    elif op.padding == "valid":
         pads = [(0, 0)] * dims
     elif op.padding == "same":  # torch puts the odd extra pad on the right
         pads = [(d * (kk - 1) // 2, d * (kk - 1) - d * (kk - 1) // 2) for kk, d in zip(k, dil)]
@@ -184,6 +186,12 @@ def exact_without_sampling(ops) -> bool:
 
 
 # ---------------------------------------------------------------- sampled
+def standard_normal(shape, dtype, device) -> torch.Tensor:
+    """The sampled transition's draws (tests/models/test_authors.py replaces this function
+    to feed the draws the authors' code was fed)."""
+    return torch.randn(shape, dtype=dtype, device=device)
+
+
 def sampled_moments(mean, var, ops, in_shape, draws: int):
     """Monte-Carlo transition (the authors' estimator): draw ``draws`` inputs per group of
     shape (C, *spatial) from N(mean, var), apply the ops with their current weights
@@ -192,8 +200,12 @@ def sampled_moments(mean, var, ops, in_shape, draws: int):
     g, c = mean.shape
     spatial = tuple(in_shape)
     view = (g, 1, c) + (1,) * len(spatial)
-    noise = torch.randn((g, draws, c) + spatial, dtype=mean.dtype, device=mean.device)
-    z = torch.addcmul(mean.view(view), var.clamp_min(0).sqrt().view(view), noise)
+    noise = standard_normal((g, draws, c) + spatial, mean.dtype, mean.device)
+    # sd = sqrt(max(var, 0)), with gradient 0 (not 0 * inf = NaN) where var = 0: one value
+    # per statistic (one_value=allow) hands on var = 0
+    positive = var > 0
+    sd = torch.where(positive, torch.where(positive, var, 1.0).sqrt(), 0.0)
+    z = torch.addcmul(mean.view(view), sd.view(view), noise)
     z = z.reshape((g * draws, c) + spatial)
     for op in ops:
         z = op(z)
