@@ -42,6 +42,11 @@ DATASETS: dict[str, Callable[[str | None], Dataset]] = {}
 
 
 def register_dataset(name: str):
+    """Register a loader ``(data_dir) -> Dataset`` as `name`; a name that exists is a
+    ConfigError."""
+    if name in DATASETS:
+        raise ConfigError(f"dataset {name!r} is already registered")
+
     def deco(fn):
         DATASETS[name] = fn
         return fn

@@ -14,6 +14,11 @@ MODELS: dict[str, Callable[..., nn.Module]] = {}
 
 
 def register_model(name: str):
+    """Register a builder ``(spec, norm_batch, in_shape, num_classes) -> nn.Module`` as
+    `name`; a name that exists is a ConfigError."""
+    if name in MODELS:
+        raise ConfigError(f"model {name!r} is already registered")
+
     def deco(fn):
         MODELS[name] = fn
         return fn

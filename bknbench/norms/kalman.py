@@ -21,7 +21,7 @@ from ..kernels.fused import group_normalize
 from ..kernels.reference import RUNNING_RULES
 from ..kernels.reference import trusted as reference_trusted
 from .batch import StatsNorm
-from .registry import EPS, MOMENTUM, Option, register
+from .registry import EPS, MOMENTUM, Carries, Option, register
 from .transitions import (BORDERS, chain_rules, exact_without_sampling, full_precision,
                           sampled_moments)
 
@@ -294,6 +294,9 @@ BKN_OPTIONS = {
 
 
 @register("bkn", "Batch Kalman Normalization: micro-batch statistics fused with a "
-          "prediction from the preceding layers", BKN_OPTIONS, chained=True)
+          "prediction from the preceding layers", BKN_OPTIONS, chained=True,
+          carries=lambda options: Carries("guard_scope=layer: one guard decision over all "
+                                          "micro-batches of the forward", backwards=True)
+          if options["guard_scope"] == "layer" else None)
 def _bkn(num_features, norm_batch, **options):
     return BatchKalmanNorm(num_features, norm_batch, **options)
