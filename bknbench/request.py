@@ -89,6 +89,8 @@ def build_sweep(req: RunRequest) -> tuple[SweepConfig, Path]:
     preset = get_preset(req.preset) if req.preset else None
     run = dict(preset.run) if preset else {}
     run.update(req.run)
+    if str(run.get("dataset", "")).startswith("npz:"):  # absolute: workers and resumes find it
+        run["dataset"] = "npz:" + str(Path(run["dataset"][4:]).expanduser().resolve())
     names = {f.name for f in dataclasses.fields(RunConfig)}
     unknown = set(run) - names
     if unknown:
