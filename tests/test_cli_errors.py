@@ -71,7 +71,7 @@ def results_dir(tmp_path_factory):
     (["--norms", "gn", "--plugin", "/nonexistent/mine.py"], ["plugin /nonexistent/mine.py",
                                                              "no such file"]),
     (["--norms", "gn", "--plugin", "no_such_module_19"], ["plugin no_such_module_19",
-                                                          "No module named"]),
+                                                          "no module named"]),
     (["--norms", "gn", "--dataset", "npz:/nonexistent/d.npz"], ["npz:/nonexistent/d.npz",
                                                                 "no such file"]),
     (["--norms", "gn", "--workers", "0"], ["--workers"]),
