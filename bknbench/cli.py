@@ -37,6 +37,10 @@ def _default(field: str) -> str:
 
 
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")]
+Plugins = Annotated[Optional[list[str]], typer.Option("--plugin", help="A plugin: a .py file "
+    "or a module that registers normalizers, models or datasets (repeatable; also "
+    "$BKNBENCH_PLUGINS, separated by ':', and installed entry points bknbench.plugins). "
+    "See docs/extending.md.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")]
 
 
@@ -78,7 +82,7 @@ def run(
     seeds: Annotated[Optional[str], typer.Option(help="Comma-separated seeds. [default: "
         f"{','.join(map(str, DEFAULT_SEEDS))}]")] = None,
     dataset: Annotated[Optional[str], typer.Option(help="mnist1d, digits, digits32, synthetic, "
-        f"cifar10, cifar100. {_default('dataset')}")] = None,
+        f"cifar10, cifar100, npz:PATH (your own), or a plugin's. {_default('dataset')}")] = None,
     model: Annotated[Optional[str], typer.Option(help="cnn, mlp, resnet20/32/56/110. "
         f"{_default('model')}")] = None,
     epochs: Annotated[Optional[int], typer.Option(help=_default("epochs"))] = None,
@@ -137,6 +141,7 @@ def run(
     retry_failed: Annotated[bool, typer.Option(help="On resume, rerun failed runs too.")] = False,
     fail_fast: Annotated[bool, typer.Option(help="Stop at the first failed run.")] = False,
     strict: Annotated[bool, typer.Option(help="Exit with status 1 when any run failed.")] = False,
+    plugin: Plugins = None,
     quiet: Quiet = False,
     debug: Debug = False,
 ):
@@ -156,7 +161,8 @@ def run(
                            cudnn_benchmark=cudnn_benchmark)
         req = RunRequest(norms=norms, batch_sizes=batch_sizes, seeds=seeds, preset=preset,
                          accumulate_to=accumulate_to, out=out, resume=resume, run=run_flags,
-                         verify=verify, remote_gpus=executor == "ray" and gpus_per_run > 0)
+                         verify=verify, remote_gpus=executor == "ray" and gpus_per_run > 0,
+                         plugins=tuple(plugin or ()))
         sweep, out_dir = build_sweep(req)
         from .commands import run_command
 
@@ -220,16 +226,29 @@ def report(
 
 
 @app.command("norms")
-def list_norms():
-    """The normalizers of the registry, with their options."""
-    from .norms import REGISTRY
+def list_norms(plugin: Plugins = None, debug: Debug = False):
+    """The normalizers of the registry, with their options (and what plugins add)."""
+    with errors(debug):
+        from .commands import norms_command
 
-    for name in sorted(REGISTRY):
-        entry = REGISTRY[name]
-        print(f"{name:10s} {entry.help}")
-        for key, opt in entry.options.items():
-            kind = "|".join(opt.kind) if isinstance(opt.kind, tuple) else opt.kind.__name__
-            print(f"    {key}={opt.default!s:<{20 - len(key)}} {kind:26s} {opt.help}")
+        norms_command(tuple(plugin or ()))
+
+
+@app.command()
+def check(
+    spec: Annotated[str, typer.Argument(help="A normalizer spec, e.g. bn or gn:groups=4.")],
+    plugin: Plugins = None,
+    compile_backend: Annotated[str, typer.Option(help="torch.compile backend of the compile "
+        "check (inductor, aot_eager, eager), or none to leave it out.")] = "inductor",
+    debug: Debug = False,
+):
+    """The normalizer contract on the layer SPEC builds: shapes, train/eval, finite outputs
+    and gradients, dtype, state_dict, pickling, eval batch-independence, micro-batch
+    isolation, micro-batch 1, torch.compile. Exit 1 when a check fails."""
+    with errors(debug):
+        from .commands import check_command
+
+        raise typer.Exit(check_command(spec, tuple(plugin or ()), compile_backend))
 
 
 def main() -> None:

@@ -150,6 +150,43 @@ def plot_command(results: Path, out, fmt: str, norms, batch_sizes) -> None:
         stderr.print(f"wrote {p}", highlight=False, soft_wrap=True)
 
 
+def norms_command(plugins: tuple[str, ...]) -> None:
+    from .norms import REGISTRY
+    from .plugins import load_all
+
+    loaded = load_all(plugins)
+    for name in sorted(REGISTRY):
+        entry = REGISTRY[name]
+        print(f"{name:10s} {entry.help}")
+        for key, opt in entry.options.items():
+            kind = "|".join(opt.kind) if isinstance(opt.kind, tuple) else opt.kind.__name__
+            print(f"    {key}={opt.default!s:<{20 - len(key)}} {kind:26s} {opt.help}")
+    for p in loaded:
+        print(f"plugin {p.source} (sha256 {p.sha256[:12]}): {', '.join(p.provides) or 'nothing'}")
+
+
+def check_command(spec_text: str, plugins: tuple[str, ...], backend: str) -> int:
+    """The contract table of one spec; 1 when a check fails."""
+    from .norms import parse_spec
+    from .norms.contract import check_spec
+    from .plugins import load_all
+
+    if backend not in ("inductor", "aot_eager", "eager", "none"):
+        raise ConfigError(f"--compile-backend must be inductor, aot_eager, eager or none; "
+                          f"got {backend!r}")
+    load_all(plugins)
+    spec = parse_spec(spec_text)
+    checks = check_spec(spec, None if backend == "none" else backend)
+    width = max(len(c.name) for c in checks)
+    print(f"bknbench check {spec.text}")
+    for c in checks:
+        print(f"  {'pass' if c.passed else 'FAIL'}  {c.name:{width}s}  {c.detail}")
+    failed = [c.name for c in checks if not c.passed]
+    print(f"{len(checks) - len(failed)} of {len(checks)} checks passed" +
+          (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
 def report_command(results: list[Path], out) -> None:
     from .render import stderr
     from .report.html import write_report

@@ -53,6 +53,9 @@ class RunConfig:
     # epochs)); they change the metric rows only, never the training, so the run id omits it
     evals_per_epoch: int = 0
     diagnose: bool = False  # per-layer statistics after every epoch (bknbench/diagnose)
+    # the plugins providing its normalizer, model or dataset, "source@sha256:HEX" each
+    # (bknbench/plugins.py): a plugin's code is part of the run's configuration
+    plugins: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.norm_batch <= 0 or self.sgd_batch % self.norm_batch or (
@@ -77,6 +80,7 @@ class RunConfig:
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # all scalars
         d["milestones"] = list(self.milestones)
+        d["plugins"] = list(self.plugins)
         return d
 
     @classmethod
@@ -85,6 +89,8 @@ class RunConfig:
         kw = {k: v for k, v in d.items() if k in names}
         if "milestones" in kw:
             kw["milestones"] = tuple(int(m) for m in kw["milestones"])
+        if "plugins" in kw:
+            kw["plugins"] = tuple(str(p) for p in kw["plugins"])
         return cls(**kw)
 
 
@@ -92,14 +98,13 @@ def run_id(cfg: RunConfig) -> str:
     """Stable id: the hash of the fully resolved configuration (eval_batch,
     evals_per_epoch and diagnose excluded: they cannot change a result — a diagnosed run
     trains exactly as the same run without, tests/diagnose; threads only when set, so ids
-    from before it existed hold; cudnn_benchmark likewise)."""
+    from before it existed hold; cudnn_benchmark and plugins likewise)."""
     d = cfg.to_dict()
     for unhashed in ("eval_batch", "evals_per_epoch", "diagnose"):
         d.pop(unhashed)
-    if d["threads"] is None:
-        d.pop("threads")
-    if not d["cudnn_benchmark"]:  # only when set, as threads
-        d.pop("cudnn_benchmark")
+    for unset in ("threads", "cudnn_benchmark", "plugins"):  # only when set
+        if not d[unset]:
+            d.pop(unset)
     blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
@@ -114,6 +119,14 @@ class SweepConfig:
     base: RunConfig = field(default_factory=lambda: RunConfig(spec=""))
     accumulate_to: int | None = None  # SGD batch for every spec; None: only accumulating specs
     default_accumulate_to: int = 128  # SGD batch of accumulating specs (bn-accum) when unset
+    # the plugins the sweep uses: ("source@sha256:HEX", ("norm:NAME", "model:NAME", ...))
+    plugins: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def plugins_for(self, spec: str) -> tuple[str, ...]:
+        """The plugins a run of `spec` on the base model and dataset uses."""
+        used = {f"norm:{spec.partition(':')[0].strip()}", f"model:{self.base.model}",
+                f"dataset:{self.base.dataset}"}
+        return tuple(label for label, provides in self.plugins if used & set(provides))
 
     def sgd_batch_for(self, spec: str, norm_batch: int) -> int:
         from .norms import parse_spec  # local: keeps config import-light
@@ -141,5 +154,6 @@ class SweepConfig:
                 sgd = self.sgd_batch_for(spec, b)
                 for seed in self.seeds:
                     runs.append(dataclasses.replace(self.base, spec=spec, norm_batch=b,
-                                                    sgd_batch=sgd, seed=seed))
+                                                    sgd_batch=sgd, seed=seed,
+                                                    plugins=self.plugins_for(spec)))
         return runs

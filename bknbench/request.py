@@ -32,6 +32,7 @@ class RunRequest:
     # the runs go to Ray workers with GPUs (--gpus-per-run > 0): their device, not this
     # machine's (`train.resolve_device`)
     remote_gpus: bool = False
+    plugins: tuple[str, ...] = ()  # --plugin: files or modules (plus $BKNBENCH_PLUGINS, entry points)
 
 
 DEFAULT_DEVICE = "auto"  # cuda when present, else mps, else cpu
@@ -64,7 +65,8 @@ def default_out() -> Path:
 
 def build_sweep(req: RunRequest) -> tuple[SweepConfig, Path]:
     """Resolve and validate; returns the sweep and its output folder."""
-    from .norms import split_specs
+    from .norms import parse_spec, split_specs
+    from .plugins import used_by
     from .presets import get_preset
     from .sweep.plan import sweep_from_dict
     from .sweep.store import Store
@@ -82,12 +84,16 @@ def build_sweep(req: RunRequest) -> tuple[SweepConfig, Path]:
             sweep = sweep_from_dict(Store(req.resume).load_sweep())
         except ConfigError as e:
             raise ConfigError(f"{Path(req.resume) / 'sweep.json'}: {e}") from None
+        load_plugins(req.plugins, sweep)
         check_files(sweep.base, req.verify)
         validate(sweep, req.remote_gpus)
         return sweep, Path(req.resume)
+    loaded = load_plugins(req.plugins)
     preset = get_preset(req.preset) if req.preset else None
     run = dict(preset.run) if preset else {}
     run.update(req.run)
+    if str(run.get("dataset", "")).startswith("npz:"):  # absolute: workers and resumes find it
+        run["dataset"] = "npz:" + str(Path(run["dataset"][4:]).expanduser().resolve())
     names = {f.name for f in dataclasses.fields(RunConfig)}
     unknown = set(run) - names
     if unknown:
@@ -110,10 +116,27 @@ def build_sweep(req: RunRequest) -> tuple[SweepConfig, Path]:
         preset.accumulate_to if preset else None)
     if len(set(specs)) != len(specs):
         raise ConfigError("--norms names the same spec twice")
+    used = used_by(loaded, [parse_spec(s).name for s in specs], base.model, base.dataset)
     sweep = SweepConfig(specs=tuple(specs), batch_sizes=batches, seeds=seeds, base=base,
-                        accumulate_to=accumulate_to)
+                        accumulate_to=accumulate_to,
+                        plugins=tuple((p.label, p.provides) for p in used))
     validate(sweep, req.remote_gpus)
     return sweep, Path(req.out) if req.out is not None else default_out()
+
+
+def load_plugins(given: tuple[str, ...], sweep: SweepConfig | None = None) -> list:
+    """Load the plugins asked for (installed entry points, $BKNBENCH_PLUGINS, --plugin);
+    resuming `sweep`, also the plugins it recorded, refusing one whose source changed."""
+    from .plugins import SHA, load, load_all
+
+    for label, _ in sweep.plugins if sweep else ():
+        source, _, sha = label.rpartition(SHA)
+        try:
+            load(source, sha)
+        except ConfigError as e:
+            raise ConfigError(f"cannot resume: {e}; restore it, or start a new sweep with "
+                              "--out") from None
+    return load_all(given)
 
 
 def check_files(base: RunConfig, verify: bool) -> None:

@@ -35,3 +35,17 @@ def backend(request):
         with native.disabled():
             assert node() == "GroupNormalizeBackward"
             yield "torch"
+
+
+@pytest.fixture
+def plugin_sandbox():
+    """The registries and the loaded plugins as they were before the test: a plugin loaded
+    in it (or a normalizer registered) is gone after."""
+    from bknbench import plugins
+
+    tables = [plugins.LOADED, *plugins.TABLES.values()]
+    saved = [dict(t) for t in tables]
+    yield
+    for table, before in zip(tables, saved):
+        table.clear()
+        table.update(before)

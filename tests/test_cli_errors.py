@@ -68,6 +68,12 @@ def results_dir(tmp_path_factory):
     (["--norms", "gn", "--evals-per-epoch", "-1"], ["--evals-per-epoch", ">= 0"]),
     (["--norms", "gn", "--dataset", "nope"], ["unknown dataset 'nope'"]),
     (["--norms", "gn", "--model", "nope"], ["unknown model 'nope'"]),
+    (["--norms", "gn", "--plugin", "/nonexistent/mine.py"], ["plugin /nonexistent/mine.py",
+                                                             "no such file"]),
+    (["--norms", "gn", "--plugin", "no_such_module_19"], ["plugin no_such_module_19",
+                                                          "no module named"]),
+    (["--norms", "gn", "--dataset", "npz:/nonexistent/d.npz"], ["npz:/nonexistent/d.npz",
+                                                                "no such file"]),
     (["--norms", "gn", "--workers", "0"], ["--workers"]),
     (["--norms", "gn", "--lr", "0"], ["--lr must be positive, got 0.0"]),
     (["--norms", "gn", "--lr", "-0.1"], ["--lr must be positive"]),
@@ -101,6 +107,15 @@ def test_bad_run_input(tmp_path, args, words):
     result = runner.invoke(app, RUN + ["--out", str(out)] + args)
     assert_one_line_error(result, *words)
     assert not (out / "runs.csv").exists()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["bn", "--compile-backend", "fast"], ["--compile-backend", "'fast'"]),
+    (["nope"], ["unknown normalizer 'nope'"]),
+    (["bn", "--plugin", "/nonexistent/mine.py"], ["plugin /nonexistent/mine.py"]),
+])
+def test_bad_check_input(args, words):
+    assert_one_line_error(runner.invoke(app, ["check", *args]), *words)
 
 
 @pytest.mark.parametrize("layout", ["missing", "empty", "partial", "garbage"])

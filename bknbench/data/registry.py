@@ -42,15 +42,35 @@ DATASETS: dict[str, Callable[[str | None], Dataset]] = {}
 
 
 def register_dataset(name: str):
+    """Register a loader ``(data_dir) -> Dataset`` as `name`; a name that exists is a
+    ConfigError."""
+    if name in DATASETS:
+        raise ConfigError(f"dataset {name!r} is already registered")
+
     def deco(fn):
         DATASETS[name] = fn
         return fn
     return deco
 
 
+# "scheme:ARGUMENT" datasets (npz:PATH): scheme -> loader(argument, data_dir)
+SCHEMES: dict[str, Callable[[str, str | None], Dataset]] = {}
+
+
+def register_scheme(scheme: str):
+    def deco(fn):
+        SCHEMES[scheme] = fn
+        return fn
+    return deco
+
+
 def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
+    scheme, colon, argument = name.partition(":")
+    if colon and scheme in SCHEMES:
+        return SCHEMES[scheme](argument, data_dir)
     if name not in DATASETS:
-        raise ConfigError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}")
+        raise ConfigError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}, "
+                          "or npz:PATH")
     return DATASETS[name](data_dir)
 
 

@@ -20,6 +20,11 @@ MODEL_OPTIONS: dict[str, dict[str, Option]] = {}
 
 
 def register_model(name: str, options: dict[str, Option] | None = None):
+    """Register a builder ``(spec, norm_batch, in_shape, num_classes, **options) ->
+    nn.Module`` as `name`, with its model options; a name that exists is a ConfigError."""
+    if name in MODELS:
+        raise ConfigError(f"model {name!r} is already registered")
+
     def deco(fn):
         MODELS[name] = fn
         MODEL_OPTIONS[name] = options or {}

@@ -26,7 +26,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..kernels.fused import group_moments
 from .batch import StatsNorm
-from .registry import EPS, MOMENTUM, TOTAL, Neighbours, Option, register
+from .registry import EPS, MOMENTUM, TOTAL, Carries, Neighbours, Option, register
 from .common import (CountsMicroBatches, agreed, eager_when_compiled, normalize_given, push,
                      statistics_precision, window_sums)
 
@@ -221,6 +221,7 @@ class CrossIterationBatchNorm(CountsMicroBatches, StatsNorm):
                                       "(reference)"),
            "eps": EPS,
            "momentum": MOMENTUM},
-          neighbours=Neighbours(feed=True))
+          neighbours=Neighbours(feed=True),
+          carries=Carries("statistics of the last `window` micro-batches"))
 def _cbn(num_features, norm_batch, **options):
     return CrossIterationBatchNorm(num_features, norm_batch, **options)

@@ -20,7 +20,7 @@ from ..kernels.fused import group_normalize, update_running
 from ..kernels.reference import RUNNING_RULES, guarded_gain
 from ..kernels.reference import trusted as reference_trusted
 from .batch import StatsNorm
-from .registry import EPS, MOMENTUM, Option, register
+from .registry import EPS, MOMENTUM, Carries, Option, register
 from .priors import Path, Posterior, SumPrior, ops_of  # noqa: F401 (the layer's API)
 from .transitions import BORDERS
 
@@ -264,7 +264,10 @@ BATCH_ONLY = ("running", "running_groups", "stem_var", "stem_grad", "one_value")
 
 
 @register("bkn", "Batch Kalman Normalization: micro-batch statistics fused with a "
-          "prediction from the preceding layers", BKN_OPTIONS, chained=True)
+          "prediction from the preceding layers", BKN_OPTIONS, chained=True,
+          carries=lambda options: Carries("guard_scope=layer: one guard decision over all "
+                                          "micro-batches of the forward", backwards=True)
+          if options["guard_scope"] == "layer" else None)
 def _bkn(num_features, norm_batch, **options):
     return BatchKalmanNorm(num_features, norm_batch, **options)
 

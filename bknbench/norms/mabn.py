@@ -30,7 +30,7 @@ from torch import nn
 from ..kernels.fused import to_channels
 from ..kernels.reference import ema_over_groups
 from .batch import StatsNorm
-from .registry import EPS, TOTAL, Neighbours, Option, register
+from .registry import EPS, TOTAL, Carries, Neighbours, Option, register
 from .common import (CountsMicroBatches, agreed, choose, eager_when_compiled, ema_before_each, push,
                      rms_normalize, second_moment, statistics_precision, window_sums)
 
@@ -166,6 +166,7 @@ def _neighbours(options) -> Neighbours:
            "eps": EPS,
            "momentum": Option(float, 0.02, lambda v: 0 < v <= 1, "in (0, 1]",
                               "EMA rate of chi_E (MABN: 0.98 kept)")},
-          neighbours=_neighbours)
+          neighbours=_neighbours,
+          carries=Carries("SMA of the last K micro-batches' chi, and chi_E in r"))
 def _mabn(num_features, norm_batch, **options):
     return MovingAverageBatchNorm(num_features, norm_batch, **options)

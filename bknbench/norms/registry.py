@@ -63,6 +63,21 @@ class Neighbours:
 
 
 @dataclass(frozen=True)
+class Carries:
+    """State a normalizer carries from one micro-batch of a training forward to others on
+    purpose, declared on its entry (`bknbench check` tests micro-batch isolation against it).
+
+    what: the state, in words ("running statistics used in the forward").
+    backwards: False, a micro-batch's output may depend on the micro-batches before it only
+        (a sequential state); True, on any micro-batch of the forward (one decision for the
+        whole layer).
+    """
+
+    what: str
+    backwards: bool = False
+
+
+@dataclass(frozen=True)
 class NormEntry:
     name: str
     factory: Callable[..., nn.Module]
@@ -72,6 +87,10 @@ class NormEntry:
     chained: bool = False  # BKN-style: the model builder wires a prediction into it
     # what it asks of its neighbours: a Neighbours, or options -> Neighbours
     neighbours: Neighbours | Callable[[dict], Neighbours] = Neighbours()
+    # what it carries between the micro-batches of a training forward: Carries, options ->
+    # Carries | None, or None (each micro-batch's output depends on its own samples only)
+    carries: Carries | Callable[[dict], Carries | None] | None = None
+    compiles: bool = True  # False: torch.compile cannot run it (`bknbench check` says so)
 
 
 REGISTRY: dict[str, NormEntry] = {}
@@ -84,6 +103,12 @@ TOTAL = Option(int, 0, lambda v: v >= 0, ">= 0",
 
 
 def register(name: str, help: str, options: dict[str, Option] | None = None, **flags):
+    """Register ``factory(num_features, norm_batch, **options) -> nn.Module`` as `name`;
+    `flags`: the other fields of NormEntry (accumulates, neighbours, carries, compiles).
+    A name that exists is a ConfigError: a plugin never replaces a normalizer silently."""
+    if name in REGISTRY:
+        raise ConfigError(f"normalizer {name!r} is already registered")
+
     def deco(factory):
         REGISTRY[name] = NormEntry(name, factory, help, options or {}, **flags)
         return factory
@@ -104,6 +129,11 @@ class NormSpec:
     def neighbours(self) -> Neighbours:
         n = self.entry.neighbours
         return n(self.options) if callable(n) else n
+
+    @property
+    def carries(self) -> Carries | None:
+        c = self.entry.carries
+        return c(self.options) if callable(c) else c
 
     def build(self, num_features: int, norm_batch: int | None) -> nn.Module:
         return self.entry.factory(num_features, norm_batch, **self.options)

@@ -26,7 +26,7 @@ from ..errors import ConfigError
 from ..kernels.fused import affine, from_channels, to_channels
 from ..kernels.reference import ema_over_groups
 from .batch import StatsNorm
-from .registry import EPS, TOTAL, Option, register
+from .registry import EPS, TOTAL, Carries, Option, register
 from .common import (CountsMicroBatches, eager_when_compiled, ema_before_each,
                      statistics_precision, to_device)
 
@@ -167,7 +167,9 @@ FRACTION = dict(check=lambda v: 0.0 <= v <= 1.0, rule="in [0, 1]")
            "total": TOTAL,
            "eps": EPS,
            "momentum": Option(float, 0.1, lambda v: 0 < v <= 1, "in (0, 1]",
-                              "EMA rate of mu, sigma (as bn; ludvb and Keras: 0.01)")})
+                              "EMA rate of mu, sigma (as bn; ludvb and Keras: 0.01)")},
+          carries=Carries("running mean and std, updated after each micro-batch, in the "
+                          "next one's r, d"))
 def _brn(num_features, norm_batch, **options):
     if options["relax"] < options["warmup"]:
         raise ConfigError(f"brn: relax={options['relax']} ends before warmup="

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 # RunConfig fields that the sweep's grid sets per run, and those without a flag.
-PER_RUN = ("spec", "norm_batch", "sgd_batch", "seed")
+PER_RUN = ("spec", "norm_batch", "sgd_batch", "seed", "plugins")
 NO_FLAG = ("eval_batch",)
 FLAG_NAMES = {"base_lr": "--lr"}  # fields whose flag is not --field-name
 
@@ -120,6 +120,8 @@ def run_command(folder: Path, runs: pd.DataFrame) -> str:
                 "--seeds", ",".join(map(str, grid["seeds"]))]
         if sweep.get("accumulate_to") is not None:
             args += ["--accumulate-to", str(sweep["accumulate_to"])]
+        for plugin in sweep.get("plugins", []):  # its source as it was: sha256 in sweep.json
+            args += ["--plugin", plugin["source"]]
         for name, value in sweep.get("base", {}).items():
             args += _flag(name, value)
         commands.append(_wrap(args + ["--out", str(folder)]))

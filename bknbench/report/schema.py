@@ -34,6 +34,7 @@ RUN_COLUMNS = (
     "versions",  # JSON: python, numpy, bknbench, kernels (native | torch)
     "git_commit",
     "config",  # JSON: the fully resolved RunConfig
+    "plugins",  # JSON list of "source@sha256:HEX": the plugins the run used (empty: none)
 )
 
 # One row per run and evaluation (metrics.csv): --evals-per-epoch K evenly spaced in each

@@ -15,6 +15,7 @@ from typing import Callable, Iterator, Protocol
 
 from ..config import RunConfig, SweepConfig
 from ..errors import ConfigError
+from ..plugins import SHA
 from .run import execute_run
 from .store import Store
 
@@ -69,6 +70,8 @@ class SweepEvents:
 def sweep_to_dict(sweep: SweepConfig) -> dict:
     d = dataclasses.asdict(sweep)
     d["base"] = sweep.base.to_dict()
+    d["plugins"] = [{"source": label.rpartition(SHA)[0], "sha256": label.rpartition(SHA)[2],
+                     "provides": list(provides)} for label, provides in sweep.plugins]
     return d
 
 
@@ -78,7 +81,9 @@ def sweep_from_dict(d: dict) -> SweepConfig:
         return SweepConfig(specs=tuple(d["specs"]), batch_sizes=tuple(d["batch_sizes"]),
                            seeds=tuple(d["seeds"]), base=RunConfig.from_dict(d["base"]),
                            accumulate_to=d.get("accumulate_to"),
-                           default_accumulate_to=d.get("default_accumulate_to", 128))
+                           default_accumulate_to=d.get("default_accumulate_to", 128),
+                           plugins=tuple((f"{p['source']}{SHA}{p['sha256']}",
+                                          tuple(p["provides"])) for p in d.get("plugins", [])))
     except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise ConfigError(f"not a bknbench sweep ({type(e).__name__}: {e})") from None
 

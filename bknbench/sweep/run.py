@@ -74,8 +74,6 @@ def run_threads(cfg: RunConfig) -> int:
 
 
 def make_row(cfg: RunConfig, outcome, threads: int | None = None) -> dict:
-    from ..norms import parse_spec
-
     rows = outcome.epochs  # a row per evaluation; best_val_acc looks at epoch ends only,
     # so it does not depend on --evals-per-epoch
     last = rows[-1] if rows else {}
@@ -83,7 +81,7 @@ def make_row(cfg: RunConfig, outcome, threads: int | None = None) -> dict:
             if i + 1 == len(rows) or rows[i + 1]["epoch"] != r["epoch"]]
     ok = outcome.status == "ok"
     return {
-        "run_id": cfg.run_id, "spec": cfg.spec, "norm": parse_spec(cfg.spec).name,
+        "run_id": cfg.run_id, "spec": cfg.spec, "norm": cfg.spec.partition(":")[0].strip(),
         "dataset": cfg.dataset, "model": cfg.model, "norm_batch": cfg.norm_batch,
         "sgd_batch": cfg.sgd_batch, "seed": cfg.seed, "epochs": cfg.epochs, "lr": cfg.lr,
         "status": outcome.status, "reason": outcome.reason,
@@ -101,6 +99,7 @@ def make_row(cfg: RunConfig, outcome, threads: int | None = None) -> dict:
         **provenance(), "versions": json.dumps({**provenance()["versions"],
                                                 "kernels": kernels(cfg)}),
         "config": json.dumps(cfg.to_dict(), sort_keys=True),
+        "plugins": json.dumps(list(cfg.plugins)) if cfg.plugins else None,
     }
 
 
@@ -119,12 +118,14 @@ def execute_run(cfg: RunConfig, run_dir: str | None = None,
     checkpoint in run_dir lets it continue."""
     import torch
 
+    from ..plugins import load_labels
     from ..train import train_run
 
     checkpoint = Path(run_dir) / "checkpoint.pt" if run_dir else None
     share, threads = torch.get_num_threads(), run_threads(cfg)
     torch.set_num_threads(threads)
     try:
+        load_labels(cfg.plugins)  # a spawned worker or Ray task: the run's plugins, again
         outcome = train_run(cfg, _dataset(cfg.dataset, cfg.data_dir), on_epoch, checkpoint)
     except Exception as e:  # isolation: one broken run never stops the sweep
         return failed_record(cfg, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
