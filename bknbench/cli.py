@@ -93,6 +93,10 @@ def run(
     evals_per_epoch: Annotated[Optional[int], typer.Option(help="Held-out evaluations per "
         "epoch, evenly spaced in optimizer steps (convergence curves; the training is the "
         "same). [default: ceil(20 / epochs), at least 20 per run]")] = None,
+    val_fraction: Annotated[Optional[float], typer.Option(help="Share of the training split "
+        "held out for validation (stratified, a fixed seed of its own; 0: none, e.g. to "
+        "train on all of CIFAR's 50k), in [0, 0.5]; the curves and tuning use it, the final "
+        f"comparison is on the test split. {_default('val_fraction')}")] = None,
     augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment",
         help=f"Random crop + flip (image datasets). {_default('augment')}")] = None,
     accumulate_to: Annotated[Optional[int], typer.Option(help="SGD batch: micro-batches "
@@ -146,6 +150,7 @@ def run(
                            momentum=momentum, weight_decay=weight_decay, schedule=schedule,
                            warmup_epochs=warmup_epochs, augment=augment,
                            evals_per_epoch=evals_per_epoch, diagnose=diagnose,
+                           val_fraction=val_fraction,
                            data_dir=str(data_dir) if data_dir else None,
                            milestones=int_list(milestones, "--milestones") if milestones else None,
                            device=device, amp=amp, compile=compile,
@@ -170,12 +175,13 @@ def compare(
         "[default: bn at its largest batch]")] = None,
     norms: Annotated[Optional[str], typer.Option(help="Only these specs.")] = None,
     batch_sizes: Annotated[Optional[str], typer.Option(help="Only these micro-batch sizes.")] = None,
-    metric: Annotated[str, typer.Option(help="final_val_acc, or final_val_acc_population "
-        "(eval with population statistics; runs made with --diagnose).")] = "final_val_acc",
+    metric: Annotated[str, typer.Option(help="final_test_acc (the test split), final_val_acc "
+        "(the validation split), or final_val_acc_population (validation, eval with population "
+        "statistics; runs made with --diagnose).")] = "final_test_acc",
     debug: Debug = False,
 ):
-    """Final validation accuracy per spec x micro-batch: mean, 95% CI over seeds, n, and the
-    difference to a reference."""
+    """Final test accuracy (or --metric) per spec x micro-batch: mean, 95% CI over seeds, n,
+    and the difference to a reference."""
     with errors(debug):
         from .commands import compare_command
 

@@ -110,17 +110,17 @@ def _summary(runs, results: Path, reference, metric: str):
 
 
 def _print_table(results: Path, reference, norms, batch_sizes,
-                 metric: str = "final_val_acc") -> None:
+                 metric: str = "final_test_acc") -> None:
     from .render import stdout, summary_table
 
     runs = _load(results, norms, batch_sizes).runs
     if (runs["status"] == "ok").any():
-        title = f"{results}" if metric == "final_val_acc" else f"{results}: {metric}"
+        title = f"{results}" if metric == "final_test_acc" else f"{results}: {metric}"
         stdout.print(summary_table(_summary(runs, results, reference, metric), title))
 
 
 def compare_command(results: Path, fmt: str, reference, norms, batch_sizes,
-                    metric: str = "final_val_acc") -> None:
+                    metric: str = "final_test_acc") -> None:
     from .report.summary import SUMMARY_FORMATS, check_metric, format_summary
 
     check_metric(metric)

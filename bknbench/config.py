@@ -41,6 +41,8 @@ class RunConfig:
     milestones: tuple[int, ...] = ()  # epochs at which "step" divides the lr by 10
     augment: bool = False  # random crop (pad 4) + flip, image datasets only
     data_dir: str | None = None  # local copy of a dataset that cannot be embedded
+    val_fraction: float = 0.1  # share of the training split held out for validation
+    # (data.registry.VAL_FRACTION; stratified, a fixed seed of its own; 0: none)
     device: str = "cpu"  # resolved device: cpu, cuda, cuda:1, mps
     amp: bool = False  # bf16 autocast
     compile: bool = False  # torch.compile the model

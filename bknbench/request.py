@@ -75,8 +75,13 @@ def build_sweep(req: RunRequest) -> tuple[SweepConfig, Path]:
             raise ConfigError(f"--resume continues the sweep saved in {req.resume}/sweep.json "
                               f"as it was; {', '.join(given)} would change it (start a new "
                               "sweep with --out instead)")
+        saved = Store(req.resume).load_sweep()
+        if "val_fraction" not in saved.get("base", {"val_fraction": None}):
+            raise ConfigError(f"{req.resume} was written before bknbench had a validation "
+                              "split (its accuracies are on the test split); it cannot be "
+                              "resumed: start a new sweep with --out")
         try:
-            sweep = sweep_from_dict(Store(req.resume).load_sweep())
+            sweep = sweep_from_dict(saved)
         except ConfigError as e:
             raise ConfigError(f"{Path(req.resume) / 'sweep.json'}: {e}") from None
         check_files(sweep.base, req.verify)
@@ -161,7 +166,7 @@ def validate(sweep: SweepConfig) -> None:
         if b <= 0:
             raise ConfigError(f"--batch-sizes: {b} is not a positive batch size")
     resolve_device(base.device)
-    data = load_dataset(base.dataset, base.data_dir)
+    data = load_dataset(base.dataset, base.data_dir, base.val_fraction)
     n_train = len(data.x_train)
     runs = sweep.expand()  # also checks --accumulate-to against each batch
     for cfg in runs:
