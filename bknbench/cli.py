@@ -99,6 +99,14 @@ def run(
         f"comparison is on the test split. {_default('val_fraction')}")] = None,
     augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment",
         help=f"Random crop + flip (image datasets). {_default('augment')}")] = None,
+    tune: Annotated[Optional[list[str]], typer.Option(help="KEY=VALUES: tune KEY (lr, "
+        "weight_decay, momentum, warmup_epochs) over a grid, e.g. lr=0.05,0.2,0.8 or "
+        "lr=0.0125:0.8:log4; repeatable (the cartesian product). Every spec x micro-batch "
+        "trains every point on --tune-seeds, the best mean validation accuracy is chosen "
+        "(ties: the smaller lr), then every seed runs there (tuning.csv, trials/). lr is "
+        "per 128 samples, as --lr.")] = None,
+    tune_seeds: Annotated[Optional[str], typer.Option(help="Seeds of the tuning trials. "
+        "[default: the first of --seeds]")] = None,
     accumulate_to: Annotated[Optional[int], typer.Option(help="SGD batch: micro-batches "
         "accumulate to this many samples per step. Unset: 128 for accumulating specs "
         "(bn-accum), one step per micro-batch for the others. Presets: 128.")] = None,
@@ -157,7 +165,7 @@ def run(
                            deterministic=deterministic, threads=threads)
         req = RunRequest(norms=norms, batch_sizes=batch_sizes, seeds=seeds, preset=preset,
                          accumulate_to=accumulate_to, out=out, resume=resume, run=run_flags,
-                         verify=verify)
+                         verify=verify, tune=tuple(tune or ()), tune_seeds=tune_seeds)
         sweep, out_dir = build_sweep(req)
         from .commands import run_command
 

@@ -103,9 +103,18 @@ def run_id(cfg: RunConfig) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
+# The keys `--tune` accepts -> the RunConfig field each sets, in the units of its flag
+# (lr: the peak rate per LR_REF_BATCH samples, as --lr).
+TUNABLE = {"lr": "base_lr", "weight_decay": "weight_decay", "momentum": "momentum",
+           "warmup_epochs": "warmup_epochs"}
+
+
 @dataclass(frozen=True)
 class SweepConfig:
-    """The grid: specs x micro-batch sizes x seeds over one base RunConfig."""
+    """The grid: specs x micro-batch sizes x seeds over one base RunConfig. Tuned (`tune`
+    not empty): every (spec, micro-batch) cell trains each point of the tuning grid on
+    the tuning seeds (`trials`), then all seeds at the point chosen on validation
+    (`expand(chosen)`; sweep/tune.py chooses)."""
 
     specs: tuple[str, ...]
     batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES  # micro-batch sizes (norm_batch)
@@ -113,6 +122,24 @@ class SweepConfig:
     base: RunConfig = field(default_factory=lambda: RunConfig(spec=""))
     accumulate_to: int | None = None  # SGD batch for every spec; None: only accumulating specs
     default_accumulate_to: int = 128  # SGD batch of accumulating specs (bn-accum) when unset
+    tune: tuple[tuple[str, tuple[float, ...]], ...] = ()  # (TUNABLE key, its grid) per key
+    tune_seeds: tuple[int, ...] = ()  # seeds of the tuning trials; (): the first of seeds
+
+    @property
+    def trial_seeds(self) -> tuple[int, ...]:
+        return self.tune_seeds or self.seeds[:1]
+
+    def points(self) -> list[dict[str, float]]:
+        """The tuning grid: the cartesian product of the keys' values, {key: value} each."""
+        points = [{}]
+        for key, grid in self.tune:
+            points = [{**p, key: v} for p in points for v in grid]
+        return points
+
+    def trials(self) -> list[tuple[dict[str, float], RunConfig]]:
+        """(point, run) of every tuning trial: cells x points x tuning seeds."""
+        return [(point, at_point(cfg, point)) for cfg in self._cells(self.trial_seeds)
+                for point in self.points()]
 
     def sgd_batch_for(self, spec: str, norm_batch: int) -> int:
         from .norms import parse_spec  # local: keeps config import-light
@@ -131,14 +158,29 @@ class SweepConfig:
             )
         return target
 
-    def expand(self) -> list[RunConfig]:
+    def expand(self, chosen: dict[tuple[str, int], dict[str, float]] | None = None
+               ) -> list[RunConfig]:
         """All runs, in the order they are executed (largest groups of work first is
-        not attempted: order is specs, then batch sizes, then seeds, for readable logs)."""
+        not attempted: order is specs, then batch sizes, then seeds, for readable logs).
+        chosen: {(spec, norm_batch): point} of a tuned sweep, whose runs are at its cell's
+        point (a cell without one is left out)."""
+        runs = self._cells(self.seeds)
+        if chosen is None:
+            return runs
+        return [at_point(cfg, chosen[cfg.spec, cfg.norm_batch]) for cfg in runs
+                if (cfg.spec, cfg.norm_batch) in chosen]
+
+    def _cells(self, seeds: tuple[int, ...]) -> list[RunConfig]:
         runs = []
         for spec in self.specs:
             for b in self.batch_sizes:
                 sgd = self.sgd_batch_for(spec, b)
-                for seed in self.seeds:
+                for seed in seeds:
                     runs.append(dataclasses.replace(self.base, spec=spec, norm_batch=b,
                                                     sgd_batch=sgd, seed=seed))
         return runs
+
+
+def at_point(cfg: RunConfig, point: dict[str, float]) -> RunConfig:
+    """The run with the tuned keys set to a grid point's values."""
+    return dataclasses.replace(cfg, **{TUNABLE[k]: v for k, v in point.items()})

@@ -29,6 +29,8 @@ class RunRequest:
     resume: Path | None = None
     run: dict = field(default_factory=dict)  # RunConfig fields given as flags (not None)
     verify: bool = False  # check the CIFAR files' MD5 sums before anything reads them
+    tune: tuple[str, ...] = ()  # --tune KEY=GRID, one per key
+    tune_seeds: str | None = None  # comma-separated seeds of the tuning trials
 
 
 DEFAULT_DEVICE = "auto"  # cuda when present, else mps, else cpu
@@ -69,8 +71,10 @@ def build_sweep(req: RunRequest) -> tuple[SweepConfig, Path]:
     if req.resume is not None:
         if req.out is not None and Path(req.out) != Path(req.resume):
             raise ConfigError("give either --resume DIR or --out DIR, not two different folders")
-        given = [flag(k) for k in ("norms", "batch_sizes", "seeds", "preset", "accumulate_to")
-                 if getattr(req, k) is not None] + [flag(k) for k in req.run]
+        given = [flag(k) for k in ("norms", "batch_sizes", "seeds", "preset", "accumulate_to",
+                                   "tune_seeds")
+                 if getattr(req, k) is not None] + [flag(k) for k in req.run] + (
+                     ["--tune"] if req.tune else [])
         if given:
             raise ConfigError(f"--resume continues the sweep saved in {req.resume}/sweep.json "
                               f"as it was; {', '.join(given)} would change it (start a new "
@@ -112,10 +116,79 @@ def build_sweep(req: RunRequest) -> tuple[SweepConfig, Path]:
         preset.accumulate_to if preset else None)
     if len(set(specs)) != len(specs):
         raise ConfigError("--norms names the same spec twice")
+    tune = parse_tune(req.tune)
+    if any(k == "lr" for k, _ in tune) and "base_lr" in req.run:
+        raise ConfigError("give either --lr or --tune lr=..., not both")
+    if req.tune_seeds is not None and not tune:
+        raise ConfigError("--tune-seeds needs --tune")
+    tune_seeds = int_list(req.tune_seeds, "--tune-seeds") if req.tune_seeds else ()
     sweep = SweepConfig(specs=tuple(specs), batch_sizes=batches, seeds=seeds, base=base,
-                        accumulate_to=accumulate_to)
+                        accumulate_to=accumulate_to, tune=tune, tune_seeds=tune_seeds)
     validate(sweep)
     return sweep, Path(req.out) if req.out is not None else default_out()
+
+
+# What each tuned key's values must be (the checks of their flags in validate).
+TUNE_CHECKS = {"lr": (lambda v: v > 0, "positive"),
+               "weight_decay": (lambda v: v >= 0, ">= 0"),
+               "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+               "warmup_epochs": (lambda v: v >= 0, ">= 0")}
+
+
+def parse_tune(texts) -> tuple[tuple[str, tuple[float, ...]], ...]:
+    """--tune KEY=GRID (repeatable) -> ((key, values), ...). GRID: comma-separated numbers,
+    or LOW:HIGH:logN (N values spaced evenly on a log scale, ends included) or LOW:HIGH:linN."""
+    from .config import TUNABLE
+
+    tune = {}
+    for text in texts:
+        key, sep, grid = (p.strip() for p in text.partition("="))
+        if not sep:
+            raise ConfigError(f"--tune {text!r}: expected KEY=VALUES, e.g. lr=0.05,0.2,0.8")
+        if key not in TUNABLE:
+            raise ConfigError(f"--tune: unknown key {key!r}; tunable: {', '.join(TUNABLE)}")
+        if key in tune:
+            raise ConfigError(f"--tune names {key} twice")
+        values = _grid(grid, f"--tune {key}")
+        ok, what = TUNE_CHECKS[key]
+        bad = [v for v in values if not ok(v)]
+        if bad:
+            raise ConfigError(f"--tune {key}: every value must be {what}, got {bad[0]:g}")
+        tune[key] = values
+    return tuple(tune.items())
+
+
+def _grid(text: str, what: str) -> tuple[float, ...]:
+    import numpy as np
+
+    pieces = text.split(":")
+    if len(pieces) == 3 and pieces[2][:3] in ("log", "lin") and pieces[2][3:].isdigit():
+        low, high = (_number(p, what) for p in pieces[:2])
+        n = int(pieces[2][3:])
+        if n < 1 or low > high or (pieces[2][:3] == "log" and low <= 0):
+            raise ConfigError(f"{what}: {text!r} is not a range LOW:HIGH:logN with "
+                              "0 < LOW <= HIGH and N >= 1")
+        space = np.geomspace if pieces[2][:3] == "log" else np.linspace
+        values = [float(f"{v:.6g}") for v in space(low, high, n)]
+    else:
+        values = [_number(p, what) for p in text.split(",") if p.strip()]
+    if not values:
+        raise ConfigError(f"{what}: no value given")
+    if len(set(values)) != len(values):
+        raise ConfigError(f"{what}: {text!r} repeats a value")
+    return tuple(values)
+
+
+def _number(text: str, what: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{what}: {text.strip()!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{what}: {text.strip()!r} is not a finite number")
+    return value
 
 
 def check_files(base: RunConfig, verify: bool) -> None:
@@ -165,6 +238,10 @@ def validate(sweep: SweepConfig) -> None:
     for b in sweep.batch_sizes:
         if b <= 0:
             raise ConfigError(f"--batch-sizes: {b} is not a positive batch size")
+    if sweep.tune and base.val_fraction == 0:
+        raise ConfigError("--tune selects on the validation split: --val-fraction 0 leaves none")
+    if any(s < 0 for s in sweep.tune_seeds):
+        raise ConfigError("--tune-seeds must be non-negative")
     resolve_device(base.device)
     data = load_dataset(base.dataset, base.data_dir, base.val_fraction)
     n_train = len(data.x_train)

@@ -111,8 +111,16 @@ def run_command(folder: Path, runs: pd.DataFrame) -> str:
             "--seeds", ",".join(map(str, sweep["seeds"]))]
     if sweep.get("accumulate_to") is not None:
         args += ["--accumulate-to", str(sweep["accumulate_to"])]
+    tune = sweep.get("tune") or {}
+    for key, grid in tune.items():
+        args += ["--tune", f"{key}={','.join(f'{v:g}' for v in grid)}"]
+    if sweep.get("tune_seeds"):
+        args += ["--tune-seeds", ",".join(map(str, sweep["tune_seeds"]))]
+    # set by the grid, not by a flag (config.TUNABLE: lr is base_lr, the others by name)
+    tuned = {{"lr": "base_lr"}.get(k, k) for k in tune}
     for name, value in sweep.get("base", {}).items():
-        args += _flag(name, value)
+        if name not in tuned:
+            args += _flag(name, value)
     return _wrap(args + ["--out", str(folder)])
 
 

@@ -69,6 +69,7 @@ class SweepEvents:
 def sweep_to_dict(sweep: SweepConfig) -> dict:
     d = dataclasses.asdict(sweep)
     d["base"] = sweep.base.to_dict()
+    d["tune"] = {key: list(grid) for key, grid in sweep.tune}  # {key: grid}, in order
     return d
 
 
@@ -78,15 +79,18 @@ def sweep_from_dict(d: dict) -> SweepConfig:
         return SweepConfig(specs=tuple(d["specs"]), batch_sizes=tuple(d["batch_sizes"]),
                            seeds=tuple(d["seeds"]), base=RunConfig.from_dict(d["base"]),
                            accumulate_to=d.get("accumulate_to"),
-                           default_accumulate_to=d.get("default_accumulate_to", 128))
+                           default_accumulate_to=d.get("default_accumulate_to", 128),
+                           tune=tuple((k, tuple(float(v) for v in grid))
+                                      for k, grid in d.get("tune", {}).items()),
+                           tune_seeds=tuple(d.get("tune_seeds", ())))
     except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise ConfigError(f"not a bknbench sweep ({type(e).__name__}: {e})") from None
 
 
-def plan(sweep: SweepConfig, store: Store, retry_failed: bool = False):
-    """(all runs, runs still to do). A run is done when the index holds it (and, with
-    retry_failed, it is ok); no record is read."""
-    runs = sweep.expand()
+def plan(sweep: SweepConfig | list[RunConfig], store: Store, retry_failed: bool = False):
+    """(all runs, runs still to do) of a sweep (its expand()) or a list of runs. A run is
+    done when the index holds it (and, with retry_failed, it is ok); no record is read."""
+    runs = sweep.expand() if isinstance(sweep, SweepConfig) else list(sweep)
     ids = [cfg.run_id for cfg in runs]
     if len(set(ids)) != len(ids):
         raise ConfigError("the sweep repeats a configuration (a spec, batch or seed given twice)")
@@ -118,7 +122,10 @@ def run_sweep(sweep: SweepConfig, out: Path, executor: Executor | None = None,
               events: SweepEvents | None = None, fail_fast: bool = False,
               retry_failed: bool = False) -> SweepReport:
     """Run every unfinished run of the sweep in `out`, committing each as it finishes.
-    KeyboardInterrupt is caught: finished runs are kept and the report says so."""
+    A tuned sweep first runs its trials in `out`/trials, writes `out`/tuning.csv and then
+    the runs at the chosen points in `out` (a tuning seed's trial at its cell's chosen point
+    is copied, not trained again). KeyboardInterrupt is caught: finished runs are kept and
+    the report says so."""
     events = events or SweepEvents()
     executor = executor or SerialExecutor()
     store = Store(out)
@@ -129,17 +136,59 @@ def run_sweep(sweep: SweepConfig, out: Path, executor: Executor | None = None,
         store.close()
         raise
     report = SweepReport(out=Path(out))
+    try:
+        chosen = None
+        if sweep.tune:
+            chosen = _tune(sweep, store, executor, events, report, fail_fast, retry_failed)
+            if chosen is None:
+                return report
+        _execute(sweep.expand(chosen), store, executor, events, report, fail_fast,
+                 retry_failed)
+    finally:
+        store.close()
+    return report
+
+
+def _tune(sweep, store: Store, executor, events, report, fail_fast, retry_failed):
+    """The trials (sweep/tune.py); {(spec, norm_batch): chosen point}, or None when they
+    did not all finish (interrupted, --fail-fast)."""
+    from .tune import TRIALS, choose, write_tuning
+
+    trials = Store(store.root / TRIALS)
+    trials.prepare()
+    try:
+        _execute([cfg for _, cfg in sweep.trials()], trials, executor, events, report,
+                 fail_fast, retry_failed)
+        if report.interrupted or report.stopped_early:
+            return None
+        rows = {run_id: trials.load_record(run_id)["row"] for run_id in trials.finished()}
+        chosen, table = choose(sweep, rows)
+        write_tuning(store.root, sweep, table)
+        done = store.finished()  # the tuning seeds' trials at the chosen points are final
+        for cfg in sweep.expand(chosen):
+            if cfg.run_id in rows and cfg.run_id not in done:
+                with ctrl_c_deferred():
+                    store.commit(trials.load_record(cfg.run_id))
+        return chosen
+    finally:
+        trials.close()
+
+
+def _execute(runs: list[RunConfig], store: Store, executor: Executor, events: SweepEvents,
+             report: SweepReport, fail_fast: bool, retry_failed: bool) -> None:
+    """Run the runs not finished in `store`, committing each; adds to `report`."""
     results = None
     try:
-        runs, todo = plan(sweep, store, retry_failed)
-        report.planned, report.skipped = len(runs), len(runs) - len(todo)
+        runs, todo = plan(runs, store, retry_failed)
+        report.planned += len(runs)
+        report.skipped += len(runs) - len(todo)
         done, redo = store.finished(), {cfg.run_id for cfg in todo}
-        report.earlier_failed = [store.load_record(cfg.run_id)["row"] for cfg in runs
-                                 if done.get(cfg.run_id, "ok") != "ok"
-                                 and cfg.run_id not in redo]
+        report.earlier_failed += [store.load_record(cfg.run_id)["row"] for cfg in runs
+                                  if done.get(cfg.run_id, "ok") != "ok"
+                                  and cfg.run_id not in redo]
         events.on_plan(len(runs), len(todo))
         if not todo:
-            return report
+            return
         results = executor.map(todo, store, events)
         for cfg, record in results:
             with ctrl_c_deferred():
@@ -155,5 +204,3 @@ def run_sweep(sweep: SweepConfig, out: Path, executor: Executor | None = None,
         close = getattr(results, "close", None)
         if close:
             close()
-        store.close()
-    return report
