@@ -110,6 +110,9 @@ def run(
     accumulate_to: Annotated[Optional[int], typer.Option(help="SGD batch: micro-batches "
         "accumulate to this many samples per step. Unset: 128 for accumulating specs "
         "(bn-accum), one step per micro-batch for the others. Presets: 128.")] = None,
+    workloads: Annotated[Optional[str], typer.Option(help="Comma-separated workloads "
+        "(`bknbench workloads`): the sweep runs on each, in OUT/<workload>, lr tuned over "
+        "the workload's grid unless --tune or --lr is given.")] = None,
     preset: Annotated[Optional[str], typer.Option(help="A published setup: "
         f"{', '.join(PRESETS)}; every value can be overridden by its flag.")] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="Local copy of a dataset (CIFAR).")] = None,
@@ -152,7 +155,7 @@ def run(
     """Train the sweep norms x micro-batch sizes x seeds; write runs.csv and metrics.csv
     (and stats.csv with --diagnose); print the comparison table."""
     with errors(debug):
-        from .request import RunRequest, build_sweep, int_list
+        from .request import RunRequest, build_study, int_list
 
         run_flags = _flags(dataset=dataset, model=model, epochs=epochs, base_lr=lr,
                            momentum=momentum, weight_decay=weight_decay, schedule=schedule,
@@ -165,20 +168,25 @@ def run(
                            deterministic=deterministic, threads=threads)
         req = RunRequest(norms=norms, batch_sizes=batch_sizes, seeds=seeds, preset=preset,
                          accumulate_to=accumulate_to, out=out, resume=resume, run=run_flags,
-                         verify=verify, tune=tuple(tune or ()), tune_seeds=tune_seeds)
-        sweep, out_dir = build_sweep(req)
-        from .commands import run_command
+                         verify=verify, tune=tuple(tune or ()), tune_seeds=tune_seeds,
+                         workloads=workloads)
+        study = build_study(req)
+        from .commands import run_study
 
-        raise typer.Exit(run_command(
-            sweep, out_dir, workers, fail_fast, retry_failed, strict, quiet,
+        raise typer.Exit(run_study(
+            study, workers, fail_fast, retry_failed, strict, quiet,
             dict(executor=executor, address=address, cpus_per_run=cpus_per_run,
                  gpus_per_run=gpus_per_run, retries=retries)))
 
 
 @app.command()
 def compare(
-    results: Annotated[Path, typer.Argument(help="A results folder written by `bknbench run`.")],
+    results: Annotated[list[Path], typer.Argument(help="A results folder written by `bknbench "
+        "run`; with --aggregate several, or study folders whose subfolders hold them.")],
     format: Annotated[str, typer.Option("--format", "-f", help="table, csv, json or markdown.")] = "table",
+    aggregate: Annotated[bool, typer.Option("--aggregate", help="Rank the specs within each "
+        "(workload, micro-batch) by mean test accuracy (1 = best, ties share the mean rank); "
+        "print per spec and micro-batch the mean rank over workloads and their number.")] = False,
     reference: Annotated[Optional[str], typer.Option(help="SPEC@BATCH to compare against. "
         "[default: bn at its largest batch]")] = None,
     norms: Annotated[Optional[str], typer.Option(help="Only these specs.")] = None,
@@ -191,9 +199,15 @@ def compare(
     """Final test accuracy (or --metric) per spec x micro-batch: mean, 95% CI over seeds, n,
     and the difference to a reference."""
     with errors(debug):
-        from .commands import compare_command
+        from .commands import aggregate_command, compare_command
 
-        compare_command(results, format, reference, norms, batch_sizes, metric)
+        if aggregate:
+            aggregate_command(results, format, norms, batch_sizes)
+        elif len(results) > 1:
+            raise ConfigError("several results folders: give --aggregate to rank the specs "
+                              "over them, or compare one folder at a time")
+        else:
+            compare_command(results[0], format, reference, norms, batch_sizes, metric)
 
 
 @app.command()
@@ -227,6 +241,17 @@ def report(
         from .commands import report_command
 
         report_command(results, out)
+
+
+@app.command("workloads")
+def list_workloads():
+    """The workloads of the fair protocol (--workloads): dataset, model, budget, lr grid
+    and where each comes from."""
+    from .presets import WORKLOADS
+
+    for w in WORKLOADS.values():
+        grid = ",".join(f"{v:g}" for v in w.lr_grid)
+        print(f"{w.name:18s} {w.help}\n    lr grid {grid}; {w.provenance}")
 
 
 @app.command("norms")

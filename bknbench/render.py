@@ -122,3 +122,15 @@ def summary_table(summary: pd.DataFrame, title: str) -> Table:
                       str(r.norm_batch), str(r.n), acc, escape(ci), delta, failed,
                       style="bold" if r.is_ref else None)
     return table
+
+
+def rank_table(ranks: pd.DataFrame, workloads: int) -> Table:
+    """compare --aggregate for the terminal: mean rank per spec and micro-batch."""
+    from .report.aggregate import RANK_NOTE
+
+    table = Table(title=f"mean rank over {workloads} workload(s)", caption=RANK_NOTE)
+    for name in ("spec", "batch", "mean rank", "workloads"):
+        table.add_column(name, justify="left" if name == "spec" else "right")
+    for r in ranks.itertuples(index=False):
+        table.add_row(escape(r.spec), str(r.norm_batch), f"{r.mean_rank:.2f}", str(r.workloads))
+    return table

@@ -31,6 +31,7 @@ class RunRequest:
     verify: bool = False  # check the CIFAR files' MD5 sums before anything reads them
     tune: tuple[str, ...] = ()  # --tune KEY=GRID, one per key
     tune_seeds: str | None = None  # comma-separated seeds of the tuning trials
+    workloads: str | None = None  # comma-separated workload names (presets.WORKLOADS)
 
 
 DEFAULT_DEVICE = "auto"  # cuda when present, else mps, else cpu
@@ -59,6 +60,43 @@ def int_list(text: str, what: str) -> tuple[int, ...]:
 
 def default_out() -> Path:
     return Path("results") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def build_study(req: RunRequest) -> list[tuple[SweepConfig, Path]]:
+    """The sweeps a request asks for, each with its folder: one, or with --workloads one
+    per workload in a subfolder named after it (out/<workload>). A workload sets dataset,
+    model and epochs (--epochs overrides) and tunes lr over its grid unless --tune or --lr
+    is given. --resume of a folder holding such subfolders resumes each."""
+    from .presets import get_workloads
+    from .sweep.store import Store
+
+    if req.resume is not None and not (Path(req.resume) / "sweep.json").exists():
+        subs = sorted(p for p in Path(req.resume).glob("*/sweep.json"))
+        if subs:
+            if req.workloads is not None:
+                raise ConfigError(f"--resume continues the sweeps saved in {req.resume} as "
+                                  "they were; --workloads would change them")
+            return [build_sweep(dataclasses.replace(req, resume=p.parent)) for p in subs]
+        Store(req.resume).load_sweep()  # says why there is nothing to resume
+    if req.workloads is None:
+        return [build_sweep(req)]
+    if req.resume is not None:
+        raise ConfigError(f"--resume continues the sweep saved in {req.resume} as it was; "
+                          "--workloads would change it")
+    fixed = [flag(k) for k in ("dataset", "model") if k in req.run] + (
+        ["--preset"] if req.preset else [])
+    if fixed:
+        raise ConfigError(f"--workloads sets the dataset and model; {', '.join(fixed)} "
+                          "would change them")
+    out = Path(req.out) if req.out is not None else default_out()
+    study = []
+    for w in get_workloads(req.workloads):
+        grid = () if req.tune or "base_lr" in req.run else (
+            "lr=" + ",".join(f"{v:g}" for v in w.lr_grid),)
+        study.append(build_sweep(dataclasses.replace(
+            req, workloads=None, out=out / w.name, run={**w.run, **req.run},
+            tune=req.tune or grid)))
+    return study
 
 
 def build_sweep(req: RunRequest) -> tuple[SweepConfig, Path]:
