@@ -97,11 +97,26 @@ def run(
     evals_per_epoch: Annotated[Optional[int], typer.Option(help="Held-out evaluations per "
         "epoch, evenly spaced in optimizer steps (convergence curves; the training is the "
         "same). [default: ceil(20 / epochs), at least 20 per run]")] = None,
+    val_fraction: Annotated[Optional[float], typer.Option(help="Share of the training split "
+        "held out for validation (stratified, a fixed seed of its own; 0: none, e.g. to "
+        "train on all of CIFAR's 50k), in [0, 0.5]; the curves and tuning use it, the final "
+        f"comparison is on the test split. {_default('val_fraction')}")] = None,
     augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment",
         help=f"Random crop + flip (image datasets). {_default('augment')}")] = None,
+    tune: Annotated[Optional[list[str]], typer.Option(help="KEY=VALUES: tune KEY (lr, "
+        "weight_decay, momentum, warmup_epochs) over a grid, e.g. lr=0.05,0.2,0.8 or "
+        "lr=0.0125:0.8:log4; repeatable (the cartesian product). Every spec x micro-batch "
+        "trains every point on --tune-seeds, the best mean validation accuracy is chosen "
+        "(ties: the smaller lr), then every seed runs there (tuning.csv, trials/). lr is "
+        "per 128 samples, as --lr.")] = None,
+    tune_seeds: Annotated[Optional[str], typer.Option(help="Seeds of the tuning trials. "
+        "[default: the first of --seeds]")] = None,
     accumulate_to: Annotated[Optional[int], typer.Option(help="SGD batch: micro-batches "
         "accumulate to this many samples per step. Unset: 128 for accumulating specs "
         "(bn-accum), one step per micro-batch for the others. Presets: 128.")] = None,
+    workloads: Annotated[Optional[str], typer.Option(help="Comma-separated workloads "
+        "(`bknbench workloads`): the sweep runs on each, in OUT/<workload>, lr tuned over "
+        "the workload's grid unless --tune or --lr is given.")] = None,
     preset: Annotated[Optional[str], typer.Option(help="A published setup: "
         f"{', '.join(PRESETS)}; every value can be overridden by its flag.")] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="Local copy of a dataset (CIFAR).")] = None,
@@ -148,12 +163,13 @@ def run(
     """Train the sweep norms x micro-batch sizes x seeds; write runs.csv and metrics.csv
     (and stats.csv with --diagnose); print the comparison table."""
     with errors(debug):
-        from .request import RunRequest, build_sweep, int_list
+        from .request import RunRequest, build_study, int_list
 
         run_flags = _flags(dataset=dataset, model=model, epochs=epochs, base_lr=lr,
                            momentum=momentum, weight_decay=weight_decay, schedule=schedule,
                            warmup_epochs=warmup_epochs, augment=augment,
                            evals_per_epoch=evals_per_epoch, diagnose=diagnose,
+                           val_fraction=val_fraction,
                            data_dir=str(data_dir) if data_dir else None,
                            milestones=int_list(milestones, "--milestones") if milestones else None,
                            device=device, amp=amp, compile=compile,
@@ -162,34 +178,46 @@ def run(
         req = RunRequest(norms=norms, batch_sizes=batch_sizes, seeds=seeds, preset=preset,
                          accumulate_to=accumulate_to, out=out, resume=resume, run=run_flags,
                          verify=verify, remote_gpus=executor == "ray" and gpus_per_run > 0,
-                         plugins=tuple(plugin or ()))
-        sweep, out_dir = build_sweep(req)
-        from .commands import run_command
+                         plugins=tuple(plugin or ()), tune=tuple(tune or ()),
+                         tune_seeds=tune_seeds, workloads=workloads)
+        study = build_study(req)
+        from .commands import run_study
 
-        raise typer.Exit(run_command(
-            sweep, out_dir, workers, fail_fast, retry_failed, strict, quiet,
+        raise typer.Exit(run_study(
+            study, workers, fail_fast, retry_failed, strict, quiet,
             dict(executor=executor, address=address, cpus_per_run=cpus_per_run,
                  gpus_per_run=gpus_per_run, retries=retries)))
 
 
 @app.command()
 def compare(
-    results: Annotated[Path, typer.Argument(help="A results folder written by `bknbench run`.")],
+    results: Annotated[list[Path], typer.Argument(help="A results folder written by `bknbench "
+        "run`; with --aggregate several, or study folders whose subfolders hold them.")],
     format: Annotated[str, typer.Option("--format", "-f", help="table, csv, json or markdown.")] = "table",
+    aggregate: Annotated[bool, typer.Option("--aggregate", help="Rank the specs within each "
+        "(workload, micro-batch) by mean test accuracy (1 = best, ties share the mean rank); "
+        "print per spec and micro-batch the mean rank over workloads and their number.")] = False,
     reference: Annotated[Optional[str], typer.Option(help="SPEC@BATCH to compare against. "
         "[default: bn at its largest batch]")] = None,
     norms: Annotated[Optional[str], typer.Option(help="Only these specs.")] = None,
     batch_sizes: Annotated[Optional[str], typer.Option(help="Only these micro-batch sizes.")] = None,
-    metric: Annotated[str, typer.Option(help="final_val_acc, or final_val_acc_population "
-        "(eval with population statistics; runs made with --diagnose).")] = "final_val_acc",
+    metric: Annotated[str, typer.Option(help="final_test_acc (the test split), final_val_acc "
+        "(the validation split), or final_val_acc_population (validation, eval with population "
+        "statistics; runs made with --diagnose).")] = "final_test_acc",
     debug: Debug = False,
 ):
-    """Final validation accuracy per spec x micro-batch: mean, 95% CI over seeds, n, and the
-    difference to a reference."""
+    """Final test accuracy (or --metric) per spec x micro-batch: mean, 95% CI over seeds, n,
+    and the difference to a reference."""
     with errors(debug):
-        from .commands import compare_command
+        from .commands import aggregate_command, compare_command
 
-        compare_command(results, format, reference, norms, batch_sizes, metric)
+        if aggregate:
+            aggregate_command(results, format, norms, batch_sizes)
+        elif len(results) > 1:
+            raise ConfigError("several results folders: give --aggregate to rank the specs "
+                              "over them, or compare one folder at a time")
+        else:
+            compare_command(results[0], format, reference, norms, batch_sizes, metric)
 
 
 @app.command()
@@ -223,6 +251,17 @@ def report(
         from .commands import report_command
 
         report_command(results, out)
+
+
+@app.command("workloads")
+def list_workloads():
+    """The workloads of the fair protocol (--workloads): dataset, model, budget, lr grid
+    and where each comes from."""
+    from .presets import WORKLOADS
+
+    for w in WORKLOADS.values():
+        grid = ",".join(f"{v:g}" for v in w.lr_grid)
+        print(f"{w.name:18s} {w.help}\n    lr grid {grid}; {w.provenance}")
 
 
 @app.command("norms")

@@ -37,6 +37,18 @@ def make_executor(workers: int | None, device: str, executor: str = "local",
     return SerialExecutor() if n == 1 else ProcessExecutor(n, device=device)
 
 
+def run_study(study: list[tuple[SweepConfig, Path]], workers, fail_fast, retry_failed,
+              strict, quiet, executor_opts: dict | None = None) -> int:
+    """Each sweep of a study (--workloads: one per workload) in turn; stops at the first
+    that does not end with exit status 0."""
+    for sweep, out in study:
+        code = run_command(sweep, out, workers, fail_fast, retry_failed, strict, quiet,
+                           executor_opts)
+        if code:
+            return code
+    return 0
+
+
 def run_command(sweep: SweepConfig, out: Path, workers, fail_fast, retry_failed, strict,
                 quiet, executor_opts: dict | None = None) -> int:
     from .kernels import native
@@ -90,10 +102,18 @@ def _load(results: Path, norms, batch_sizes):
         stderr.print(f"note: {results} holds runs of one spec and micro-batch that differ in "
                      f"{', '.join(res.split)}; they are kept apart, each spec naming its "
                      "values", highlight=False, soft_wrap=True)
+    _say_notes(res.notes)
     if norms or batch_sizes:
         res = select(res, specs=split_specs(norms) if norms else None,
                      batch_sizes=int_list(batch_sizes, "--batch-sizes") if batch_sizes else None)
     return res
+
+
+def _say_notes(notes) -> None:
+    from .render import stderr
+
+    for note in notes:
+        stderr.print(f"note: {note}", highlight=False, soft_wrap=True)
 
 
 def _summary(runs, results: Path, reference, metric: str):
@@ -116,17 +136,17 @@ def _summary(runs, results: Path, reference, metric: str):
 
 
 def _print_table(results: Path, reference, norms, batch_sizes,
-                 metric: str = "final_val_acc") -> None:
+                 metric: str = "final_test_acc") -> None:
     from .render import stdout, summary_table
 
     runs = _load(results, norms, batch_sizes).runs
     if (runs["status"] == "ok").any():
-        title = f"{results}" if metric == "final_val_acc" else f"{results}: {metric}"
+        title = f"{results}" if metric == "final_test_acc" else f"{results}: {metric}"
         stdout.print(summary_table(_summary(runs, results, reference, metric), title))
 
 
 def compare_command(results: Path, fmt: str, reference, norms, batch_sizes,
-                    metric: str = "final_val_acc") -> None:
+                    metric: str = "final_test_acc") -> None:
     from .report.summary import SUMMARY_FORMATS, check_metric, format_summary
 
     check_metric(metric)
@@ -137,6 +157,26 @@ def compare_command(results: Path, fmt: str, reference, norms, batch_sizes,
         raise ConfigError(f"--format must be table, {', '.join(SUMMARY_FORMATS)}; got {fmt!r}")
     runs = _load(results, norms, batch_sizes).runs
     print(format_summary(_summary(runs, results, reference, metric), fmt), end="")
+
+
+def aggregate_command(paths: list[Path], fmt: str, norms, batch_sizes) -> None:
+    """compare --aggregate: the mean ranks over the sweeps found in paths."""
+    import pandas as pd
+
+    from .render import rank_table, stdout
+    from .report.aggregate import format_ranks, mean_ranks
+    from .report.html import find_sweeps
+    from .report.summary import SUMMARY_FORMATS
+
+    if fmt not in ("table",) + SUMMARY_FORMATS:
+        raise ConfigError(f"--format must be table, {', '.join(SUMMARY_FORMATS)}; got {fmt!r}")
+    runs = pd.concat([_load(p, norms, batch_sizes).runs for p in find_sweeps(paths)],
+                     ignore_index=True)
+    ranks = mean_ranks(runs)
+    if fmt == "table":
+        stdout.print(rank_table(ranks, len(set(zip(runs["dataset"], runs["model"])))))
+    else:
+        print(format_ranks(ranks, fmt), end="")
 
 
 def plot_command(results: Path, out, fmt: str, norms, batch_sizes) -> None:

@@ -41,6 +41,8 @@ class RunConfig:
     milestones: tuple[int, ...] = ()  # epochs at which "step" divides the lr by 10
     augment: bool = False  # random crop (pad 4) + flip, image datasets only
     data_dir: str | None = None  # local copy of a dataset that cannot be embedded
+    val_fraction: float = 0.1  # share of the training split held out for validation
+    # (data.registry.VAL_FRACTION; stratified, a fixed seed of its own; 0: none)
     device: str = "cpu"  # resolved device: cpu, cuda, cuda:1, mps
     amp: bool = False  # bf16 autocast
     compile: bool = False  # torch.compile the model
@@ -109,9 +111,18 @@ def run_id(cfg: RunConfig) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
+# The keys `--tune` accepts -> the RunConfig field each sets, in the units of its flag
+# (lr: the peak rate per LR_REF_BATCH samples, as --lr).
+TUNABLE = {"lr": "base_lr", "weight_decay": "weight_decay", "momentum": "momentum",
+           "warmup_epochs": "warmup_epochs"}
+
+
 @dataclass(frozen=True)
 class SweepConfig:
-    """The grid: specs x micro-batch sizes x seeds over one base RunConfig."""
+    """The grid: specs x micro-batch sizes x seeds over one base RunConfig. Tuned (`tune`
+    not empty): every (spec, micro-batch) cell trains each point of the tuning grid on
+    the tuning seeds (`trials`), then all seeds at the point chosen on validation
+    (`expand(chosen)`; sweep/tune.py chooses)."""
 
     specs: tuple[str, ...]
     batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES  # micro-batch sizes (norm_batch)
@@ -121,12 +132,30 @@ class SweepConfig:
     default_accumulate_to: int = 128  # SGD batch of accumulating specs (bn-accum) when unset
     # the plugins the sweep uses: ("source@sha256:HEX", ("norm:NAME", "model:NAME", ...))
     plugins: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    tune: tuple[tuple[str, tuple[float, ...]], ...] = ()  # (TUNABLE key, its grid) per key
+    tune_seeds: tuple[int, ...] = ()  # seeds of the tuning trials; (): the first of seeds
 
     def plugins_for(self, spec: str) -> tuple[str, ...]:
         """The plugins a run of `spec` on the base model and dataset uses."""
         used = {f"norm:{spec.partition(':')[0].strip()}", f"model:{self.base.model}",
                 f"dataset:{self.base.dataset}"}
         return tuple(label for label, provides in self.plugins if used & set(provides))
+
+    @property
+    def trial_seeds(self) -> tuple[int, ...]:
+        return self.tune_seeds or self.seeds[:1]
+
+    def points(self) -> list[dict[str, float]]:
+        """The tuning grid: the cartesian product of the keys' values, {key: value} each."""
+        points = [{}]
+        for key, grid in self.tune:
+            points = [{**p, key: v} for p in points for v in grid]
+        return points
+
+    def trials(self) -> list[tuple[dict[str, float], RunConfig]]:
+        """(point, run) of every tuning trial: cells x points x tuning seeds."""
+        return [(point, at_point(cfg, point)) for cfg in self._cells(self.trial_seeds)
+                for point in self.points()]
 
     def sgd_batch_for(self, spec: str, norm_batch: int) -> int:
         from .norms import parse_spec  # local: keeps config import-light
@@ -145,15 +174,30 @@ class SweepConfig:
             )
         return target
 
-    def expand(self) -> list[RunConfig]:
+    def expand(self, chosen: dict[tuple[str, int], dict[str, float]] | None = None
+               ) -> list[RunConfig]:
         """All runs, in the order they are executed (largest groups of work first is
-        not attempted: order is specs, then batch sizes, then seeds, for readable logs)."""
+        not attempted: order is specs, then batch sizes, then seeds, for readable logs).
+        chosen: {(spec, norm_batch): point} of a tuned sweep, whose runs are at its cell's
+        point (a cell without one is left out)."""
+        runs = self._cells(self.seeds)
+        if chosen is None:
+            return runs
+        return [at_point(cfg, chosen[cfg.spec, cfg.norm_batch]) for cfg in runs
+                if (cfg.spec, cfg.norm_batch) in chosen]
+
+    def _cells(self, seeds: tuple[int, ...]) -> list[RunConfig]:
         runs = []
         for spec in self.specs:
             for b in self.batch_sizes:
                 sgd = self.sgd_batch_for(spec, b)
-                for seed in self.seeds:
+                for seed in seeds:
                     runs.append(dataclasses.replace(self.base, spec=spec, norm_batch=b,
                                                     sgd_batch=sgd, seed=seed,
                                                     plugins=self.plugins_for(spec)))
         return runs
+
+
+def at_point(cfg: RunConfig, point: dict[str, float]) -> RunConfig:
+    """The run with the tuned keys set to a grid point's values."""
+    return dataclasses.replace(cfg, **{TUNABLE[k]: v for k, v in point.items()})

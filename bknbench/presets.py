@@ -98,3 +98,57 @@ def get_preset(name: str) -> Preset:
         raise ConfigError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
     return PRESETS[name]
 
+
+
+# ---------------------------------------------------------------- workloads
+@dataclass(frozen=True)
+class Workload:
+    """A test problem of the fair protocol (docs/protocol.md): a dataset and a model with
+    a training budget and the default learning-rate grid every (spec, micro-batch) cell is
+    tuned over (`bknbench run --workloads`)."""
+
+    name: str
+    help: str
+    run: dict  # RunConfig field -> value: dataset, model, epochs and what else it fixes
+    lr_grid: tuple[float, ...]  # peak lr per 128 samples (as --lr), tuned per cell
+    provenance: str
+
+
+_GRID = (0.0125, 0.05, 0.2, 0.8)  # x4 steps around the old fixed 0.2, spanning 64x: the
+# fixed-rate measurement of docs/fair-comparison.md found optima from 0.05 to 0.2
+WORKLOADS: dict[str, Workload] = {w.name: w for w in (
+    Workload("mnist1d-mlp", "MNIST-1D signals (3600 train / 400 val / 1000 test), 3-layer "
+             "MLP, 6 epochs", {"dataset": "mnist1d", "model": "mlp", "epochs": 6}, _GRID,
+             "Greydanus 2020 (MNIST-1D, procedurally generated); 6 epochs and the grid: "
+             "the fixed-rate study of docs/fair-comparison.md"),
+    Workload("mnist1d-cnn", "MNIST-1D, the small 1-D CNN, 6 epochs",
+             {"dataset": "mnist1d", "model": "cnn", "epochs": 6}, _GRID,
+             "Greydanus 2020; the same budget as mnist1d-mlp, convolutions instead"),
+    Workload("digits-cnn", "scikit-learn's 8x8 digits (1212 / 135 / 450), the small CNN, "
+             "6 epochs", {"dataset": "digits", "model": "cnn", "epochs": 6}, _GRID,
+             "UCI optical digits as bundled by scikit-learn; ours: budget and grid"),
+    Workload("digits32-cnn", "digits upsampled to 32x32 with pixel noise, the small CNN, "
+             "6 epochs", {"dataset": "digits32", "model": "cnn", "epochs": 6}, _GRID,
+             "digits at CIFAR's size (data/embedded.py DIGITS32); ours: budget and grid"),
+    Workload("cifar10-resnet20", "CIFAR-10 (45k / 5k / 10k), ResNet-20, crop+flip, 30 "
+             "epochs cosine; needs --data-dir", {"dataset": "cifar10", "model": "resnet20",
+                                                "epochs": 30, "augment": True,
+                                                "weight_decay": 1e-4},
+             (0.025, 0.1, 0.4),
+             "He et al. 2016 (ResNet-20 on CIFAR-10: lr 0.1 at batch 128, weight decay "
+             "1e-4, crop+flip) at the centre of a x4 grid; ours: 30 epochs with cosine "
+             "instead of 164 with steps"),
+)}
+
+
+def get_workloads(text: str) -> list[Workload]:
+    """--workloads a,b -> the workloads, in the order given."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise ConfigError("--workloads: no workload given")
+    unknown = [n for n in names if n not in WORKLOADS]
+    if unknown:
+        raise ConfigError(f"unknown workload {unknown[0]!r}; known: {', '.join(WORKLOADS)}")
+    if len(set(names)) != len(names):
+        raise ConfigError("--workloads names the same workload twice")
+    return [WORKLOADS[n] for n in names]

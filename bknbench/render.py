@@ -29,8 +29,13 @@ def label(cfg: RunConfig) -> str:
 
 def finish_text(row: dict) -> str:
     if row["status"] == "ok":
-        return f"val acc {row['final_val_acc']:.2f}%  {row['samples_per_s']:.0f} samples/s"
+        val = "" if row["final_val_acc"] is None else f"val acc {row['final_val_acc']:.2f}%  "
+        return f"{val}test acc {row['final_test_acc']:.2f}%  {row['samples_per_s']:.0f} samples/s"
     return f"{row['status']}: {row['reason']}"
+
+
+def val_text(row: dict) -> str:
+    return "no validation split" if row["val_acc"] is None else f"val acc {row['val_acc']:.2f}%"
 
 
 class Progress:
@@ -80,10 +85,10 @@ class Progress:
             task = self.runs.get(cfg.run_id)
             if task is not None:
                 self.bar.update(task, completed=row["epoch"],
-                                description=f"  {label(cfg)}  val {row['val_acc']:.1f}%")
+                                description=f"  {label(cfg)}  {val_text(row)}")
         else:
             stderr.print(f"  epoch {row['epoch']}/{cfg.epochs} {label(cfg)}: "
-                         f"train loss {row['train_loss']:.3f}, val acc {row['val_acc']:.2f}%",
+                         f"train loss {row['train_loss']:.3f}, {val_text(row)}",
                          highlight=False)
 
     def on_finish(self, cfg: RunConfig, row: dict) -> None:
@@ -116,4 +121,16 @@ def summary_table(summary: pd.DataFrame, title: str) -> Table:
         table.add_row(*([r.dataset, r.model] if multi else []), escape(r.spec),
                       str(r.norm_batch), str(r.n), acc, escape(ci), delta, failed,
                       style="bold" if r.is_ref else None)
+    return table
+
+
+def rank_table(ranks: pd.DataFrame, workloads: int) -> Table:
+    """compare --aggregate for the terminal: mean rank per spec and micro-batch."""
+    from .report.aggregate import RANK_NOTE
+
+    table = Table(title=f"mean rank over {workloads} workload(s)", caption=RANK_NOTE)
+    for name in ("spec", "batch", "mean rank", "workloads"):
+        table.add_column(name, justify="left" if name == "spec" else "right")
+    for r in ranks.itertuples(index=False):
+        table.add_row(escape(r.spec), str(r.norm_batch), f"{r.mean_rank:.2f}", str(r.workloads))
     return table

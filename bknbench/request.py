@@ -33,6 +33,9 @@ class RunRequest:
     # machine's (`train.resolve_device`)
     remote_gpus: bool = False
     plugins: tuple[str, ...] = ()  # --plugin: files or modules (plus $BKNBENCH_PLUGINS, entry points)
+    tune: tuple[str, ...] = ()  # --tune KEY=GRID, one per key
+    tune_seeds: str | None = None  # comma-separated seeds of the tuning trials
+    workloads: str | None = None  # comma-separated workload names (presets.WORKLOADS)
 
 
 DEFAULT_DEVICE = "auto"  # cuda when present, else mps, else cpu
@@ -63,6 +66,43 @@ def default_out() -> Path:
     return Path("results") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
+def build_study(req: RunRequest) -> list[tuple[SweepConfig, Path]]:
+    """The sweeps a request asks for, each with its folder: one, or with --workloads one
+    per workload in a subfolder named after it (out/<workload>). A workload sets dataset,
+    model and epochs (--epochs overrides) and tunes lr over its grid unless --tune or --lr
+    is given. --resume of a folder holding such subfolders resumes each."""
+    from .presets import get_workloads
+    from .sweep.store import Store
+
+    if req.resume is not None and not (Path(req.resume) / "sweep.json").exists():
+        subs = sorted(p for p in Path(req.resume).glob("*/sweep.json"))
+        if subs:
+            if req.workloads is not None:
+                raise ConfigError(f"--resume continues the sweeps saved in {req.resume} as "
+                                  "they were; --workloads would change them")
+            return [build_sweep(dataclasses.replace(req, resume=p.parent)) for p in subs]
+        Store(req.resume).load_sweep()  # says why there is nothing to resume
+    if req.workloads is None:
+        return [build_sweep(req)]
+    if req.resume is not None:
+        raise ConfigError(f"--resume continues the sweep saved in {req.resume} as it was; "
+                          "--workloads would change it")
+    fixed = [flag(k) for k in ("dataset", "model") if k in req.run] + (
+        ["--preset"] if req.preset else [])
+    if fixed:
+        raise ConfigError(f"--workloads sets the dataset and model; {', '.join(fixed)} "
+                          "would change them")
+    out = Path(req.out) if req.out is not None else default_out()
+    study = []
+    for w in get_workloads(req.workloads):
+        grid = () if req.tune or "base_lr" in req.run else (
+            "lr=" + ",".join(f"{v:g}" for v in w.lr_grid),)
+        study.append(build_sweep(dataclasses.replace(
+            req, workloads=None, out=out / w.name, run={**w.run, **req.run},
+            tune=req.tune or grid)))
+    return study
+
+
 def build_sweep(req: RunRequest) -> tuple[SweepConfig, Path]:
     """Resolve and validate; returns the sweep and its output folder."""
     from .norms import parse_spec, split_specs
@@ -74,14 +114,21 @@ def build_sweep(req: RunRequest) -> tuple[SweepConfig, Path]:
     if req.resume is not None:
         if req.out is not None and Path(req.out) != Path(req.resume):
             raise ConfigError("give either --resume DIR or --out DIR, not two different folders")
-        given = [flag(k) for k in ("norms", "batch_sizes", "seeds", "preset", "accumulate_to")
-                 if getattr(req, k) is not None] + [flag(k) for k in req.run]
+        given = [flag(k) for k in ("norms", "batch_sizes", "seeds", "preset", "accumulate_to",
+                                   "tune_seeds")
+                 if getattr(req, k) is not None] + [flag(k) for k in req.run] + (
+                     ["--tune"] if req.tune else [])
         if given:
             raise ConfigError(f"--resume continues the sweep saved in {req.resume}/sweep.json "
                               f"as it was; {', '.join(given)} would change it (start a new "
                               "sweep with --out instead)")
+        saved = Store(req.resume).load_sweep()
+        if "val_fraction" not in saved.get("base", {"val_fraction": None}):
+            raise ConfigError(f"{req.resume} was written before bknbench had a validation "
+                              "split (its accuracies are on the test split); it cannot be "
+                              "resumed: start a new sweep with --out")
         try:
-            sweep = sweep_from_dict(Store(req.resume).load_sweep())
+            sweep = sweep_from_dict(saved)
         except ConfigError as e:
             raise ConfigError(f"{Path(req.resume) / 'sweep.json'}: {e}") from None
         load_plugins(req.plugins, sweep)
@@ -117,9 +164,16 @@ def build_sweep(req: RunRequest) -> tuple[SweepConfig, Path]:
     if len(set(specs)) != len(specs):
         raise ConfigError("--norms names the same spec twice")
     used = used_by(loaded, [parse_spec(s).name for s in specs], base.model, base.dataset)
+    tune = parse_tune(req.tune)
+    if any(k == "lr" for k, _ in tune) and "base_lr" in req.run:
+        raise ConfigError("give either --lr or --tune lr=..., not both")
+    if req.tune_seeds is not None and not tune:
+        raise ConfigError("--tune-seeds needs --tune")
+    tune_seeds = int_list(req.tune_seeds, "--tune-seeds") if req.tune_seeds else ()
     sweep = SweepConfig(specs=tuple(specs), batch_sizes=batches, seeds=seeds, base=base,
                         accumulate_to=accumulate_to,
-                        plugins=tuple((p.label, p.provides) for p in used))
+                        plugins=tuple((p.label, p.provides) for p in used),
+                        tune=tune, tune_seeds=tune_seeds)
     validate(sweep, req.remote_gpus)
     return sweep, Path(req.out) if req.out is not None else default_out()
 
@@ -137,6 +191,70 @@ def load_plugins(given: tuple[str, ...], sweep: SweepConfig | None = None) -> li
             raise ConfigError(f"cannot resume: {e}; restore it, or start a new sweep with "
                               "--out") from None
     return load_all(given)
+
+
+
+# What each tuned key's values must be (the checks of their flags in validate).
+TUNE_CHECKS = {"lr": (lambda v: v > 0, "positive"),
+               "weight_decay": (lambda v: v >= 0, ">= 0"),
+               "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+               "warmup_epochs": (lambda v: v >= 0, ">= 0")}
+
+
+def parse_tune(texts) -> tuple[tuple[str, tuple[float, ...]], ...]:
+    """--tune KEY=GRID (repeatable) -> ((key, values), ...). GRID: comma-separated numbers,
+    or LOW:HIGH:logN (N values spaced evenly on a log scale, ends included) or LOW:HIGH:linN."""
+    from .config import TUNABLE
+
+    tune = {}
+    for text in texts:
+        key, sep, grid = (p.strip() for p in text.partition("="))
+        if not sep:
+            raise ConfigError(f"--tune {text!r}: expected KEY=VALUES, e.g. lr=0.05,0.2,0.8")
+        if key not in TUNABLE:
+            raise ConfigError(f"--tune: unknown key {key!r}; tunable: {', '.join(TUNABLE)}")
+        if key in tune:
+            raise ConfigError(f"--tune names {key} twice")
+        values = _grid(grid, f"--tune {key}")
+        ok, what = TUNE_CHECKS[key]
+        bad = [v for v in values if not ok(v)]
+        if bad:
+            raise ConfigError(f"--tune {key}: every value must be {what}, got {bad[0]:g}")
+        tune[key] = values
+    return tuple(tune.items())
+
+
+def _grid(text: str, what: str) -> tuple[float, ...]:
+    import numpy as np
+
+    pieces = text.split(":")
+    if len(pieces) == 3 and pieces[2][:3] in ("log", "lin") and pieces[2][3:].isdigit():
+        low, high = (_number(p, what) for p in pieces[:2])
+        n = int(pieces[2][3:])
+        if n < 1 or low > high or (pieces[2][:3] == "log" and low <= 0):
+            raise ConfigError(f"{what}: {text!r} is not a range LOW:HIGH:logN with "
+                              "0 < LOW <= HIGH and N >= 1")
+        space = np.geomspace if pieces[2][:3] == "log" else np.linspace
+        values = [float(f"{v:.6g}") for v in space(low, high, n)]
+    else:
+        values = [_number(p, what) for p in text.split(",") if p.strip()]
+    if not values:
+        raise ConfigError(f"{what}: no value given")
+    if len(set(values)) != len(values):
+        raise ConfigError(f"{what}: {text!r} repeats a value")
+    return tuple(values)
+
+
+def _number(text: str, what: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{what}: {text.strip()!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{what}: {text.strip()!r} is not a finite number")
+    return value
 
 
 def check_files(base: RunConfig, verify: bool) -> None:
@@ -187,12 +305,16 @@ def validate(sweep: SweepConfig, remote_gpus: bool = False) -> None:
     for b in sweep.batch_sizes:
         if b <= 0:
             raise ConfigError(f"--batch-sizes: {b} is not a positive batch size")
+    if sweep.tune and base.val_fraction == 0:
+        raise ConfigError("--tune selects on the validation split: --val-fraction 0 leaves none")
+    if any(s < 0 for s in sweep.tune_seeds):
+        raise ConfigError("--tune-seeds must be non-negative")
     resolve_device(base.device, remote_gpus)
     if base.cudnn_benchmark and (base.deterministic or not base.device.startswith("cuda")):
         raise ConfigError("--cudnn-benchmark is for --device cuda without --deterministic "
                           f"(here: --device {base.device}"
                           f"{', --deterministic' if base.deterministic else ''})")
-    data = load_dataset(base.dataset, base.data_dir)
+    data = load_dataset(base.dataset, base.data_dir, base.val_fraction)
     n_train = len(data.x_train)
     runs = sweep.expand()  # also checks --accumulate-to against each batch
     for cfg in runs:

@@ -38,7 +38,9 @@ class RunOutcome:
     train_time_s: float = 0.0
     samples: int = 0
     peak_mem_mb: float | None = None
-    val_samples: int | None = None  # held-out samples behind each val_acc
+    val_samples: int | None = None  # validation samples behind each val_acc (None: no split)
+    test_acc: float | None = None  # %, on the test split, once after the last epoch
+    test_samples: int | None = None  # test samples behind test_acc
     stats: list[dict] = field(default_factory=list)  # --diagnose: schema.STATS_COLUMNS rows
     val_acc_population: float | None = None  # --diagnose: eval with population statistics
 
@@ -194,7 +196,8 @@ def train_run(cfg: RunConfig, data: Dataset | None = None,
     memory) become a non-ok status, so a sweep goes on."""
     t0 = time.perf_counter()
     if data is None:
-        data = load_dataset(cfg.dataset, cfg.data_dir)  # before seeding: mnist1d reseeds
+        data = load_dataset(cfg.dataset, cfg.data_dir, cfg.val_fraction)  # before seeding:
+        # mnist1d reseeds
     n_train = len(data.x_train)
     if cfg.sgd_batch > n_train:
         raise ConfigError(f"batch {cfg.sgd_batch} is larger than the {n_train} training "
@@ -208,7 +211,9 @@ def train_run(cfg: RunConfig, data: Dataset | None = None,
     before = memory.allocated()
     data = data.to(device)
     memory.base = memory.allocated() - before  # the dataset: not training memory
-    out = RunOutcome(val_samples=len(data.x_test))
+    fresh_outcome = lambda: RunOutcome(  # noqa: E731
+        val_samples=len(data.x_val) if data.has_val else None, test_samples=len(data.x_test))
+    out = fresh_outcome()
     start_epoch = 0
     if checkpoint is not None and checkpoint.exists():
         try:
@@ -216,7 +221,7 @@ def train_run(cfg: RunConfig, data: Dataset | None = None,
         except (OSError, RuntimeError, KeyError, ValueError, EOFError):
             # unreadable (e.g. written by another version): start over, never fail the run
             model, opt, sched, order = fresh_state(cfg, data, device, steps)
-            out = RunOutcome(val_samples=len(data.x_test))
+            out = fresh_outcome()
     step_fn = compiled(model) if cfg.compile else model
     augment = None
     if cfg.augment and data.image:
@@ -258,7 +263,10 @@ def train_run(cfg: RunConfig, data: Dataset | None = None,
                 train_loss = loss_sum.item() / i
                 if not math.isfinite(train_loss):
                     break
-                val_loss, val_acc = evaluate(model, data.x_test, data.y_test, cfg.eval_batch)
+                # curves on the validation split; the test split is evaluated only once,
+                # after the last epoch (empty without a validation split)
+                val_loss, val_acc = (evaluate(model, data.x_val, data.y_val, cfg.eval_batch)
+                                     if data.has_val else (None, None))
                 out.epochs.append({
                     "epoch": epoch + 1, "step": epoch * steps + i,
                     "samples_seen": out.samples + i * cfg.sgd_batch, "train_loss": train_loss,
@@ -278,9 +286,11 @@ def train_run(cfg: RunConfig, data: Dataset | None = None,
                 on_epoch(row)
             if checkpoint is not None and epoch + 1 < cfg.epochs:
                 save_checkpoint(checkpoint, epoch + 1, model, opt, sched, order, out)
-        if diag is not None and diag.population and out.status == "ok":
-            out.val_acc_population = evaluate(diag.population_model(), data.x_test,
-                                              data.y_test, cfg.eval_batch)[1]
+        if out.status == "ok":
+            out.test_acc = evaluate(model, data.x_test, data.y_test, cfg.eval_batch)[1]
+        if diag is not None and diag.population and out.status == "ok" and data.has_val:
+            out.val_acc_population = evaluate(diag.population_model(), data.x_val,
+                                              data.y_val, cfg.eval_batch)[1]
     except ValueError as e:  # an undefined normalization (one value per channel)
         if "undefined" not in str(e):
             raise

@@ -1,6 +1,7 @@
 """Datasets as tensors on the training device, and their augmentation; nothing downloaded.
 
-Public names: ``DATASETS`` (name -> loader), ``load_dataset(name, data_dir)``, ``Dataset``.
+Public names: ``DATASETS`` (name -> loader), ``load_dataset(name, data_dir, val_fraction)``
+(train / validation / test), ``Dataset``.
 
 Modules: ``registry`` (Dataset, register_dataset, load_dataset, standardize, cache folder),
 ``embedded`` (mnist1d, digits, digits32, synthetic), ``npz`` (a user's file,

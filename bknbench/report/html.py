@@ -4,8 +4,10 @@ comparison table, figures, failed runs and the command that makes it again.
 Self-contained: figures are base64 PNG in data: URIs, style and script are inline, fonts are
 the system's; the page names no resource outside itself and opens from disk with no network
 request. Figures are every PNG that `plots.plot_results` writes, so a figure added there
-appears here without a change: error_vs_batch and convergence under "Figures", any other
-(e.g. stats_error from the diagnostics) under "Statistics diagnostics".
+appears here without a change: error_vs_batch and convergence under "Figures", the
+sensitivity_<key> figures of a tuned sweep under "Tuning", any other (e.g. stats_error from
+the diagnostics) under "Statistics diagnostics". Over several workloads the report opens
+with their aggregate: mean ranks and the performance profile (aggregate.py).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from .results import Results, load_results
 from .summary import acc_text, failed_runs, method_note, summarize
 
 MAIN_FIGURES = {
-    "error_vs_batch": "Final validation error (100 &minus; accuracy) against micro-batch size: "
+    "error_vs_batch": "Final test error (100 &minus; accuracy) against micro-batch size: "
                       "mean over seeds, band: 95% CI (Student-t on the logit scale).",
     "convergence": "Validation error at each evaluation against training samples seen, a "
                    "panel per micro-batch size: mean over seeds, band: best to worst seed.",
@@ -159,7 +161,7 @@ def _sweep_section(i: int, folder: Path, results: Results) -> str:
     figures, why = _figures(results)
     main = [_figure_html(n, figures[n], c) for n, c in MAIN_FIGURES.items() if n in figures]
     extra = [_figure_html(n, d, escape(n.replace("_", " "))) for n, d in figures.items()
-             if n not in MAIN_FIGURES]
+             if n not in MAIN_FIGURES and not n.startswith("sensitivity_")]
     failed = failed_runs(runs)
     fail_rows = [f"<tr>{''.join(_cell(v) for v in row)}</tr>"
                  for row in failed.itertuples(index=False)]
@@ -168,12 +170,13 @@ def _sweep_section(i: int, folder: Path, results: Results) -> str:
 <section id="sweep-{i}">
 <h2>Sweep {i}: {escape(title)}</h2>
 <p class="sub">results folder <code>{escape(str(folder))}</code></p>
-<p>{_grid_text(runs)}</p>{_split_note(results)}
+<p>{_grid_text(runs)}</p>{_split_note(results)}{"".join(f'<p class="note">{escape(n)}.</p>' for n in results.notes)}
 <h3>Comparison</h3>
 {_summary_table(summary, f"table-{i}")}
 <p class="note">{escape(method_note(summary))}. Click a column to sort.</p>
 <h3>Figures</h3>
 {"".join(main) or f'<p class="note">No figures: {escape(why)}</p>'}
+{_tuning_html(results, figures)}
 <h3>Statistics diagnostics</h3>
 {"".join(extra) or '<p class="note">None in this sweep (figures from diagnostics appear here '
                     'when the sweep recorded them).</p>'}
@@ -194,6 +197,53 @@ def _split_note(results: Results) -> str:
     return (f'<p class="note">This folder holds runs of one spec and micro-batch that differ in '
             f'{escape(", ".join(results.split))}: they are never pooled; each spec names its '
             "values.</p>")
+def _tuning_html(results: Results, figures: dict[str, str]) -> str:
+    """A tuned sweep's chosen points (edges marked) and its sensitivity figures."""
+    if results.tuning is None or results.tuning.empty:
+        return ""
+    from .sensitivity import chosen_points
+
+    chosen = chosen_points(results.tuning)
+    keys = [c for c in chosen.columns if c not in ("spec", "norm_batch", "score", "at_edge",
+                                                   "seeds")]
+    rows = [f"<tr>{_cell(r.spec, 'mono')}{_cell(r.norm_batch, 'num')}"
+            + "".join(_cell(f"{getattr(r, k):g}", "num") for k in keys)
+            + f"{_cell(f'{r.score:.2f}', 'num')}{_cell('at edge' if r.at_edge else '', 'fail')}"
+            "</tr>" for r in chosen.itertuples(index=False)]
+    figs = [_figure_html(n, d, "Validation accuracy against each value of the grid, a panel "
+                         "per micro-batch; circled: the chosen point.")
+            for n, d in figures.items() if n.startswith("sensitivity_")]
+    return (f"<h3>Tuning</h3><p class=\"note\">The point each cell was trained at (best mean "
+            "validation accuracy of the tuning seeds, tuning.csv); &ldquo;at edge&rdquo;: a "
+            "chosen value is the smallest or largest of its grid (the grid may be too "
+            "narrow).</p>" + _table(["spec", "micro-batch", *keys, "val acc %", "edge"], rows)
+            + "".join(figs))
+
+
+def _aggregate_html(runs: pd.DataFrame) -> str:
+    """Over several workloads: the mean ranks and the performance profile."""
+    from .aggregate import RANK_NOTE, TAU_MAX, mean_ranks, profile_area, profile_figure
+    from .plots import spec_colors
+
+    workloads = len(set(zip(runs["dataset"], runs["model"])))
+    if workloads < 2:
+        return ""
+    ranks, area = mean_ranks(runs), profile_area(runs)
+    rows = [f"<tr>{_cell(r.spec, 'mono')}{_cell(r.norm_batch, 'num', r.norm_batch)}"
+            f"{_cell(f'{r.mean_rank:.2f}', 'num', r.mean_rank)}{_cell(r.workloads, 'num')}"
+            "</tr>" for r in ranks.itertuples(index=False)]
+    fig = profile_figure(runs, spec_colors(runs["spec"]))
+    with tempfile.TemporaryDirectory(prefix="bknbench-report-") as tmp:
+        fig.savefig(Path(tmp) / "p.png", format="png", dpi=150)
+        data = base64.b64encode((Path(tmp) / "p.png").read_bytes()).decode("ascii")
+    best = ", ".join(f"{escape(s)} {a:.2f}" for s, a in area.sort_values(ascending=False).items())
+    return f"""<section id="aggregate"><h2>Aggregate over {workloads} workloads</h2>
+<p class="note">{escape(RANK_NOTE)}. Click a column to sort.</p>
+{_table(["spec", "micro-batch", "mean rank", "workloads"], rows, "ranks", sortable=True)}
+{_figure_html("profile", data, f"Performance profile (Dolan and Mor&eacute;): per spec, the "
+              f"fraction of (workload, micro-batch) problems whose test error is within a "
+              f"factor &tau; of the best spec's. Area up to &tau; = {TAU_MAX:g} "
+              f"(1 = best everywhere): {best}.")}</section>"""
 
 
 def _headline(i: int, results: Results) -> str:
@@ -233,6 +283,7 @@ percentage points.</p>
 <a href="#reproduce">Reproduce</a></nav>
 <section id="question"><h2>The question</h2>{QUESTION}</section>
 <section id="sweeps"><h2>Sweeps</h2><ul>{contents}</ul></section>
+{_aggregate_html(pd.concat([r.runs for _, r in loaded], ignore_index=True))}
 {sections}
 <section id="reproduce"><h2>Reproduce</h2>
 <p>Each sweep is one <code>bknbench&nbsp;run</code> (every setting spelled out; a run already

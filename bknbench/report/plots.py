@@ -1,9 +1,10 @@
-"""Figures from a results folder: error vs micro-batch size, and convergence.
+"""Figures from a results folder: test error vs micro-batch size, convergence on the
+validation split, and (tuned sweeps) the sensitivity to each tuned value.
 
 Error is 100 - accuracy, in %, and only runs with status ok enter a line.
 - error_vs_batch: the final error, mean over seeds, with the 95% interval of summary.py
   (Student-t on the logit scale: never outside [0, 100]; no band when n = 1).
-- convergence: the held-out error at each evaluation against the training samples seen,
+- convergence: the validation error at each evaluation against the training samples seen,
   mean over seeds, with a band from the best to the worst seed (a plain spread: with 3 seeds
   a 95% interval would fill the panel). Samples seen, not optimizer steps, so that specs
   stepping per micro-batch and specs accumulating to a large batch share one x axis.
@@ -72,7 +73,7 @@ def _groups(runs: pd.DataFrame) -> list[tuple[tuple[str, str], pd.DataFrame]]:
 
 
 def _error_vs_batch_figure(runs: pd.DataFrame, colors: dict[str, str]) -> "Figure":
-    """Final validation error vs norm_batch on a log2 axis, a panel per (dataset, model)."""
+    """Final test error vs norm_batch on a log2 axis, a panel per (dataset, model)."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import NullLocator
 
@@ -105,10 +106,10 @@ def _error_vs_batch_figure(runs: pd.DataFrame, colors: dict[str, str]) -> "Figur
             ax.legend(title="spec")
     scale = _error_scale(axes, errors)
     for ax in axes:
-        ax.set_ylabel(f"validation error after training (%{scale})")
+        ax.set_ylabel(f"test error after training (%{scale})")
     n_failed = int((runs["status"] != "ok").sum())
     excluded = f"; {n_failed} failed run(s) excluded" if n_failed else ""
-    fig.suptitle(f"Validation error vs micro-batch size\n"
+    fig.suptitle(f"Test error vs micro-batch size\n"
                  f"mean over seeds; band: 95% CI, Student-t on the logit scale{excluded}",
                  fontsize="medium")
     return fig
@@ -121,7 +122,7 @@ def _seed_spread(cell: pd.DataFrame) -> pd.DataFrame:
 
 
 def _convergence_figure(runs: pd.DataFrame, metrics: pd.DataFrame,
-                        colors: dict[str, str]) -> "Figure":
+                        colors: dict[str, str], split: str = "validation") -> "Figure":
     """Validation error against training samples seen, a panel per micro-batch size (a row
     per (dataset, model) when there are several), a line per spec: the mean over seeds with
     the seeds' spread as a band."""
@@ -129,9 +130,7 @@ def _convergence_figure(runs: pd.DataFrame, metrics: pd.DataFrame,
     from matplotlib.ticker import EngFormatter
 
     ok = runs.loc[runs["status"] == "ok", ["run_id", "dataset", "model", "spec", "norm_batch"]]
-    m = metrics[["run_id", "samples_seen", "val_acc"]].merge(ok, on="run_id")
-    if m.empty:
-        raise ConfigError("metrics.csv has no evaluations of successful runs: nothing to plot")
+    m = metrics[["run_id", "samples_seen", "val_acc"]].dropna().merge(ok, on="run_id")
     groups = _groups(m)
     panels = [(key, b, part[part["norm_batch"] == b])
               for key, part in groups for b in sorted(set(part["norm_batch"]))]
@@ -174,7 +173,7 @@ def _convergence_figure(runs: pd.DataFrame, metrics: pd.DataFrame,
         for r, c in places:
             axes[r][c].set_ylim(0, min(100.0, 1.05 * top))
     for r in range(nrows):
-        axes[r][0].set_ylabel(f"validation error (%{scale})")
+        axes[r][0].set_ylabel(f"{split} error (%{scale})")
     for r in range(nrows):  # grid cells without a panel
         for c in range(ncols):
             if (r, c) not in places:
@@ -182,7 +181,7 @@ def _convergence_figure(runs: pd.DataFrame, metrics: pd.DataFrame,
     order = [s for s in colors if s in handles]  # the same order as the other figure
     fig.legend([handles[s] for s in order], order, title="spec", loc="outside right upper")
     seeds = "/".join(map(str, sorted(n_seeds)))
-    fig.suptitle(f"Validation error during training\nmean over {seeds} seed(s); "
+    fig.suptitle(f"{split.capitalize()} error during training\nmean over {seeds} seed(s); "
                  "band: best to worst seed", fontsize="medium")
     return fig
 
@@ -200,8 +199,9 @@ def _prepare(out_dir: str | Path) -> Path:
 
 def plot_results(results: Results, out_dir: str | Path,
                  formats: Iterable[str] = ("png",)) -> list[Path]:
-    """Write error_vs_batch.<fmt> and convergence.<fmt> (and stats_error.<fmt> when the
-    results have stats.csv) into out_dir for each format; return the paths written."""
+    """Write error_vs_batch.<fmt>, convergence.<fmt> (when metrics.csv has validation
+    accuracies), stats_error.<fmt> (when the results have stats.csv) and sensitivity_<key>.<fmt>
+    per tuned key (tuning.csv) into out_dir for each format; return the paths written."""
     formats = tuple(formats)
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
@@ -214,8 +214,14 @@ def plot_results(results: Results, out_dir: str | Path,
         raise ConfigError(f"no per-epoch metrics in {results.path}: plots need metrics.csv "
                           "written by `bknbench run`")
     colors = spec_colors(runs["spec"])  # failed runs too: a colour must not depend on success
-    figures = {"error_vs_batch": _error_vs_batch_figure(runs, colors),
-               "convergence": _convergence_figure(runs, results.metrics, colors)}
+    figures = {"error_vs_batch": _error_vs_batch_figure(runs, colors)}
+    if results.metrics["val_acc"].notna().any():  # none without a validation split
+        split = "test" if results.legacy else "validation"
+        figures["convergence"] = _convergence_figure(runs, results.metrics, colors, split)
+    if results.tuning is not None and not results.tuning.empty:
+        from .sensitivity import sensitivity_figures
+
+        figures.update(sensitivity_figures(results.tuning, colors))
     if not results.stats.empty:  # --diagnose
         from .stats_figure import stats_error_figure
 

@@ -122,8 +122,16 @@ def run_command(folder: Path, runs: pd.DataFrame) -> str:
             args += ["--accumulate-to", str(sweep["accumulate_to"])]
         for plugin in sweep.get("plugins", []):  # its source as it was: sha256 in sweep.json
             args += ["--plugin", plugin["source"]]
+        tune = sweep.get("tune") or {}
+        for key, values in tune.items():
+            args += ["--tune", f"{key}={','.join(f'{v:g}' for v in values)}"]
+        if sweep.get("tune_seeds"):
+            args += ["--tune-seeds", ",".join(map(str, sweep["tune_seeds"]))]
+        # set by the grid, not by a flag (config.TUNABLE: lr is base_lr, the others by name)
+        tuned = {{"lr": "base_lr"}.get(k, k) for k in tune}
         for name, value in sweep.get("base", {}).items():
-            args += _flag(name, value)
+            if name not in tuned:
+                args += _flag(name, value)
         commands.append(_wrap(args + ["--out", str(folder)]))
     return "\n".join(commands)
 

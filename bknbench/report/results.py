@@ -10,16 +10,22 @@ from typing import Iterable
 import pandas as pd
 
 from ..errors import ConfigError
-from .schema import METRIC_COLUMNS, STATS_COLUMNS, STATUSES
+from .schema import (METRIC_COLUMNS, STATS_COLUMNS, STATUSES, TUNING_FILE,
+                     TUNING_REQUIRED)
 
 # Columns the analysis reads; a file without them is not a bknbench file (or is cut short).
 RUN_REQUIRED = ("run_id", "spec", "dataset", "model", "norm_batch", "sgd_batch", "seed",
                 "epochs", "status", "reason", "final_val_acc", "best_val_acc")
+# Written before the validation split existed (no final_test_acc): every accuracy, the
+# curves' included, is on the test split. Loaded relabelled, with this note once.
+LEGACY_NOTE = ("{folder} was written before bknbench had a validation split: its accuracies "
+               "(final_val_acc then, final_test_acc now; the curves' val_acc too) are on the "
+               "test split")
 METRIC_REQUIRED = ("run_id", "epoch", "val_acc")
 _RUN_INTS = ("norm_batch", "sgd_batch", "seed", "epochs")
-_RUN_FLOATS = ("final_val_acc", "final_val_acc_population", "best_val_acc",
+_RUN_FLOATS = ("final_val_acc", "final_test_acc", "final_val_acc_population", "best_val_acc",
                "final_train_loss", "train_time_s", "samples_per_s", "peak_mem_mb", "lr",
-               "val_samples")
+               "val_samples", "test_samples")
 _METRIC_INTS = ("epoch", "samples_seen")
 # step may be empty: rows of runs finished before it was recorded, in a resumed folder
 _METRIC_FLOATS = ("step", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "wall_s")
@@ -38,6 +44,9 @@ class Results:
     # settings that differ between runs of one spec and micro-batch (a folder written before
     # one sweep per folder was enforced); each such run's spec names its values, "bn [epochs=2]"
     split: tuple[str, ...] = ()
+    tuning: pd.DataFrame | None = None  # tuning.csv of a tuned sweep (tuning.TUNING_COLUMNS)
+    notes: tuple[str, ...] = ()  # what a reader must know, said once (e.g. LEGACY_NOTE)
+    legacy: bool = False  # written before the validation split: every accuracy on test
 
 
 def load_results(path: str | Path) -> Results:
@@ -62,14 +71,18 @@ def load_results(path: str | Path) -> Results:
     runs = _read_table(runs_csv, RUN_REQUIRED, _RUN_INTS, _RUN_FLOATS, allow_empty=False)
     if "final_val_acc_population" not in runs.columns:  # written before --diagnose existed
         runs["final_val_acc_population"] = float("nan")
+    notes = ()
+    if "final_test_acc" not in runs.columns:
+        runs = _relabel_legacy(runs)
+        notes = (LEGACY_NOTE.format(folder=folder),)
     unknown = sorted(set(runs["status"]) - set(STATUSES))
     if unknown:
         raise ConfigError(f"{runs_csv}: unknown status {', '.join(map(repr, unknown))}; "
                           f"expected one of {', '.join(STATUSES)}")
-    ok_without_acc = runs.index[(runs["status"] == "ok") & runs["final_val_acc"].isna()]
+    ok_without_acc = runs.index[(runs["status"] == "ok") & runs["final_test_acc"].isna()]
     if len(ok_without_acc):
         raise ConfigError(f"{runs_csv}: run {runs.at[ok_without_acc[0], 'run_id']} is ok "
-                          "but has no final_val_acc")
+                          "but has no final_test_acc")
     if has_metrics:
         metrics = _read_table(metrics_csv, METRIC_REQUIRED, _METRIC_INTS, _METRIC_FLOATS,
                               allow_empty=True)
@@ -79,7 +92,9 @@ def load_results(path: str | Path) -> Results:
                          allow_empty=True) if has_stats
              else pd.DataFrame(columns=list(STATS_COLUMNS)))
     runs, split = split_settings(runs)
-    return Results(runs=runs, metrics=metrics, path=folder, stats=stats, split=split)
+    tuning = load_tuning(folder / TUNING_FILE) if (folder / TUNING_FILE).is_file() else None
+    return Results(runs=runs, metrics=metrics, path=folder, stats=stats, tuning=tuning,
+                   notes=notes, legacy=bool(notes), split=split)
 
 
 # Configuration fields that may differ between the runs of one cell without making another
@@ -130,6 +145,44 @@ def _value(text: str | None) -> str:
 def base_spec(spec: str) -> str:
     """A spec without the settings split_settings gave it: "bn [epochs=2]" -> "bn"."""
     return spec.partition(" [")[0]
+
+
+
+def _relabel_legacy(runs: pd.DataFrame) -> pd.DataFrame:
+    """A runs.csv from before the validation split: its final_val_acc, best_val_acc and
+    val_samples were on the test split. They move to final_test_acc and test_samples;
+    the validation columns stay empty."""
+    runs = runs.copy()
+    runs["final_test_acc"] = runs["final_val_acc"]
+    runs["test_samples"] = runs["val_samples"] if "val_samples" in runs else float("nan")
+    for col in ("final_val_acc", "best_val_acc", "val_samples", "final_val_acc_population"):
+        runs[col] = float("nan")
+    return runs
+
+
+def load_tuning(path: Path) -> pd.DataFrame:
+    """tuning.csv, typed: a row per trial (schema.TUNING_COLUMNS plus a column per key)."""
+    df = _read_table(path, TUNING_REQUIRED, ("norm_batch", "seed", "chosen", "at_edge"),
+                     (), allow_empty=True)
+    for col in tuned_keys(df):
+        df[col] = _numbers(df, col, path)
+    df["final_val_acc"] = _numbers(df, "final_val_acc", path)
+    return df
+
+
+def tuned_keys(tuning: pd.DataFrame) -> list[str]:
+    """The tuned keys of a tuning.csv: its columns between norm_batch and seed."""
+    cols = list(tuning.columns)
+    return cols[cols.index("norm_batch") + 1:cols.index("seed")]
+
+
+def _numbers(df: pd.DataFrame, col: str, path: Path) -> pd.Series:
+    text = df[col].str.strip()
+    num = pd.to_numeric(text, errors="coerce")
+    bad = num.isna() & (text != "") & (text.str.lower() != "nan")
+    if bad.any():
+        raise ConfigError(f"{path}: {col}={df[col][bad].iloc[0]!r} is not a number")
+    return num.astype("float64")
 
 
 def _read_table(path: Path, required, ints, floats, allow_empty: bool) -> pd.DataFrame:
@@ -199,5 +252,11 @@ def select(results: Results, specs: Iterable[str] | None = None,
                           f"datasets: {present('dataset')}; models: {present('model')}")
     metrics = results.metrics[results.metrics["run_id"].isin(chosen["run_id"])]
     stats = results.stats[results.stats["run_id"].isin(chosen["run_id"])]
+    tuning = results.tuning
+    if tuning is not None:
+        tuning = tuning[tuning["spec"].isin(chosen["spec"])
+                        & tuning["norm_batch"].isin(chosen["norm_batch"])].reset_index(drop=True)
     return Results(runs=chosen, metrics=metrics.reset_index(drop=True), path=results.path,
-                   stats=stats.reset_index(drop=True), split=results.split)
+                   stats=stats.reset_index(drop=True), split=results.split,
+                   tuning=tuning, notes=results.notes,
+                   legacy=results.legacy)

@@ -15,11 +15,14 @@ RUN_COLUMNS = (
     "lr",  # peak learning rate after linear scaling
     "status",  # ok | failed | diverged | oom
     "reason",  # why a run is not ok; empty otherwise
-    "final_val_acc",  # validation accuracy after the last epoch, %
-    "final_val_acc_population",  # the same with population statistics in eval (--diagnose;
-    # empty: not diagnosed, or not applicable: no batch-dependent layer)
+    "final_val_acc",  # validation-split accuracy after the last epoch, % (empty: no
+    # validation split, --val-fraction 0); what tuning selects on
+    "final_test_acc",  # test-split accuracy after the last epoch, %: the final comparison
+    "final_val_acc_population",  # final_val_acc with population statistics in eval
+    # (--diagnose; empty: not diagnosed, or not applicable: no batch-dependent layer)
     "best_val_acc",  # best validation accuracy at the end of an epoch, %
-    "val_samples",  # held-out samples behind each accuracy (the intervals' N)
+    "val_samples",  # validation samples behind each val accuracy (the intervals' N)
+    "test_samples",  # test samples behind final_test_acc (the intervals' N)
     "final_train_loss",
     "train_time_s",  # seconds in training steps (evaluation excluded)
     "samples_per_s",  # training samples per second
@@ -47,7 +50,7 @@ METRIC_COLUMNS = (
     "train_loss",  # mean over the epoch's training steps so far
     "train_acc",  # %, in training mode, over the same steps
     "val_loss",
-    "val_acc",  # %, in eval mode on the held-out split
+    "val_acc",  # %, in eval mode on the validation split (empty without one)
     "lr",  # learning rate at the evaluation
     "wall_s",  # seconds since the run started
 )
@@ -64,3 +67,18 @@ STATS_COLUMNS = (
 )
 
 STATUSES = ("ok", "failed", "diverged", "oom")
+
+# One row per tuning trial (tuning.csv, `run --tune`): the columns below, with a column per
+# tuned key (in the units of its flag: lr is the peak rate per 128 samples, as --lr)
+# between norm_batch and seed.
+TUNING_FILE = "tuning.csv"
+TUNING_REQUIRED = (
+    "spec",
+    "norm_batch",
+    "seed",  # a tuning seed (--tune-seeds)
+    "final_val_acc",  # validation accuracy after the last epoch, % (empty: not ok)
+    "status",  # ok | failed | diverged | oom: a trial not ok counts as 0%, the worst
+    "run_id",
+    "chosen",  # 1 on the rows of the cell's chosen point (best mean final_val_acc)
+    "at_edge",  # 1 when a chosen value is the smallest or largest of its grid
+)

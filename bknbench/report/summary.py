@@ -1,8 +1,9 @@
 """Summarize accuracy over seeds with 95% intervals that stay inside what is possible.
 
-One cell is (dataset, model, spec, norm_batch); its n ok seeds give a_i = final_val_acc (%)
+One cell is (dataset, model, spec, norm_batch); its n ok seeds give a_i = final_test_acc (%)
 (or the metric asked for, ACC_METRICS),
-measured on N held-out samples (runs.csv `val_samples`; N_UNKNOWN where older files lack it).
+measured on N held-out samples (runs.csv `test_samples`, or `val_samples` for a validation
+metric; N_UNKNOWN where older files lack it).
 An accuracy is a count out of N: it moves in steps of r = 100 / N points, and a spread
 below the rounding of one step cannot be measured, so every standard deviation below has
 Sheppard's rounding floor, sd >= r / sqrt(12) for an accuracy (r / sqrt(6) for the
@@ -44,10 +45,14 @@ SUMMARY_FORMATS = ("csv", "json", "markdown")
 CI_METHOD = "logit-t"
 N_UNKNOWN = 1000  # held-out samples assumed for the half-sample correction when not recorded
 COLUMNS = ["dataset", "model", "spec", "norm_batch", "sgd_batch", "n", "mean", "std",
-           "ci_low", "ci_high", "ci_method", "val_samples", "failed", "failed_statuses",
+           "ci_low", "ci_high", "ci_method", "samples", "failed", "failed_statuses",
            "is_ref", "ref_diff", "ref_diff_low", "ref_diff_high", "ref_diff_method",
            "ref_diff_n", "ref_diff_excludes_0", "best_mean"]
-ACC_METRICS = ("final_val_acc", "final_val_acc_population")  # what a summary can be of
+# what a summary can be of: the test split (the final comparison), the validation split
+ACC_METRICS = ("final_test_acc", "final_val_acc", "final_val_acc_population")
+SAMPLES = {"final_test_acc": "test_samples"}  # the column holding N of a metric; else val_samples
+SPLIT = {"final_test_acc": "test", "final_val_acc": "validation",
+         "final_val_acc_population": "validation"}
 
 
 def _t975(dof: float) -> float:
@@ -112,14 +117,15 @@ def _status_counts(statuses: pd.Series) -> str:
     return ", ".join(f"{k} {s}" for s, k in statuses.value_counts(sort=False).items())
 
 
-def _val_samples(cell: pd.DataFrame) -> float:
-    if "val_samples" not in cell.columns:
+def _samples(cell: pd.DataFrame, metric: str) -> float:
+    column = SAMPLES.get(metric, "val_samples")
+    if column not in cell.columns:
         return math.nan
-    known = cell["val_samples"].dropna()
+    known = cell[column].dropna()
     return float(known.iloc[0]) if len(known) else math.nan
 
 
-def _cells(part: pd.DataFrame, metric: str = "final_val_acc") -> list[dict]:
+def _cells(part: pd.DataFrame, metric: str = "final_test_acc") -> list[dict]:
     """Statistics per (spec, norm_batch): specs in order of first appearance, batches ascending.
     `accs` (accuracy by seed) is kept for the difference to the reference, then dropped."""
     cells = []
@@ -131,13 +137,13 @@ def _cells(part: pd.DataFrame, metric: str = "final_val_acc") -> list[dict]:
             # not applicable, neither ok nor failed
             ok = cell[(cell["status"] == "ok") & cell[metric].notna()]
             bad = cell[cell["status"] != "ok"]
-            n_test = _val_samples(ok)
+            n_test = _samples(ok, metric)
             mean, std, low, high = acc_interval(ok[metric],
                                                 None if math.isnan(n_test) else n_test)
             cells.append(dict(
                 spec=spec, norm_batch=int(nb), sgd_batch=int(cell["sgd_batch"].iloc[0]),
                 n=len(ok), mean=mean, std=std, ci_low=low, ci_high=high,
-                ci_method=CI_METHOD if len(ok) > 1 else "", val_samples=n_test,
+                ci_method=CI_METHOD if len(ok) > 1 else "", samples=n_test,
                 failed=len(bad), failed_statuses=_status_counts(bad["status"]),
                 is_ref=False, ref_diff=math.nan, ref_diff_low=math.nan,
                 ref_diff_high=math.nan, ref_diff_method="", ref_diff_n=0,
@@ -173,7 +179,7 @@ def _reference(cells: list[dict], reference: str | None, where: str) -> dict | N
 
 
 def summarize(runs: pd.DataFrame, reference: str | None = None,
-              metric: str = "final_val_acc") -> pd.DataFrame:
+              metric: str = "final_test_acc") -> pd.DataFrame:
     """One row per (dataset, model, spec, norm_batch) with the statistics of the module
     docstring; cells where every run failed stay, with n = 0 and NaN mean. dataset and model
     columns appear only when the runs span several; each (dataset, model) has its own reference."""
@@ -191,17 +197,19 @@ def summarize(runs: pd.DataFrame, reference: str | None = None,
                 c["ref_diff"] = c["mean"] - ref["mean"]
                 if c is not ref:  # a cell against itself has no uncertainty to report
                     _, low, high, method, n = diff_interval(
-                        accs, ref_accs, None if math.isnan(c["val_samples"]) else c["val_samples"])
+                        accs, ref_accs, None if math.isnan(c["samples"]) else c["samples"])
                     c.update(ref_diff_low=low, ref_diff_high=high, ref_diff_method=method,
                              ref_diff_n=n, ref_diff_excludes_0=bool(low > 0 or high < 0))
             rows.append({"dataset": dataset, "model": model, **c})
     summary = pd.DataFrame(rows, columns=COLUMNS)
-    return summary if len(groups) > 1 else summary.drop(columns=["dataset", "model"])
+    summary = summary if len(groups) > 1 else summary.drop(columns=["dataset", "model"])
+    summary.attrs["metric"] = metric  # method_note names the split
+    return summary
 
 
 def check_metric(metric: str) -> None:
     if metric not in ACC_METRICS:
-        raise ConfigError(f"--metric must be {' or '.join(ACC_METRICS)}, got {metric!r}")
+        raise ConfigError(f"--metric must be {', '.join(ACC_METRICS)}; got {metric!r}")
 
 
 def runs_with(runs: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, list[str], int]:
@@ -228,13 +236,16 @@ def failed_runs(runs: pd.DataFrame) -> pd.DataFrame:
 
 def method_note(summary: pd.DataFrame) -> str:
     """The footer every rendering of the table carries: which intervals these are."""
-    unknown = "val_samples" in summary and bool(
-        (summary["n"] > 1).any() and summary.loc[summary["n"] > 1, "val_samples"].isna().any())
-    assumed = f" (test-set size not recorded: N = {N_UNKNOWN} assumed)" if unknown else ""
-    return ("acc: mean over n successful seeds, 95% CI Student-t on the logit scale of the "
+    unknown = "samples" in summary and bool(
+        (summary["n"] > 1).any() and summary.loc[summary["n"] > 1, "samples"].isna().any())
+    metric = summary.attrs.get("metric", "final_test_acc")
+    split = SPLIT[metric]
+    assumed = f" ({split}-set size not recorded: N = {N_UNKNOWN} assumed)" if unknown else ""
+    return (f"acc: {metric}, on the {split} split; mean over n successful seeds, 95% CI "
+            "Student-t on the logit scale of the "
             f"accuracy, half-sample corrected{assumed}, never outside [0, 100]; Δ vs ref in "
             "points with its 95% CI, paired by seed (P) or Welch (W); * = CI excludes 0; "
-            "spreads floored at one test sample's rounding")
+            f"spreads floored at one {split} sample's rounding")
 
 
 def acc_text(r) -> str:

@@ -72,6 +72,7 @@ def sweep_to_dict(sweep: SweepConfig) -> dict:
     d["base"] = sweep.base.to_dict()
     d["plugins"] = [{"source": label.rpartition(SHA)[0], "sha256": label.rpartition(SHA)[2],
                      "provides": list(provides)} for label, provides in sweep.plugins]
+    d["tune"] = {key: list(grid) for key, grid in sweep.tune}  # {key: grid}, in order
     return d
 
 
@@ -83,22 +84,21 @@ def sweep_from_dict(d: dict) -> SweepConfig:
                            accumulate_to=d.get("accumulate_to"),
                            default_accumulate_to=d.get("default_accumulate_to", 128),
                            plugins=tuple((f"{p['source']}{SHA}{p['sha256']}",
-                                          tuple(p["provides"])) for p in d.get("plugins", [])))
+                                          tuple(p["provides"])) for p in d.get("plugins", [])),
+                           tune=tuple((k, tuple(float(v) for v in grid))
+                                      for k, grid in d.get("tune", {}).items()),
+                           tune_seeds=tuple(d.get("tune_seeds", ())))
     except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise ConfigError(f"not a bknbench sweep ({type(e).__name__}: {e})") from None
 
 
-def plan(sweep: SweepConfig, store: Store, retry_failed: bool = False,
-         earlier: tuple[SweepConfig, ...] = ()):
-    """(all runs, runs still to do): the runs of `earlier` grids of the folder's sweep,
-    then those of `sweep`, each once. A run is done when the index holds it (and, with
-    retry_failed, it is ok); no record is read."""
-    runs = sweep.expand()
+def plan(sweep: SweepConfig | list[RunConfig], store: Store, retry_failed: bool = False):
+    """(all runs, runs still to do) of a sweep (its expand()) or a list of runs. A run is
+    done when the index holds it (and, with retry_failed, it is ok); no record is read."""
+    runs = sweep.expand() if isinstance(sweep, SweepConfig) else list(sweep)
     ids = [cfg.run_id for cfg in runs]
     if len(set(ids)) != len(ids):
         raise ConfigError("the sweep repeats a configuration (a spec, batch or seed given twice)")
-    runs = list({cfg.run_id: cfg for grid in (*earlier, sweep)
-                 for cfg in grid.expand()}.values())
     done = store.finished()
     todo = [cfg for cfg in runs if cfg.run_id not in done
             or (retry_failed and done[cfg.run_id] != "ok")]
@@ -186,7 +186,10 @@ def run_sweep(sweep: SweepConfig, out: Path, executor: Executor | None = None,
               events: SweepEvents | None = None, fail_fast: bool = False,
               retry_failed: bool = False) -> SweepReport:
     """Run every unfinished run of the sweep in `out`, committing each as it finishes.
-    KeyboardInterrupt is caught: finished runs are kept and the report says so."""
+    A tuned sweep first runs its trials in `out`/trials, writes `out`/tuning.csv and then
+    the runs at the chosen points in `out` (a tuning seed's trial at its cell's chosen point
+    is copied, not trained again). KeyboardInterrupt is caught: finished runs are kept and
+    the report says so."""
     events = events or SweepEvents()
     executor = executor or SerialExecutor()
     store = Store(out)
@@ -198,17 +201,62 @@ def run_sweep(sweep: SweepConfig, out: Path, executor: Executor | None = None,
         store.close()
         raise
     report = SweepReport(out=Path(out))
+    try:
+        runs = {}  # the folder's earlier grids first, then this one; each run once
+        for grid in (*earlier_grids(saved), sweep):
+            chosen = None
+            if grid.tune:
+                chosen = _tune(grid, store, executor, events, report, fail_fast, retry_failed)
+                if chosen is None:
+                    return report
+            runs.update((cfg.run_id, cfg) for cfg in grid.expand(chosen))
+        _execute(list(runs.values()), store, executor, events, report, fail_fast,
+                 retry_failed)
+    finally:
+        store.close()
+    return report
+
+
+def _tune(sweep, store: Store, executor, events, report, fail_fast, retry_failed):
+    """The trials (sweep/tune.py); {(spec, norm_batch): chosen point}, or None when they
+    did not all finish (interrupted, --fail-fast)."""
+    from .tune import TRIALS, choose, write_tuning
+
+    trials = Store(store.root / TRIALS)
+    trials.prepare()
+    try:
+        _execute([cfg for _, cfg in sweep.trials()], trials, executor, events, report,
+                 fail_fast, retry_failed)
+        if report.interrupted or report.stopped_early:
+            return None
+        rows = {run_id: trials.load_record(run_id)["row"] for run_id in trials.finished()}
+        chosen, table = choose(sweep, rows)
+        write_tuning(store.root, sweep, table)
+        done = store.finished()  # the tuning seeds' trials at the chosen points are final
+        for cfg in sweep.expand(chosen):
+            if cfg.run_id in rows and cfg.run_id not in done:
+                with ctrl_c_deferred():
+                    store.commit(trials.load_record(cfg.run_id))
+        return chosen
+    finally:
+        trials.close()
+
+
+def _execute(runs: list[RunConfig], store: Store, executor: Executor, events: SweepEvents,
+             report: SweepReport, fail_fast: bool, retry_failed: bool) -> None:
+    """Run the runs not finished in `store`, committing each; adds to `report`."""
     results = None
     try:
-        runs, todo = plan(sweep, store, retry_failed, earlier_grids(saved))
-        report.planned, report.skipped = len(runs), len(runs) - len(todo)
+        runs, todo = plan(runs, store, retry_failed)
+        report.planned += len(runs)
+        report.skipped += len(runs) - len(todo)
         done, redo = store.finished(), {cfg.run_id for cfg in todo}
-        report.earlier_failed = [store.load_record(cfg.run_id)["row"] for cfg in runs
-                                 if done.get(cfg.run_id, "ok") != "ok"
-                                 and cfg.run_id not in redo]
+        report.earlier_failed += [store.load_record(cfg.run_id)["row"] for cfg in runs
+                                  if done.get(cfg.run_id, "ok") != "ok"
+                                  and cfg.run_id not in redo]
         events.on_plan(len(runs), len(todo))
         if not todo:
-            return report
+            return
         results = executor.map(todo, store, events)
         for cfg, record in results:
             with ctrl_c_deferred():
@@ -224,5 +272,3 @@ def run_sweep(sweep: SweepConfig, out: Path, executor: Executor | None = None,
         close = getattr(results, "close", None)
         if close:
             close()
-        store.close()
-    return report

@@ -18,10 +18,10 @@ from ..config import RunConfig
 
 # ---------------------------------------------------------------- one run, anywhere
 @lru_cache(maxsize=4)
-def _dataset(name: str, data_dir: str | None):
+def _dataset(name: str, data_dir: str | None, val_fraction: float):
     from ..data import load_dataset
 
-    return load_dataset(name, data_dir)
+    return load_dataset(name, data_dir, val_fraction)
 
 
 @lru_cache(maxsize=1)
@@ -77,8 +77,8 @@ def make_row(cfg: RunConfig, outcome, threads: int | None = None) -> dict:
     rows = outcome.epochs  # a row per evaluation; best_val_acc looks at epoch ends only,
     # so it does not depend on --evals-per-epoch
     last = rows[-1] if rows else {}
-    accs = [r["val_acc"] for i, r in enumerate(rows)
-            if i + 1 == len(rows) or rows[i + 1]["epoch"] != r["epoch"]]
+    accs = [r["val_acc"] for i, r in enumerate(rows) if r.get("val_acc") is not None
+            and (i + 1 == len(rows) or rows[i + 1]["epoch"] != r["epoch"])]
     ok = outcome.status == "ok"
     return {
         "run_id": cfg.run_id, "spec": cfg.spec, "norm": cfg.spec.partition(":")[0].strip(),
@@ -86,9 +86,10 @@ def make_row(cfg: RunConfig, outcome, threads: int | None = None) -> dict:
         "sgd_batch": cfg.sgd_batch, "seed": cfg.seed, "epochs": cfg.epochs, "lr": cfg.lr,
         "status": outcome.status, "reason": outcome.reason,
         "final_val_acc": last.get("val_acc") if ok else None,
+        "final_test_acc": outcome.test_acc if ok else None,
         "final_val_acc_population": outcome.val_acc_population if ok else None,
         "best_val_acc": max(accs) if ok and accs else None,
-        "val_samples": outcome.val_samples,
+        "val_samples": outcome.val_samples, "test_samples": outcome.test_samples,
         "final_train_loss": last.get("train_loss"),
         "train_time_s": round(outcome.train_time_s, 4),
         "samples_per_s": round(outcome.samples / outcome.train_time_s, 2)
@@ -126,7 +127,8 @@ def execute_run(cfg: RunConfig, run_dir: str | None = None,
     torch.set_num_threads(threads)
     try:
         load_labels(cfg.plugins)  # a spawned worker or Ray task: the run's plugins, again
-        outcome = train_run(cfg, _dataset(cfg.dataset, cfg.data_dir), on_epoch, checkpoint)
+        data = _dataset(cfg.dataset, cfg.data_dir, cfg.val_fraction)
+        outcome = train_run(cfg, data, on_epoch, checkpoint)
     except Exception as e:  # isolation: one broken run never stops the sweep
         return failed_record(cfg, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
     finally:
