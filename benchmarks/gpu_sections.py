@@ -8,7 +8,6 @@ by it are rows with ok None and detail "not run: time budget".
 from __future__ import annotations
 
 import contextlib
-import copy
 import time
 import warnings
 
@@ -18,7 +17,7 @@ from torch.overrides import TorchFunctionMode
 
 from bknbench.models.registry import make_model
 from bknbench.norms.registry import names, parse_spec
-from bknbench.train import sync
+from bknbench.train import train_step
 
 SAMPLED = "bkn:transition=sampled"  # its draws differ between devices: not in correctness
 SPECS = names() + [SAMPLED]
@@ -77,14 +76,7 @@ def batch(model: str, device, dtype=torch.float32, n=N, shape=None):
 
 
 def step(net, opt, x, y, amp: bool = False):
-    with (torch.autocast(x.device.type, dtype=torch.bfloat16) if amp
-          else contextlib.nullcontext()):
-        out = net(x)
-        loss = F.cross_entropy(out.float(), y)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return out
+    return train_step(net, opt, x, y, amp)[0]
 
 
 def sgd(net, lr=0.05):
