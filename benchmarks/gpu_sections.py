@@ -8,6 +8,7 @@ by it are rows with ok None and detail "not run: time budget".
 from __future__ import annotations
 
 import contextlib
+import subprocess
 import time
 import warnings
 
@@ -96,6 +97,14 @@ AUTOCAST_OPS = {
     "sum": lambda a: a.sum(), "cumsum": lambda a: a.cumsum(0)}
 
 
+def driver() -> str:
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=20).stdout.strip() or "?"
+    except (OSError, subprocess.SubprocessError):
+        return "? (no nvidia-smi)"
+
+
 def environment(ctx: Ctx) -> list[dict]:
     d = ctx.device
     rows = [row("environment", "torch", None, torch.__version__),
@@ -104,7 +113,7 @@ def environment(ctx: Ctx) -> list[dict]:
     if d.type == "cuda":
         rows += [row("environment", "cuda, cudnn", None,
                      f"{torch.version.cuda}, {torch.backends.cudnn.version()}"),
-                 row("environment", "driver", None, str(torch._C._cuda_getDriverVersion())),
+                 row("environment", "driver", None, driver()),
                  row("environment", "tf32 (matmul, cudnn)", None,
                      f"{torch.backends.cuda.matmul.allow_tf32}, {torch.backends.cudnn.allow_tf32}")]
     a = torch.rand(4, 4, device=d)
@@ -138,8 +147,6 @@ def one_step(spec, model, device, dtype) -> list[torch.Tensor]:
 def correctness(ctx: Ctx) -> list[dict]:
     """One training step on the device in float32 against float64 on the CPU. The
     tolerance: 10x the CPU's own float32 error on the same step, + 1e-5 (TF32 off)."""
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-
     def check(item):
         model, spec = item
         ref = one_step(spec, model, "cpu", torch.float64)
@@ -150,7 +157,12 @@ def correctness(ctx: Ctx) -> list[dict]:
                     f"error {e_dev:.1e} (cpu float32 {e_cpu:.1e}, tolerance {tol:.1e})",
                     error=e_dev, cpu_error=e_cpu)]
     items = [(m, s) for m in ctx.models for s in ctx.specs if s != SAMPLED]
-    return each(ctx, "correctness", items, check)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        return each(ctx, "correctness", items, check)
+    finally:  # the other sections run with the defaults, as bknbench's runs
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
 # ---------------------------------------------------------------- amp

@@ -58,8 +58,9 @@ def captured(ctx: Ctx, spec, nb, shape):
     capture wants), then one forward + backward + SGD step (lr a device tensor) captured:
     (net, graph)."""
     net = build(spec, "cnn", ctx.device, shape=shape, norm_batch=nb)
+    # fused: the foreach SGD reads a tensor lr to the host (alpha=-lr), which capture forbids
     opt = torch.optim.SGD(net.parameters(), lr=torch.tensor(0.01, device=ctx.device),
-                          momentum=0.9)
+                          momentum=0.9, fused=True)
     x, y = batch("cnn", ctx.device, n=nb, shape=shape)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -77,7 +78,9 @@ def captured(ctx: Ctx, spec, nb, shape):
 
 def eager_twin(ctx: Ctx, spec, nb, shape, steps):
     net = build(spec, "cnn", ctx.device, shape=shape, norm_batch=nb)
-    opt, (x, y) = sgd(net, lr=0.01), batch("cnn", ctx.device, n=nb, shape=shape)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9,
+                          fused=ctx.device.type == "cuda")  # as the captured one's
+    x, y = batch("cnn", ctx.device, n=nb, shape=shape)
     for _ in range(steps):
         step(net, opt, x, y)
     return net, opt, x, y
