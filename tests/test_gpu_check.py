@@ -34,11 +34,8 @@ def test_dry_run_on_the_cpu_runs_every_section(tmp_path):
 
 
 def test_a_failed_check_is_exit_status_1_and_listed_first(tmp_path, monkeypatch):
-    sys.path.insert(0, str(BENCH))
-    try:
-        gpu_check, sections = (importlib.import_module(m) for m in ("gpu_check", "gpu_sections"))
-    finally:
-        sys.path.remove(str(BENCH))
+    monkeypatch.setattr(sys, "path", [str(BENCH)] + sys.path)  # main() adds to it too
+    gpu_check, sections = (importlib.import_module(m) for m in ("gpu_check", "gpu_sections"))
     monkeypatch.setattr(sections, "amp", lambda ctx: [sections.row("amp", "bkn", False,
                                                                    "drift 3e-02")])
     monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--device", "cpu", "--only",
