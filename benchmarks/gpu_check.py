@@ -70,8 +70,8 @@ def sweep_section(ctx, out: Path) -> list[dict]:
 def summary(rows: list[dict], header: list[str], rerun: str) -> str:
     failed = [r for r in rows if r["ok"] is False]
     skipped = sorted({r["section"] for r in rows if r["detail"] == "not run: time budget"})
-    lines = header + ["", f"**{'FAILED: ' + str(len(failed)) + ' check(s)' if failed else 'all checks passed'}**"
-                      f" ({sum(r['ok'] is True for r in rows)} passed)"]
+    verdict = f"FAILED: {len(failed)} check(s)" if failed else "all checks passed"
+    lines = header + ["", f"**{verdict}** ({sum(r['ok'] is True for r in rows)} passed)"]
     if skipped:
         lines.append(f"not reached in the budget: {', '.join(skipped)}; rerun: {rerun} "
                      f"--only {','.join(skipped)}")
@@ -124,14 +124,16 @@ def main() -> int:
         try:
             rows += run[section](ctx)
         except Exception as e:  # noqa: BLE001 (a section that crashes is a failed check)
-            rows.append(gpu_sections.row(section, "section", False, f"{type(e).__name__}: {e}"[:200]))
+            rows.append(gpu_sections.row(section, "section", False,
+                                         f"{type(e).__name__}: {e}"[:200]))
             with open(args.out / "errors.log", "a") as f:
                 f.write(f"## {section}\n{traceback.format_exc()}\n")
         spare = max(0.0, ctx.deadline - time.monotonic())
         print(f"  {section:12s} {time.monotonic() - start:6.1f} s", flush=True)
     header = [f"# gpu_check on {args.device}, torch {torch.__version__}",
               f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; sections: "
-              f"{', '.join(sections)}; {time.monotonic() - t0:.0f} s of a {args.budget_s:.0f} s budget"]
+              f"{', '.join(sections)}; {time.monotonic() - t0:.0f} s of a "
+              f"{args.budget_s:.0f} s budget"]
     text = summary(rows, header, rerun)
     (args.out / "summary.md").write_text(text)
     (args.out / "results.json").write_text(json.dumps(rows, indent=1, default=str))

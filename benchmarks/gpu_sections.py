@@ -91,7 +91,8 @@ def state(net) -> list[torch.Tensor]:
 # ---------------------------------------------------------------- environment
 AUTOCAST_OPS = {
     "addmv": lambda a: torch.addmv(a[0], a, a[0]), "mm": lambda a: a @ a,
-    "einsum": lambda a: torch.einsum("ij,jk->ik", a, a), "bmm": lambda a: torch.bmm(a[None], a[None]),
+    "einsum": lambda a: torch.einsum("ij,jk->ik", a, a),
+    "bmm": lambda a: torch.bmm(a[None], a[None]),
     "linear": lambda a: F.linear(a, a), "conv1d": lambda a: F.conv1d(a[None], a[:, :, None]),
     "batch_norm": lambda a: F.batch_norm(a, a[0], a[0].abs(), training=False),
     "sum": lambda a: a.sum(), "cumsum": lambda a: a.cumsum(0)}
