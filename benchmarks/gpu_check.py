@@ -1,160 +1,144 @@
-"""Check the GPU path in one command, in under 8 minutes, on a machine with a CUDA device.
+"""Check the GPU path in one call, within a time budget, from a checkout.
 
-    python benchmarks/gpu_check.py [--only PART,...] [--out DIR] [--device cuda]
+    python benchmarks/gpu_check.py --out DIR [--device cuda] [--only SECTION,...] [--budget-s 360]
 
-Runs bknbench from this checkout (PYTHONPATH; nothing is installed). It needs torch with
-CUDA and bknbench's other dependencies with pytest (`pip install -e ".[test]"` keeps an
-installed torch >= 2.1); it names any that are missing. Parts, each stopped at its limit
-(they add up to 7 minutes 30 s; time a part leaves unused goes to the next), each logged
-in full in OUT/<part>.log:
-  tests       pytest tests/test_gpu.py (training with and without --amp, peak memory,
-              determinism, the fused nodes on the GPU against the CPU reference)
-  sweep       bknbench run: bn, bkn, bn-accum at micro-batch 2 and 128 on digits, 1 epoch,
-              once without and once with --amp
-  throughput  benchmarks/norm_throughput.py --quick on the GPU
-  overhead    benchmarks/tool_overhead.py --quick on the GPU
-  compile     benchmarks/compile.py --quick on the GPU
-Then one summary: pass/fail/timeout per part, every sweep run with its accuracy, samples/s
-and peak memory (from runs.csv), and the benchmarks' tables. Exit status 1 when a part did
-not pass. Without a CUDA device: one line, exit status 0. (--device cpu runs the same
-parts on the CPU, to try the script itself.)
+Needs torch with CUDA and bknbench's dependencies (nothing else: digits and synthetic data
+are in the repository). Writes only into DIR, at most 5 files: summary.md (read it first),
+results.json (every row), errors.log (tracebacks, if any), sweep-runs.csv and sweep.log.
+Sections (docs/gpu.md says what each shows):
+  environment  GPU, driver, torch, CUDA, TF32, which ops autocast runs in bf16
+  correctness  one training step of every model family and spec on the device in float32
+               against float64 on the CPU: outputs, gradients, parameters, running statistics
+  amp          running-statistics drift per spec after 100 steps under bf16 autocast
+  determinism  two identical runs per spec under torch.use_deterministic_algorithms: bitwise
+  syncs        synchronizing calls per training step, per spec
+  speed        samples/s, bkn/bn and bn-accum/bn: cnn and resnet20, micro-batch 2 and 128,
+               with and without amp and channels_last
+  graphs       CUDA graphs: capture and replay of a training step (bn, bkn: replay vs eager
+               time at micro-batch 1, 2, 128; the other specs: captured or what blocks it)
+  sweep        a short `bknbench run --strict` (digits; bn, bkn, bn-accum at 2 and 128)
+Each section has a share of the budget (time one leaves goes to the next); what its deadline
+does not reach is listed as not run, to rerun with --only. Exit status 1 when a check failed,
+2 on bad usage; without a CUDA device (and --device cuda) one line and 0. --device cpu runs
+every section as a dry run with small sizes (tests/test_gpu_check.py).
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
-import importlib.util
+import json
 import os
-import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# part -> seconds it may take; together under 8 minutes with the start-up around them
-LIMITS = {"tests": 100, "sweep": 100, "throughput": 130, "overhead": 60, "compile": 60}
-SWEEP = ["--dataset", "digits", "--norms", "bn,bkn,bn-accum", "--batch-sizes", "2,128",
-         "--seeds", "0", "--epochs", "1", "--quiet"]
-NEEDED = {"typer": "typer", "rich": "rich", "pandas": "pandas", "numpy": "numpy",
-          "sklearn": "scikit-learn", "scipy": "scipy", "mnist1d": "mnist1d",
-          "pytest": "pytest"}
+# section -> share of the budget, seconds of the default 360
+SHARES = {"environment": 5, "correctness": 60, "amp": 25, "determinism": 35, "syncs": 25,
+          "speed": 95, "graphs": 55, "sweep": 60}
+SWEEP = {"cuda": ["--dataset", "digits", "--norms", "bn,bkn,bn-accum", "--batch-sizes", "2,128"],
+         "cpu": ["--dataset", "synthetic", "--norms", "bn,bkn", "--batch-sizes", "64",
+                 "--evals-per-epoch", "1"]}
 
 
-def run_part(name: str, cmd: list[str], out: Path, limit: float) -> tuple[str, str, float]:
-    """(status pass/fail/timeout, its output, seconds); the output also in OUT/name.log."""
+def sweep_section(ctx, out: Path) -> list[dict]:
+    """`bknbench run --strict` in a temporary folder; its runs.csv and log kept in out."""
+    from gpu_sections import row
+
+    args = SWEEP["cpu" if ctx.dry else "cuda"] + ["--epochs", "1", "--seeds", "0", "--strict",
+                                                  "--quiet", "--device", str(ctx.device)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
-    t = time.monotonic()
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=limit)
-        status, text = ("pass" if proc.returncode == 0 else "fail"), proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as e:
-        status = "timeout"
-        text = "".join(s.decode() if isinstance(s, bytes) else (s or "")
-                       for s in (e.stdout, e.stderr))
-    (out / f"{name}.log").write_text(f"$ {' '.join(cmd)}\n{text}")
-    return status, text, time.monotonic() - t
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "bknbench", "run", *args, "--out", tmp + "/sweep"]
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                                  timeout=max(1.0, ctx.deadline - time.monotonic()))
+            ok, text = proc.returncode == 0, proc.stdout + proc.stderr
+            detail = "all runs ok" if ok else f"exit status {proc.returncode}"
+        except subprocess.TimeoutExpired:
+            ok, text, detail = None, "", "not run to its end: time budget"
+        (out / "sweep.log").write_text(f"$ bknbench run {' '.join(args)}\n{text}")
+        if Path(tmp, "sweep", "runs.csv").exists():
+            shutil.copy(Path(tmp, "sweep", "runs.csv"), out / "sweep-runs.csv")
+    return [row("sweep", "bknbench run --strict", ok, detail)]
 
 
-def sweep_rows(folders: list[Path]) -> list[str]:
-    lines = [f"{'spec':10s} {'batch':>5s} {'amp':>5s} {'status':8s} {'val acc %':>9s} "
-             f"{'samples/s':>10s} {'peak MiB':>9s}"]
-    for folder in folders:
-        path = folder / "runs.csv"
-        if not path.exists():
-            continue
-        with open(path, newline="") as f:
-            for r in csv.DictReader(f):
-                lines.append(f"{r['spec']:10s} {r['norm_batch']:>5s} {r['amp']:>5s} "
-                             f"{r['status']:8s} {r['final_val_acc'][:6]:>9s} "
-                             f"{r['samples_per_s']:>10s} {r['peak_mem_mb'][:8]:>9s}")
-    return lines
-
-
-def body(text: str) -> list[str]:
-    """A benchmark's output without its header block (up to the first blank line)."""
-    lines = text.rstrip().splitlines()
-    return lines[lines.index("") + 1:] if "" in lines else lines
+def summary(rows: list[dict], header: list[str], rerun: str) -> str:
+    failed = [r for r in rows if r["ok"] is False]
+    skipped = sorted({r["section"] for r in rows if r["detail"] == "not run: time budget"})
+    verdict = f"FAILED: {len(failed)} check(s)" if failed else "all checks passed"
+    lines = header + ["", f"**{verdict}** ({sum(r['ok'] is True for r in rows)} passed)"]
+    if skipped:
+        lines.append(f"not reached in the budget: {', '.join(skipped)}; rerun: {rerun} "
+                     f"--only {','.join(skipped)}")
+    lines += [f"- FAILED {r['section']} / {r['check']}: {r['detail']}" for r in failed]
+    for section in dict.fromkeys(r["section"] for r in rows):
+        lines += ["", f"## {section}", "", "| check | result | detail |", "|---|---|---|"]
+        lines += [f"| {r['check']} | {({True: 'pass', False: 'FAIL', None: '-'})[r['ok']]} "
+                  f"| {r['detail']} |" for r in rows if r["section"] == section]
+    return "\n".join(lines) + "\n"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default=",".join(LIMITS), help=f"parts: {', '.join(LIMITS)}")
-    ap.add_argument("--out", type=Path, help="logs and sweep folders [default: "
-                                             "results/gpu-check-<time>]")
-    ap.add_argument("--device", default="cuda", help="cuda (or cuda:N); cpu to try the script")
+    ap.add_argument("--out", type=Path, required=True, help="folder for the files it writes")
+    ap.add_argument("--device", default="cuda", help="cuda (or cuda:N); cpu: a dry run")
+    ap.add_argument("--only", default=",".join(SHARES), help=f"sections: {', '.join(SHARES)}")
+    ap.add_argument("--budget-s", type=float, default=360.0, help="time budget, seconds")
     args = ap.parse_args()
-    parts = [p.strip() for p in args.only.split(",") if p.strip()]
-    if unknown := [p for p in parts if p not in LIMITS]:
-        ap.error(f"unknown part(s) {', '.join(unknown)}; parts: {', '.join(LIMITS)}")
-    try:
-        import torch
-    except ImportError:
-        print("gpu_check: torch is not installed, so there is no CUDA device to check")
-        return 0
+    sections = [s.strip() for s in args.only.split(",") if s.strip()]
+    if unknown := [s for s in sections if s not in SHARES]:
+        ap.error(f"unknown section(s) {', '.join(unknown)}; sections: {', '.join(SHARES)}")
+    if args.budget_s <= 0:
+        ap.error(f"--budget-s must be positive, got {args.budget_s:g}")
+    import torch
+
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(f"gpu_check: no CUDA device here (torch {torch.__version__}: "
               "torch.cuda.is_available() is False); nothing to check")
         return 0
-    missing = [pkg for mod, pkg in NEEDED.items() if importlib.util.find_spec(mod) is None]
-    if missing:
-        print(f"gpu_check: missing {', '.join(missing)}; install with: pip install "
-              f"{' '.join(missing)}  (or pip install -e \".[test]\", which keeps this torch)")
-        return 2
-    out = args.out or ROOT / "results" / datetime.datetime.now().strftime(
-        "gpu-check-%Y%m%d-%H%M%S")
-    out.mkdir(parents=True, exist_ok=True)
-    where = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
-             else "CPU")
-    print(f"gpu_check on {where}, torch {torch.__version__}; logs in {out}", flush=True)
-    py = sys.executable
-    bench = ["--quick", "--device", args.device]
-    commands = {
-        "tests": [[py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py"]],
-        "sweep": [[py, "-m", "bknbench", "run", *SWEEP, "--device", args.device, "--out",
-                   str(out / "sweep-fp32")],
-                  [py, "-m", "bknbench", "run", *SWEEP, "--device", args.device, "--amp",
-                   "--out", str(out / "sweep-amp")]],
-        "throughput": [[py, "benchmarks/norm_throughput.py", *bench]],
-        "overhead": [[py, "benchmarks/tool_overhead.py", *bench]],
-        "compile": [[py, "benchmarks/compile.py", *bench]],
-    }
-    results, spare = {}, 0.0
-    for part in parts:
-        status, text, spent = "pass", "", 0.0
-        limit = LIMITS[part] + spare
-        for cmd in commands[part]:  # the sweep's two halves share its limit
-            s, t, dt = run_part(part, cmd, out, limit - spent)
-            status = s if status == "pass" else status
-            text, spent = text + t, spent + dt
-            if s == "timeout":
-                break
-        results[part] = (status, text, spent)
-        spare = max(0.0, limit - spent)
-        print(f"  {part:10s} {status:8s} {spent:6.0f} s", flush=True)
+    if not args.device.startswith(("cuda", "cpu")):
+        ap.error(f"--device must be cuda, cuda:N or cpu, got {args.device!r}")
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # for determinism
+    if not args.device.startswith("cuda"):
+        torch.set_num_threads(1)  # a dry run of tiny tensors: threads only contend
+    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_sections
+    import gpu_speed
 
-    print("\n# summary")
-    for part, (status, text, spent) in results.items():
-        detail = ""
-        if part == "tests":
-            found = re.findall(r"\d+ (?:passed|failed|skipped|errors?)", text)
-            detail = ", ".join(found)
-        if status == "timeout":
-            detail = f"stopped at its time limit; what it printed is in {out / part}.log"
-        elif status == "fail" and part != "tests":
-            detail = (text.strip().splitlines() or [""])[-1][:100]
-        print(f"{part:10s} {status:8s} {spent:6.0f} s  {detail}")
-    if "sweep" in results:
-        print("\n## sweep (runs.csv)")
-        print("\n".join(sweep_rows([out / "sweep-fp32", out / "sweep-amp"])))
-    for part in ("throughput", "overhead", "compile"):
-        if part in results and results[part][1].strip():
-            print(f"\n## {part}")
-            print("\n".join(body(results[part][1])))
-    return 0 if all(s == "pass" for s, _, _ in results.values()) else 1
+    args.out.mkdir(parents=True, exist_ok=True)
+    run = {**{s: getattr(gpu_sections, s, None) for s in SHARES},
+           "speed": gpu_speed.speed, "graphs": gpu_speed.graphs,
+           "sweep": lambda ctx: sweep_section(ctx, args.out)}
+    t0, rows, spare = time.monotonic(), [], 0.0
+    scale = args.budget_s / sum(SHARES[s] for s in sections)
+    rerun = f"python benchmarks/gpu_check.py --out DIR --device {args.device}"
+    for section in sections:
+        start = time.monotonic()
+        ctx = gpu_sections.Ctx(args.device, start + SHARES[section] * scale + spare)
+        try:
+            rows += run[section](ctx)
+        except Exception as e:  # noqa: BLE001 (a section that crashes is a failed check)
+            rows.append(gpu_sections.row(section, "section", False,
+                                         f"{type(e).__name__}: {e}"[:200]))
+            with open(args.out / "errors.log", "a") as f:
+                f.write(f"## {section}\n{traceback.format_exc()}\n")
+        spare = max(0.0, ctx.deadline - time.monotonic())
+        print(f"  {section:12s} {time.monotonic() - start:6.1f} s", flush=True)
+    header = [f"# gpu_check on {args.device}, torch {torch.__version__}",
+              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; sections: "
+              f"{', '.join(sections)}; {time.monotonic() - t0:.0f} s of a "
+              f"{args.budget_s:.0f} s budget"]
+    text = summary(rows, header, rerun)
+    (args.out / "summary.md").write_text(text)
+    (args.out / "results.json").write_text(json.dumps(rows, indent=1, default=str))
+    print(text.split("\n## ")[0].rstrip())
+    return 1 if any(r["ok"] is False for r in rows) else 0
 
 
 if __name__ == "__main__":

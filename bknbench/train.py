@@ -20,6 +20,8 @@ import torch.nn.functional as F
 
 from .config import RunConfig
 from .data import Dataset, load_dataset
+from .device import TrainingMemory, compiled, resolve_device, sync  # noqa: F401 (resolve_device:
+# request, sweep/run.py and benchmarks import it from here)
 from .diagnose import Diagnostics
 from .errors import ConfigError
 from .models import make_model
@@ -43,29 +45,6 @@ class RunOutcome:
     test_samples: int | None = None  # test samples behind test_acc
     stats: list[dict] = field(default_factory=list)  # --diagnose: schema.STATS_COLUMNS rows
     val_acc_population: float | None = None  # --diagnose: eval with population statistics
-
-
-def resolve_device(name: str, remote_gpus: bool = False) -> str:
-    """auto -> cuda when present, else mps, else cpu. An unavailable device is an error.
-    remote_gpus: the runs go to workers with GPUs (Ray, --gpus-per-run > 0), not to this
-    machine: auto is cuda, and cuda is not looked for here (each worker checks its own)."""
-    if remote_gpus and name in ("auto", "cuda"):
-        return "cuda"
-    if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    kind = name.split(":")[0]
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available")
-    if kind == "mps" and not (getattr(torch.backends, "mps", None)
-                              and torch.backends.mps.is_available()):
-        raise ConfigError("--device mps: MPS is not available")
-    if kind not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or mps")
-    return name
 
 
 def lr_factor(cfg: RunConfig, steps_per_epoch: int) -> Callable[[int], float]:
@@ -103,38 +82,18 @@ def make_optimizer(model, cfg: RunConfig) -> torch.optim.SGD:
                            lr=cfg.lr, momentum=cfg.momentum)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-class TrainingMemory:
-    """Peak CUDA memory of the training steps, bytes: the peak over each stretch of steps
-    between evaluations (reset when it starts, read when it ends), less what the dataset
-    holds on the device (``base``). Model, optimizer state, activations and gradients are
-    in it; the dataset, evaluations and diagnostics probes are not. None off CUDA."""
-
-    def __init__(self, device: torch.device):
-        self.device = device if device.type == "cuda" else None
-        self.base = 0
-        self.peak: int | None = None if self.device is None else 0
-
-    def allocated(self) -> int:
-        return 0 if self.device is None else torch.cuda.memory_allocated(self.device)
-
-    def start(self) -> None:
-        if self.device is not None:
-            torch.cuda.reset_peak_memory_stats(self.device)
-
-    def stop(self) -> None:
-        if self.device is not None:
-            top = torch.cuda.max_memory_allocated(self.device) - self.base
-            self.peak = max(self.peak, top)
-
-    def mb(self) -> float | None:
-        return None if self.peak is None else self.peak / 2**20
+def train_step(model, opt, x, y, amp: bool = False):
+    """One optimizer step on (x, y), under bf16 autocast when amp; returns (logits, loss),
+    still on the device. What a run repeats, and what benchmarks/gpu_check.py times."""
+    # a disabled autocast still costs its enter and exit on every micro-step
+    with (torch.autocast(x.device.type, dtype=torch.bfloat16) if amp
+          else contextlib.nullcontext()):
+        logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return logits, loss
 
 
 @torch.no_grad()
@@ -150,18 +109,6 @@ def evaluate(model, x, y, batch: int) -> tuple[float, float]:
         correct += (out.argmax(1) == y[i:i + batch]).sum()
     model.train(was_training)
     return loss.item() / len(x), 100.0 * correct.item() / len(x)
-
-
-def compiled(model):
-    """torch.compile(model), dynamo's caches emptied first. Dynamo guards on the Python
-    values a model reads (norm_batch); after 8 recompilations of the same code in one
-    process (config.recompile_limit) it runs every later model eagerly, silently: a sweep
-    in one process (one worker per GPU) would report eager runs as compiled from its 9th
-    micro-batch size on. Each run compiles its model afresh instead."""
-    import torch._dynamo
-
-    torch._dynamo.reset()
-    return torch.compile(model)
 
 
 def configure_determinism(cfg: RunConfig) -> None:
@@ -243,14 +190,7 @@ def train_run(cfg: RunConfig, data: Dataset | None = None,
                 x, y = data.x_train[idx], data.y_train[idx]
                 if augment is not None:
                     x = augment(x)
-                # a disabled autocast still costs its enter and exit on every micro-step
-                with (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.amp
-                      else contextlib.nullcontext()):
-                    logits = step_fn(x)
-                    loss = F.cross_entropy(logits.float(), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                logits, loss = train_step(step_fn, opt, x, y, cfg.amp)
                 sched.step()
                 loss_sum += loss.detach()
                 correct += (logits.detach().argmax(1) == y).sum()

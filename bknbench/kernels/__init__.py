@@ -5,7 +5,9 @@ Public names (import them from their modules): ``reference.normalize``,
 ``reference.ema_over_groups``, ``reference.relu_moments``, ``reference.affine_moments``; ``fused.group_normalize``, ``fused.group_moments``,
 ``fused.Running`` and ``fused.update_running`` (a layer's running statistics);
 ``relu.relu_affine_moments``; ``borders.conv_moments``, ``borders.relu_conv_moments``,
-``borders.pool_moments``; ``native.module``, ``native.status``, ``native.disabled``.
+``borders.pool_moments``; ``native.module``, ``native.status``, ``native.disabled``;
+``reference.full_precision`` (no autocast rounding of statistics), ``reference.to_device``
+(host values to a device without a sync), ``fused.eval_form_backward``.
 
 - ``reference``: the pure formulas (group moments, normalize, kalman_update, EMA over groups,
   Gaussian moments through ReLU and affine maps). They define every value.

@@ -55,9 +55,9 @@ class CountsMicroBatches:
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        loaded = state_dict.get(prefix + "micro_batches")  # the loaded value, on the host
-        self._seen = None if loaded is None else int(loaded)  # (a checkpoint is loaded on
-        # the CPU: no wait for the device)
+        loaded = state_dict.get(prefix + "micro_batches")
+        # read here, at a load (a checkpoint is on the host), never in a step
+        self._seen = None if loaded is None else int(loaded)
 
 
 def eager_when_compiled(fn):

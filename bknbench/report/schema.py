@@ -26,7 +26,7 @@ RUN_COLUMNS = (
     "final_train_loss",
     "train_time_s",  # seconds in training steps (evaluation excluded)
     "samples_per_s",  # training samples per second
-    "peak_mem_mb",  # peak accelerator memory, MiB (empty on CPU)
+    "peak_mem_mb",  # peak CUDA memory of the training steps, MiB, dataset excluded (empty off CUDA)
     "device",
     "amp",
     "compile",

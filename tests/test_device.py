@@ -6,7 +6,8 @@ import torch
 
 from bknbench.config import RunConfig
 from bknbench.data.registry import load_dataset
-from bknbench.train import TrainingMemory, train_run
+from bknbench.device import TrainingMemory
+from bknbench.train import train_run
 
 
 @pytest.fixture(scope="module")
