@@ -55,16 +55,7 @@ def results_dir(tmp_path):
     return folder
 
 
-def drawn_colours(path) -> set[str]:
-    """The colours of a written PNG's pixels, as hex (matplotlib reads PNG itself)."""
-    import matplotlib.image
-    import numpy as np
-
-    rgb = (matplotlib.image.imread(path)[..., :3] * 255).round().astype(np.int64)
-    return {"#%02x%02x%02x" % tuple(c) for c in np.unique(rgb.reshape(-1, 3), axis=0)}
-
-
-def test_png_files_written(results_dir, tmp_path):
+def test_png_files_written(results_dir, tmp_path, drawn_colours):
     """Both figures, at the size and resolution asked, with every spec's colour drawn."""
     import matplotlib.image
 
@@ -188,7 +179,7 @@ def test_convergence_bands_never_leave_what_is_possible(results_dir):
                 assert ys.min() >= 0.0 and ys.max() <= 100.0
 
 
-def test_selection_can_be_plotted(results_dir, tmp_path):
+def test_selection_can_be_plotted(results_dir, tmp_path, drawn_colours):
     res = select(load_results(results_dir), specs=["gn:groups=8"], batch_sizes=[2, 32])
     paths = plot_results(res, tmp_path)
     [mine] = spec_colors(res.runs["spec"]).values()  # the first colour: the selection's one
@@ -204,7 +195,7 @@ def test_import_does_not_load_matplotlib():
     assert out.stdout.strip() == "False"
 
 
-def test_several_datasets_get_a_panel_each(results_dir, tmp_path):
+def test_several_datasets_get_a_panel_each(results_dir, tmp_path, drawn_colours):
     runs_csv = results_dir / "runs.csv"
     lines = runs_csv.read_text().splitlines(keepends=True)
     runs_csv.write_text("".join(line.replace(",mnist1d,", ",cifar10,") if "bkn" in line
