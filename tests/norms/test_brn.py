@@ -162,3 +162,17 @@ def test_grouped_forward_equals_separate_micro_batches():
         torch.testing.assert_close(grouped(x), expected, rtol=1e-12, atol=1e-12)
     for (name, a), (_, b) in zip(grouped.state_dict().items(), single.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_eval_divides_by_the_running_std_whatever_eps():
+    """Eval: y = weight (x - mu) / sigma + bias with the running sigma, which already holds
+    eps (sigma_B = sqrt(var_B + eps)); eps = 0.1 makes any other placement visible."""
+    layer = _layer("brn:eps=0.1,total=4,warmup=0,relax=0")
+    for step in range(3):
+        layer(_x((8, C, 5), seed=step))
+    layer.eval()
+    x = _x((8, C, 5), seed=9)
+    view = (1, C, 1)
+    want = (layer.weight.view(view) * (x - layer.running_mean.view(view))
+            / layer.running_std.view(view) + layer.bias.view(view))
+    torch.testing.assert_close(layer(x), want, rtol=1e-12, atol=1e-12)

@@ -199,3 +199,16 @@ def test_one_seed_on_each_side_has_a_difference_and_no_interval():
     # the same single seed on both sides is not a pair
     assert diff_interval(pd.Series([93.0], index=[0]), pd.Series([90.0], index=[0]))[3:] == (
         "welch", 1)
+
+
+def test_markdown_of_several_datasets_names_them():
+    from bknbench.report.summary import format_summary
+
+    runs = pd.DataFrame([run_row("bn", 2, 0, 90.0), run_row("bn", 2, 0, 80.0, dataset="digits")])
+    table = format_summary(summarize(runs), "markdown").splitlines()
+    assert table[0] == "| dataset | model | spec | batch | n | acc % [95% CI] | Δ vs ref [95% CI] |"
+    assert table[1] == "|---|---|---|---:|---:|---|---|"
+    assert table[2].startswith("| mnist1d | cnn | bn | 2 | 1 |")
+    assert table[3].startswith("| digits | cnn | bn | 2 | 1 |")
+    single = format_summary(summarize(runs[:1]), "markdown").splitlines()
+    assert single[0] == "| spec | batch | n | acc % [95% CI] | Δ vs ref [95% CI] |"
