@@ -49,3 +49,17 @@ def plugin_sandbox():
     for table, before in zip(tables, saved):
         table.clear()
         table.update(before)
+
+
+@pytest.fixture
+def drawn_colours():
+    """png path -> the set of its pixels' colours as hex (matplotlib reads PNG itself), so a
+    figure test checks what was drawn, not a header or a file size."""
+    def read(path) -> set[str]:
+        import matplotlib.image
+        import numpy as np
+
+        rgb = (matplotlib.image.imread(path)[..., :3] * 255).round().astype(np.int64)
+        return {"#%02x%02x%02x" % tuple(c) for c in np.unique(rgb.reshape(-1, 3), axis=0)}
+
+    return read

@@ -125,3 +125,59 @@ def test_a_driver_without_a_gpu_sends_gpu_runs_to_ray_workers(device):
     assert local.base.device == "cpu"
     with pytest.raises(ConfigError, match="no CUDA device is available"):
         build_sweep(RunRequest(norms="gn", batch_sizes="16", run={**run, "device": "cuda"}))
+# ---------------------------------------------------------------- every message, in full
+SYN = {"dataset": "synthetic", "device": "cpu"}
+
+
+@pytest.mark.parametrize("req, message", [
+    (RunRequest(norms="gn", seeds="0,x", run=SYN), "--seeds: 'x' is not an integer"),
+    (RunRequest(norms="gn", batch_sizes=" , ", run=SYN), "--batch-sizes: no value given"),
+    (RunRequest(norms="gn", batch_sizes="4,2,4", run=SYN),
+     "--batch-sizes: '4,2,4' repeats a value"),
+    (RunRequest(resume=Path("a"), out=Path("b")),
+     "give either --resume DIR or --out DIR, not two different folders"),
+    (RunRequest(resume=Path("a"), norms="gn", seeds="1", run={"epochs": 2}),
+     "--resume continues the sweep saved in a/sweep.json as it was; --norms, --seeds, "
+     "--epochs would change it (start a new sweep with --out instead)"),
+    (RunRequest(norms="gn", run={**SYN, "zeta": 1, "alpha": 2}),
+     "unknown run setting(s): alpha, zeta"),
+    (RunRequest(norms="gn,bn,gn", run=SYN), "--norms names the same spec twice"),
+    (RunRequest(norms="gn", run={**SYN, "threads": 0}), "--threads must be at least 1, got 0"),
+    (RunRequest(norms="gn", run={**SYN, "epochs": 0}), "--epochs must be positive, got 0"),
+    (RunRequest(norms="gn", run={**SYN, "base_lr": 0.0}), "--lr must be positive, got 0.0"),
+    (RunRequest(norms="gn", run={**SYN, "schedule": "linear"}),
+     "--schedule must be cosine or step, got 'linear'"),
+    (RunRequest(norms="gn", run={**SYN, "momentum": 1.0}),
+     "--momentum must be in [0, 1), got 1.0"),
+    (RunRequest(norms="gn", run={**SYN, "momentum": -0.1}),
+     "--momentum must be in [0, 1), got -0.1"),
+    (RunRequest(norms="gn", run={**SYN, "evals_per_epoch": -1}),
+     "--evals-per-epoch must be >= 0, got -1"),
+    (RunRequest(norms="gn", run={**SYN, "weight_decay": -1e-9}),
+     "--weight-decay must be >= 0, got -1e-09"),
+    (RunRequest(norms="gn", run={**SYN, "warmup_epochs": -1}),
+     "--warmup-epochs must be >= 0, got -1"),
+    (RunRequest(norms="gn", accumulate_to=0, run=SYN), "--accumulate-to must be positive, got 0"),
+    (RunRequest(norms="gn", seeds="0,-1", run=SYN), "--seeds must be non-negative"),
+    (RunRequest(norms="gn", batch_sizes="2,0", run=SYN),
+     "--batch-sizes: 0 is not a positive batch size"),
+    (RunRequest(norms="gn", batch_sizes="513", run=SYN),
+     "batch 513 is larger than the 512 training samples of synthetic"),
+    (RunRequest(norms="gn", run=SYN, verify=True),
+     "--verify checks the files of cifar10, cifar100; --dataset synthetic has none to check"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_every_message_of_request(req, message):
+    with pytest.raises(ConfigError) as e:
+        build_sweep(req)
+    assert str(e.value) == message
+
+
+def test_the_edges_of_the_ranges_are_accepted():
+    """Each bound above, on its allowed side: a threads, epochs, lr, seed and batch of the
+    smallest allowed value; momentum, weight decay, warm-up and evals at 0; one SGD batch of
+    all 512 training samples."""
+    sweep, _ = build_sweep(RunRequest(
+        norms="gn", seeds="0", batch_sizes="1,512", accumulate_to=None,
+        run={**SYN, "threads": 1, "epochs": 1, "base_lr": 1e-12, "momentum": 0.0,
+             "weight_decay": 0.0, "warmup_epochs": 0, "evals_per_epoch": 0}))
+    assert sweep.batch_sizes == (1, 512) and sweep.base.momentum == 0.0

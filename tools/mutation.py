@@ -24,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 MUTMUT = [sys.executable, "-m", "mutmut"]
 EQUIVALENT = Path(__file__).with_name("mutation-equivalent.txt")
+SAMPLE = ROOT / "mutants" / "sample.txt"
 KILLED = {"killed", "timeout", "segfault"}  # a test run that did not pass
 NAME = re.compile(r"^(?P<module>[\w.]+?)\.x(?:_|ǁ)")
 
@@ -56,10 +57,17 @@ def by_module(names) -> dict[str, list[str]]:
 
 
 def sample(k: int, seed: int) -> list[str]:
-    """k mutants of each module, the same ones for the same seed and source."""
+    """k mutants of each module, the same ones for the same seed and source; kept in
+    mutants/sample.txt, which a later --report reads (the source may have changed since)."""
+    if SAMPLE.exists():
+        kept = SAMPLE.read_text().split("\n", 1)
+        if kept[0] == f"{k} {seed}":
+            return kept[1].split()
     rng = random.Random(seed)
-    return [n for group in by_module(results()).values()
-            for n in rng.sample(group, min(k, len(group)))]
+    names = [n for group in by_module(results()).values()
+             for n in rng.sample(group, min(k, len(group)))]
+    SAMPLE.write_text(f"{k} {seed}\n" + "\n".join(names))
+    return names
 
 
 def report(names: list[str] | None = None) -> None:

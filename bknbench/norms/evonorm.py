@@ -56,7 +56,16 @@ def evonorm_b0(x, var_b, v, weight, bias, eps: float, var_i=None) -> torch.Tenso
     return torch.addcmul(bias.reshape(shape), xs / den, weight.reshape(shape)).reshape(x.shape)
 
 
-class EvoNormB0(StatsNorm):
+class _ResetsV:
+    """reset_parameters resets v, the nonlinearity's parameter, to its initial 1 too."""
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if getattr(self, "v", None) is not None:  # nn.GroupNorm resets before v exists
+            nn.init.ones_(self.v)
+
+
+class EvoNormB0(_ResetsV, StatsNorm):
     """Args: num_features C; norm_batch; unbiased 1: running variance updated with
     var_B n / (n - 1) (timm); eps; momentum. Input (N, C) or (N, C, *spatial)."""
 
@@ -108,7 +117,7 @@ class EvoNormB0(StatsNorm):
         return super().extra_repr() + f", unbiased={self.unbiased}"
 
 
-class EvoNormS0(GroupNorm):
+class EvoNormS0(_ResetsV, GroupNorm):
     """Args: groups (the rule of gn_groups), C, eps. Input (N, C) or (N, C, *spatial)."""
 
     def __init__(self, num_groups, num_features, eps=1e-5):

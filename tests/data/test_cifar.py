@@ -173,3 +173,37 @@ def test_a_batch_without_its_keys_names_both_styles(tmp_path):
                                           r"'data' and 'labels' \(bytes or str\), found "
                                           r"'data', 'fine_labels'$"):
         cifar.cifar10(str(tmp_path))
+
+
+@pytest.mark.parametrize("name, file, key, labels, message", [
+    ("cifar10", "data_batch_3", "labels", [0, 10], r"data_batch_3: labels outside 0\.\.9$"),
+    ("cifar10", "test_batch", "labels", [-1, 9], r"test_batch: labels outside 0\.\.9$"),
+    ("cifar100", "train", "fine_labels", [99, 100] * 5, r"train: labels outside 0\.\.99$"),
+    ("cifar10", "data_batch_1", "labels", [9, 0], None),  # the edges are labels
+    ("cifar100", "test", "fine_labels", [0, 99], None),
+])
+def test_labels_outside_the_classes_are_refused(tmp_path, name, file, key, labels, message):
+    ref = write_fixture(tmp_path, name, 2, 2, protocol=4)
+    with open(ref["dir"] / file, "wb") as f:
+        pickle.dump({"data": np.zeros((len(labels), 3072), np.uint8), key: labels}, f)
+    load = getattr(cifar, name)
+    if message is None:
+        load(str(tmp_path))
+        return
+    with pytest.raises(ConfigError, match=message):
+        load(str(tmp_path))
+
+
+@pytest.mark.parametrize("data, labels, found", [
+    (np.zeros((2, 3072), np.float32), [0, 1], r"float32 \(2, 3072\) and 2 labels"),
+    (np.zeros((2, 3071), np.uint8), [0, 1], r"uint8 \(2, 3071\) and 2 labels"),
+    (np.zeros((2, 3072), np.uint8), [0, 1, 2], r"uint8 \(2, 3072\) and 3 labels"),
+    (np.zeros(3072, np.uint8), [0], r"uint8 \(3072,\) and 1 labels"),
+])
+def test_data_of_the_wrong_type_or_shape_is_refused(tmp_path, data, labels, found):
+    ref = write_fixture(tmp_path, "cifar10", 2, 2, protocol=4)
+    with open(ref["dir"] / "data_batch_2", "wb") as f:
+        pickle.dump({"data": data, "labels": labels}, f)
+    with pytest.raises(ConfigError, match=r"data_batch_2: expected uint8 data \(N, 3072\) and N "
+                                          r"labels, found " + found + "$"):
+        cifar.cifar10(str(tmp_path))

@@ -63,12 +63,25 @@ def test_compare_population_metric_leaves_out_what_it_does_not_apply_to(sweep):
     assert {r["spec"] for r in csv.DictReader(plain.stdout.splitlines())} == {"bn", "gn", "bkn"}
 
 
-def test_plot_adds_the_statistics_figure(sweep, tmp_path):
+def test_plot_adds_the_statistics_figure(sweep, tmp_path, drawn_colours):
     result = runner.invoke(app, ["plot", str(sweep), "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "convergence.png", "error_vs_batch.png", "stats_error.png"]
-    assert (tmp_path / "stats_error.png").stat().st_size > 20_000
+    # the statistics figure drawn: bn's and bkn's colours, not gn's (it has no statistics),
+    # at the figure's size and resolution
+    import matplotlib.image
+
+    from bknbench.report.plots import DPI, spec_colors
+    from bknbench.report.stats_figure import stats_error_figure
+
+    res = load_results(sweep)
+    colors = spec_colors(res.runs["spec"])
+    image = matplotlib.image.imread(tmp_path / "stats_error.png")
+    w_in, h_in = stats_error_figure(res.runs, res.stats, colors).get_size_inches()
+    assert image.shape[:2] == (round(h_in * DPI), round(w_in * DPI))
+    drawn = drawn_colours(tmp_path / "stats_error.png")
+    assert {colors["bn"], colors["bkn"]} <= drawn and colors["gn"] not in drawn
 
 
 def test_statistics_figure_lines(sweep):

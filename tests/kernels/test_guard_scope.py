@@ -120,3 +120,36 @@ def test_layer_uses_its_guard_scope(scope, backend):
     for k in range(4):
         r_var = 0.9 * r_var + 0.1 * target[k]
     torch.testing.assert_close(layer.running_var, r_var, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------- exactly at the guard
+# 2 groups of 2 samples, 2 channels: each (group, channel) is a +-1 around its mean, so s = 1
+# exactly and var_hat / s = var_hat, in float32 as in float64
+X_EDGE = [[1.0, 3.0], [-1.0, 1.0], [2.0, 0.0], [0.0, -2.0]]
+M_EDGE = [[0.0, 2.0], [1.0, -1.0]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scope, var_hat, guard, trusts", [
+    ("layer", [[4.0, 4.0], [4.0, 4.0]], 4.0, [False, False]),  # mean ratio 4 reaches 4
+    ("layer", [[4.0, 4.0], [4.0, 4.0]], 4.0 + 2**-20, [True, True]),
+    ("layer", [[2.0, 6.0], [4.0, 4.0]], 4.0, [False, False]),  # the mean over all: 4
+    ("layer", [[2.0, 6.0], [4.0, 4.0]], 4.0 + 2**-20, [True, True]),
+    ("group", [[4.0, 4.0], [2.0, 6.0]], 4.0, [False, False]),  # each group's mean: 4
+    ("group", [[4.0, 4.0], [3.0, 4.0]], 4.0, [False, True]),  # group 1: 3.5 < 4
+], ids=lambda v: str(v) if not isinstance(v, list) else None)
+def test_the_guard_rejects_at_exactly_its_threshold(scope, var_hat, guard, trusts, dtype,
+                                                    backend):
+    """On the path training takes (the C++ kernel and the autograd node), a group whose
+    average var_hat / s equals the guard is not trusted: its posterior is its observation;
+    a trusted one is p mu_hat + (1 - p) m with p = 0.5, mu_hat = 5."""
+    x = torch.tensor(X_EDGE, dtype=dtype, requires_grad=True)
+    mu_hat = torch.full((2, 2), 5.0, dtype=dtype)
+    var_hat = torch.tensor(var_hat, dtype=dtype)
+    y, m, s, mu, var = group_normalize(x, mu_hat, var_hat, 0.5, torch.ones(2, dtype=dtype),
+                                       torch.zeros(2, dtype=dtype), 2, guard, 1e-5, scope)
+    assert torch.equal(s, torch.ones(2, 2, dtype=dtype))
+    assert torch.equal(m, torch.tensor(M_EDGE, dtype=dtype))
+    for g, trust in enumerate(trusts):
+        want = 0.5 * 5.0 + 0.5 * m[g] if trust else m[g]
+        assert torch.equal(mu[g], want), (g, mu[g], want)

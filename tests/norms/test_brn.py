@@ -16,11 +16,36 @@ def _x(shape, seed=0):
     return 3.0 * torch.randn(shape, generator=g, dtype=D) + 1.0
 
 
+def paper_limits(t, total, warmup, relax, r_final, d_final):
+    """(r_max, d_max) for the micro-batch after t seen (Ioffe 2017, sec. 4: r_max = 1 and
+    d_max = 0 through the warm-up, then relaxed linearly, r_max to its final value at
+    `relax`, d_max at 4/7 of the way (the paper's 25k between 5k and 40k)), in micro-batches."""
+    start, end = warmup * total, relax * total
+    d_end = round(start + 4 / 7 * (end - start))
+
+    def linear(lo, hi, stop):
+        return lo if t <= start else hi if t >= stop else lo + (hi - lo) * (t - start) / (
+            stop - start)
+    return linear(1.0, r_final, end), linear(0.0, d_final, d_end)
+
+
+# the schedule of the test below, by hand: r_max 1 through micro-batch 2, 2 from 12; d_max 1
+# from round(2 + 4/7 * 10) = 8
+SCHEDULE = dict(total=20, warmup=0.1, relax=0.6, r_final=2.0, d_final=1.0)
+
+
+def test_paper_limits_by_hand():
+    assert paper_limits(2, **SCHEDULE) == (1.0, 0.0)
+    assert paper_limits(7, **SCHEDULE) == (1.5, 5 / 6)
+    assert paper_limits(8, **SCHEDULE) == (1.6, 1.0) and paper_limits(12, **SCHEDULE) == (2, 1)
+
+
 class Reference:
-    """Algorithm 1 of the paper, one micro-batch at a time, autograd for the gradients."""
+    """Algorithm 1 of the paper, one micro-batch at a time, autograd for the gradients, the
+    schedule of paper_limits."""
 
     def __init__(self, layer: BatchRenorm):
-        self.layer = layer  # for the affine parameters and the schedule only
+        self.layer = layer  # for the affine parameters only
         self.mu = torch.zeros(C, dtype=D)
         self.sigma = torch.ones(C, dtype=D)
         self.t = 0
@@ -29,7 +54,7 @@ class Reference:
         dims = [0] + list(range(2, x.dim()))
         mu_b = x.mean(dims)
         sigma_b = torch.sqrt(x.var(dims, correction=0) + self.layer.eps)
-        r_max, d_max = self.layer.limits(self.t)
+        r_max, d_max = paper_limits(self.t, **SCHEDULE)
         r = (sigma_b / self.sigma).clamp(1 / r_max, r_max).detach()
         d = ((mu_b - self.mu) / self.sigma).clamp(-d_max, d_max).detach()
         shape = (1, C) + (1,) * (x.dim() - 2)
@@ -71,7 +96,7 @@ def test_brn_equals_algorithm_1_through_steps_with_gradients(shape):
         for a, b in zip(ours, [x.grad, layer.weight.grad, layer.bias.grad]):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
         layer.weight.grad = layer.bias.grad = None
-        r_max, _ = layer.limits(ref.t - 1)
+        r_max, _ = paper_limits(ref.t - 1, **SCHEDULE)
         clipped += r_max < 2.0
         torch.testing.assert_close(layer.running_mean, ref.mu, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(layer.running_std, ref.sigma, rtol=1e-12, atol=1e-12)
@@ -137,3 +162,17 @@ def test_grouped_forward_equals_separate_micro_batches():
         torch.testing.assert_close(grouped(x), expected, rtol=1e-12, atol=1e-12)
     for (name, a), (_, b) in zip(grouped.state_dict().items(), single.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_eval_divides_by_the_running_std_whatever_eps():
+    """Eval: y = weight (x - mu) / sigma + bias with the running sigma, which already holds
+    eps (sigma_B = sqrt(var_B + eps)); eps = 0.1 makes any other placement visible."""
+    layer = _layer("brn:eps=0.1,total=4,warmup=0,relax=0")
+    for step in range(3):
+        layer(_x((8, C, 5), seed=step))
+    layer.eval()
+    x = _x((8, C, 5), seed=9)
+    view = (1, C, 1)
+    want = (layer.weight.view(view) * (x - layer.running_mean.view(view))
+            / layer.running_std.view(view) + layer.bias.view(view))
+    torch.testing.assert_close(layer(x), want, rtol=1e-12, atol=1e-12)

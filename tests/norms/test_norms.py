@@ -271,3 +271,54 @@ def test_gn_groups_rule(channels, groups, expected):
     got = gn_groups(channels, groups)
     assert got == expected
     assert channels % got == 0 and got <= groups
+
+
+# ---------------------------------------------------------------- resets, defaults, repr
+RESET_STATS = [n for n in names() if hasattr(_layer(n), "reset_running_stats")
+               and _layer(n).batch_dependent]  # gkn keeps no running statistics
+RESET_PARAMS = [n for n in names() if hasattr(_layer(n), "reset_parameters")]
+
+
+@pytest.mark.parametrize("name", RESET_STATS)
+def test_reset_running_stats_gives_a_fresh_layers_buffers(name):
+    layer, fresh = _layer(name), _layer(name)
+    _warm_up(layer, (8, C, 5))
+    moved = dict(layer.named_buffers())
+    assert any(not torch.equal(b, moved[k]) for k, b in fresh.named_buffers()), "no change"
+    layer.reset_running_stats()
+    for k, b in fresh.named_buffers():
+        assert torch.equal(dict(layer.named_buffers())[k], b), k
+
+
+@pytest.mark.parametrize("name", RESET_PARAMS)
+def test_reset_parameters_gives_a_fresh_layers_parameters(name):
+    layer = _layer(name)
+    _warm_up(layer, (8, C, 5))
+    torch.manual_seed(1)
+    layer.reset_parameters()
+    torch.manual_seed(1)
+    fresh = _layer(name)
+    for (k, a), (_, b) in zip(layer.named_parameters(), fresh.named_parameters()):
+        assert torch.equal(a, b), k
+
+
+def test_class_defaults_are_the_registry_defaults():
+    from bknbench.norms.gkn import GroupKalmanNorm
+    from bknbench.norms.kalman import BatchKalmanNorm
+
+    for cls, name in ((GroupKalmanNorm, "gkn"), (BatchKalmanNorm, "bkn")):
+        assert repr(cls(C, 2)) == repr(parse_spec(name).build(C, 2)), name
+
+
+def test_printed_layers_show_their_settings():
+    bkn = parse_spec("bkn:p=0.5,transition=sampled").build(4, 2)
+    assert repr(bkn) == (
+        "BatchKalmanNorm(4, norm_batch=2, eps=1e-05, momentum=0.1, p=0.5, gain=fixed, "
+        "transition=sampled, propagate=raw, borders=exact, guard_scope=layer, "
+        "running=observed, stream=authors, chained=False)")
+    bkn.prior = object()
+    assert repr(bkn).endswith("chained=True)")
+    assert repr(parse_spec("brn:r_max=2").build(4, 2)) == (
+        "BatchRenorm(4, norm_batch=2, eps=1e-05, momentum=0.1, r_max=2.0, d_max=5.0, "
+        "warmup=0.05, relax=0.4, total=0)")
+    assert repr(parse_spec("gkn:groups=2").build(4, 2)).endswith(", groups=2)")

@@ -55,12 +55,25 @@ def results_dir(tmp_path):
     return folder
 
 
-def test_png_files_written(results_dir, tmp_path):
+def test_png_files_written(results_dir, tmp_path, drawn_colours):
+    """Both figures, at the size and resolution asked, with every spec's colour drawn."""
+    import matplotlib.image
+
+    from bknbench.report.plots import DPI
+
     out = tmp_path / "figs" / "nested"  # created on demand
-    paths = plot_results(load_results(results_dir), out)
+    res = load_results(results_dir)
+    paths = plot_results(res, out)
     assert [p.name for p in paths] == ["error_vs_batch.png", "convergence.png"]
+    colors = spec_colors(res.runs["spec"])
+    sizes = {"error_vs_batch.png": _error_vs_batch_figure(res.runs, colors),
+             "convergence.png": _convergence_figure(res.runs, res.metrics, colors)}
     for p in paths:
-        assert p.parent == out and p.read_bytes()[:8] == PNG_MAGIC and p.stat().st_size > 10_000
+        assert p.parent == out and p.read_bytes()[:8] == PNG_MAGIC
+        height, width = matplotlib.image.imread(p).shape[:2]
+        w_in, h_in = sizes[p.name].get_size_inches()
+        assert (width, height) == (round(w_in * DPI), round(h_in * DPI))
+        assert set(colors.values()) <= drawn_colours(p), p.name
 
 
 def test_svg_and_several_formats(results_dir, tmp_path):
@@ -166,10 +179,14 @@ def test_convergence_bands_never_leave_what_is_possible(results_dir):
                 assert ys.min() >= 0.0 and ys.max() <= 100.0
 
 
-def test_selection_can_be_plotted(results_dir, tmp_path):
+def test_selection_can_be_plotted(results_dir, tmp_path, drawn_colours):
     res = select(load_results(results_dir), specs=["gn:groups=8"], batch_sizes=[2, 32])
     paths = plot_results(res, tmp_path)
-    assert all(p.read_bytes()[:8] == PNG_MAGIC for p in paths)
+    [mine] = spec_colors(res.runs["spec"]).values()  # the first colour: the selection's one
+    others = set(spec_colors(SPECS).values()) - {mine}
+    for p in paths:
+        drawn = drawn_colours(p)
+        assert mine in drawn and not others & drawn, p.name
 
 
 def test_import_does_not_load_matplotlib():
@@ -178,7 +195,7 @@ def test_import_does_not_load_matplotlib():
     assert out.stdout.strip() == "False"
 
 
-def test_several_datasets_get_a_panel_each(results_dir, tmp_path):
+def test_several_datasets_get_a_panel_each(results_dir, tmp_path, drawn_colours):
     runs_csv = results_dir / "runs.csv"
     lines = runs_csv.read_text().splitlines(keepends=True)
     runs_csv.write_text("".join(line.replace(",mnist1d,", ",cifar10,") if "bkn" in line
@@ -190,4 +207,5 @@ def test_several_datasets_get_a_panel_each(results_dir, tmp_path):
     fig = _convergence_figure(res.runs, res.metrics, colors)
     assert [ax.get_title() for ax in fig.axes if ax.get_visible()][4:6] == [
         "mnist1d / cnn, micro-batch 32", "cifar10 / cnn, micro-batch 1"]
-    assert all(p.stat().st_size > 0 for p in plot_results(res, tmp_path / "figs"))
+    for p in plot_results(res, tmp_path / "figs"):
+        assert set(colors.values()) <= drawn_colours(p), p.name

@@ -287,3 +287,33 @@ def test_metrics_without_step_still_load(tmp_path):
     _rewrite(folder, "metrics.csv", lambda t: t.replace(",1,125,4000,", ",1,,4000,", 1))
     m = load_results(folder).metrics
     assert math.isnan(m["step"].iloc[0]) and m["step"].iloc[1] == 250
+
+
+# ---------------------------------------------------------------- the type checks, each way
+@pytest.mark.parametrize("old, new, message", [
+    (",90.0,", ",90.0,x,", r"runs.csv:2: \d+ fields where the header has \d+: truncated or "
+                           r"malformed row$"),
+    ("mnist1d,cnn,4,", "mnist1d,cnn,4.5,", r"runs.csv:2: norm_batch='4.5' is not an integer$"),
+    ("mnist1d,cnn,4,", "mnist1d,cnn,inf,", r"runs.csv:2: norm_batch='inf' is not an integer$"),
+    ("mnist1d,cnn,4,", "mnist1d,cnn,,", r"runs.csv:2: norm_batch='' is not an integer$"),
+    (",90.0,", ",ninety,", r"runs.csv:2: final_val_acc='ninety' is not a number$"),
+])
+def test_each_type_check_of_the_loader(tmp_path, old, new, message):
+    folder = write_results(tmp_path / "r", [run_row("bn", 4, 0, 90.0)])
+    _rewrite(folder, "runs.csv", lambda t: t.replace(old, new, 1))
+    with pytest.raises(ConfigError, match=message):
+        load_results(folder)
+
+
+@pytest.mark.parametrize("value", ["", "nan", "NaN", " 12.5 "])
+def test_a_measurement_may_be_empty_or_nan_and_a_whole_number_may_be_float_text(tmp_path,
+                                                                                value):
+    """Measurements: empty (not measured) and nan (diverged) load as NaN; an integer column
+    accepts "4.0" (whole)."""
+    folder = write_results(tmp_path / "r", [run_row("bn", 4, 0, 90.0)])
+    _rewrite(folder, "runs.csv", lambda t: t.replace(",12.5,", f",{value},", 1).replace(
+        "mnist1d,cnn,4,", "mnist1d,cnn,4.0,", 1))
+    runs = load_results(folder).runs
+    assert runs["norm_batch"].tolist() == [4] and runs["norm_batch"].dtype == "int64"
+    got = runs["train_time_s"].iloc[0]
+    assert got == 12.5 if value.strip() == "12.5" else math.isnan(got)

@@ -147,3 +147,68 @@ def test_older_results_without_val_samples_say_what_was_assumed(tmp_path):
     assert "test-set size not recorded: N = 1000 assumed" in result.stdout
     low, high = acc_interval([90.0, 92.0, 94.0], 1000)[2:]
     assert f"92.00 [{low:.2f}, {high:.2f}]" in result.stdout
+
+
+# ---------------------------------------------------------------- by hand, and degenerate
+def _logit(p):
+    return math.log(p) - math.log1p(-p)
+
+
+def test_logit_t_interval_of_two_seeds_by_hand():
+    """90% and 92% of N = 1000: g(a) = logit((10 a + 1/2) / 1001), t(0.975, 1) = 12.7062."""
+    y = [_logit((900 + 0.5) / 1001), _logit((920 + 0.5) / 1001)]
+    s_y = abs(y[0] - y[1]) / math.sqrt(2)  # sample std of two; the floor is far below
+    p = 910.5 / 1001
+    assert s_y > 1000 / 100 / 1001 / (p * (1 - p)) * 0.1 / math.sqrt(12)
+    half = 12.706204736174707 * s_y / math.sqrt(2)
+    back = [100 * (1001 / (1 + math.exp(-v)) - 0.5) / 1000
+            for v in ((y[0] + y[1]) / 2 - half, (y[0] + y[1]) / 2 + half)]
+    mean, std, low, high = acc_interval([90.0, 92.0], 1000)
+    assert (mean, std) == (91.0, pytest.approx(math.sqrt(2)))
+    assert (low, high) == pytest.approx(back, abs=1e-9)
+    assert 0 < low < 90 and 92 < high <= 100  # and the clip at 100 holds
+
+
+def test_welch_by_hand():
+    """Two seeds against three others: va = 2 / 2, vr = 16 / 3, dof = (19/3)^2 / (1 + (16/3)^2
+    / 2) = 361/137."""
+    from scipy.stats import t
+
+    a = pd.Series([90.0, 92.0], index=[0, 1])
+    r = pd.Series([80.0, 84.0, 88.0], index=[2, 3, 4])
+    half = t.ppf(0.975, 361 / 137) * math.sqrt(1 + 16 / 3)
+    assert diff_interval(a, r, 1000) == pytest.approx((7.0, 7.0 - half, 7.0 + half, "welch", 2))
+
+
+def test_one_seed_on_each_side_has_a_difference_and_no_interval():
+    runs = pd.DataFrame([run_row("bn", 2, 0, 90.0), run_row("gn", 2, 0, 93.0),
+                         run_row("bkn", 2, 1, 95.0), run_row("bkn", 2, 2, 96.0)])
+    s = summarize(runs).set_index("spec")
+    assert bool(s.loc["bn", "is_ref"]) and s.loc["bn", "ref_diff"] == 0.0
+    assert s.loc["bn", "ref_diff_method"] == "" and s.loc["bn", "ref_diff_n"] == 0
+    gn = s.loc["gn"]
+    assert (gn["n"], gn["mean"], gn["ci_method"]) == (1, 93.0, "")
+    assert math.isnan(gn["std"]) and math.isnan(gn["ci_low"]) and math.isnan(gn["ci_high"])
+    assert gn["ref_diff"] == 3.0 and (gn["ref_diff_method"], gn["ref_diff_n"]) == ("welch", 1)
+    assert math.isnan(gn["ref_diff_low"]) and math.isnan(gn["ref_diff_high"])
+    assert not gn["ref_diff_excludes_0"]
+    bkn = s.loc["bkn"]  # two seeds against one: a difference, still no interval
+    assert bkn["ref_diff"] == 5.5 and bkn["ref_diff_n"] == 1
+    assert math.isnan(bkn["ref_diff_low"]) and not bkn["ref_diff_excludes_0"]
+    assert bkn["ci_method"] == "logit-t" and bkn["ci_low"] < 95.0
+    # the same single seed on both sides is not a pair
+    assert diff_interval(pd.Series([93.0], index=[0]), pd.Series([90.0], index=[0]))[3:] == (
+        "welch", 1)
+
+
+def test_markdown_of_several_datasets_names_them():
+    from bknbench.report.summary import format_summary
+
+    runs = pd.DataFrame([run_row("bn", 2, 0, 90.0), run_row("bn", 2, 0, 80.0, dataset="digits")])
+    table = format_summary(summarize(runs), "markdown").splitlines()
+    assert table[0] == "| dataset | model | spec | batch | n | acc % [95% CI] | Δ vs ref [95% CI] |"
+    assert table[1] == "|---|---|---|---:|---:|---|---|"
+    assert table[2].startswith("| mnist1d | cnn | bn | 2 | 1 |")
+    assert table[3].startswith("| digits | cnn | bn | 2 | 1 |")
+    single = format_summary(summarize(runs[:1]), "markdown").splitlines()
+    assert single[0] == "| spec | batch | n | acc % [95% CI] | Δ vs ref [95% CI] |"

@@ -163,6 +163,32 @@ def test_prepare_repairs_what_a_kill_or_a_user_leaves(tmp_path, damage):
     assert sorted(ids) == expected_ids and len(set(ids)) == len(ids)
 
 
+@pytest.mark.parametrize("damage, lag", [(cut_commit, 1), (torn_log, 1), (lagging, 2)])
+def test_a_torn_index_is_truncated_and_appended_not_rebuilt(tmp_path, monkeypatch, damage,
+                                                            lag):
+    """What a killed commit leaves: the tables and the log are cut back to index.log's last
+    lengths and the lagging records appended; no rebuild, no other record read."""
+    store = committed(tmp_path, 6)
+    store.close()
+    before = index_files(tmp_path)
+    damage(tmp_path, store)
+    read = []
+    real_load = Store.load_record
+    monkeypatch.setattr(Store, "rebuild_index", lambda *a: pytest.fail("rebuilt"))
+    monkeypatch.setattr(Store, "records", lambda *a: pytest.fail("read every record"))
+    monkeypatch.setattr(Store, "load_record",
+                        lambda self, run_id: read.append(run_id) or real_load(self, run_id))
+    again = Store(tmp_path)
+    again.prepare()
+    again.close()
+    monkeypatch.undo()
+    assert sorted(read) == sorted(c.run_id for c in SWEEP.expand()[6:6 + lag])
+    repaired = index_files(tmp_path)
+    for name, old in before.items():  # what was there before the kill is kept as it was
+        assert repaired[name].startswith(old), name
+    assert repaired == rebuilt(tmp_path)
+
+
 def test_recommitting_a_run_replaces_its_rows(tmp_path):
     runs = SWEEP.expand()
     store = committed(tmp_path, 4)
