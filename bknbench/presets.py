@@ -33,7 +33,8 @@ class Preset:
 _SRC = "cifar-kn-microbatch.py"
 _PROVENANCE = {
     "model": f"{_SRC}: pre-activation ResNet, `-n/--num_units` default 5 -> 6*5+2 = 32 "
-             "layers (cifar-kn-largebatch.py uses n=18, ResNet-110)",
+             "layers (cifar-kn-largebatch.py uses n=18, ResNet-110); tensorpack's Conv2D "
+             "pads as TensorFlow's SAME (padding=tf: 0 before, 1 after at stride 2)",
     "epochs": f"{_SRC}: TrainConfig max_epoch=400",
     "base_lr": f"{_SRC}: ScheduledHyperParamSetter (1, 0.1) at SGD batch 128, "
                "so 0.1 per 128 samples",
@@ -57,20 +58,20 @@ _PROVENANCE = {
                    "128 (one group) is the large-batch reference of cifar-bn-largebatch.py "
                    "and cifar-kn-largebatch.py (split_num=1)",
     "accumulate_to": f"{_SRC}: BATCH_SIZE=128 per SGD step (micro-batches in one forward)",
-    "specs": f"{_SRC}: KalmanNorm p_rate=0.9 with the sampled transition (bkn:transition="
-             "sampled); README figure: BN, GN and KN at batch 2; group_norm.py: G = 4 groups "
+    "specs": f"{_SRC}: KalmanNorm p_rate=0.9, as their code computes it (bkn-authors, "
+             "checked against it by tests/models/test_authors.py); README figure: BN, GN and KN at batch 2; group_norm.py: G = 4 groups "
              "(gn:groups=4); bn per micro-batch from cifar-bn-microbatch.py "
              "(BatchNorm_SplitGPU, split_num=64). Ours: bkn (analytic transition). Not "
              "reproduced: cifar-kn-largebatch.py uses p_rate=0.05 at batch 128",
 }
 
-_SPECS = ("bn", "gn:groups=4", "bkn:transition=sampled", "bkn")
+_SPECS = ("bn", "gn:groups=4", "bkn-authors", "bkn")
 
 
 def _paper(dataset: str, title: str) -> Preset:
     run = {
         "dataset": dataset,
-        "model": "resnet32",
+        "model": "resnet32:padding=tf",
         "epochs": 400,
         "base_lr": 0.1,
         "schedule": "step",

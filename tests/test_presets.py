@@ -6,7 +6,7 @@ import pytest
 import bknbench.models.resnet
 from bknbench.errors import ConfigError
 from bknbench.config import RunConfig
-from bknbench.models.registry import MODELS
+from bknbench.models.registry import parse_model
 from bknbench.norms.registry import parse_spec
 from bknbench.presets import PRESETS, get_preset
 
@@ -16,7 +16,8 @@ def test_paper_presets(name):
     p = PRESETS[name]
     fields = {f.name for f in dataclasses.fields(RunConfig)}
     assert set(p.run) <= fields
-    assert p.run["model"] in MODELS and p.run["dataset"] == name.split("-")[1]
+    assert parse_model(p.run["model"]) == ("resnet32", {"padding": "tf"})  # the authors' SAME
+    assert p.run["dataset"] == name.split("-")[1]
     assert all(parse_spec(s).text == s for s in p.specs)  # canonical spec strings
     for key in list(p.run) + ["batch_sizes", "accumulate_to", "specs"]:
         assert p.provenance.get(key), f"{key} has no provenance"
@@ -27,7 +28,7 @@ def test_paper_presets(name):
     assert (r.norm_batch, r.sgd_batch, r.lr) == (2, 128, 0.1)
     assert (r.epochs, r.momentum, r.weight_decay, r.schedule) == (400, 0.9, 2e-4, "step")
     assert r.milestones == (81, 122, 299) and r.augment and r.data_dir == "/data"
-    assert "bkn:transition=sampled" in p.specs  # p_rate 0.9 is bkn's default
+    assert "bkn-authors" in p.specs and "bkn" in p.specs  # theirs, and ours
 
 
 def test_unknown_preset():

@@ -1,8 +1,9 @@
-"""Batch Kalman Normalization (arXiv 1802.03133): the pure update, the priors, the layer.
+"""Batch Kalman Normalization (arXiv 1802.03133): the layer, `bkn` and `bkn-authors`.
 
 A BKN layer observes per-group statistics (m, s) of its input, predicts them from the
 posterior of the preceding normalization layer pushed through the operations between the
-two (the transition, transitions.py), and fuses both as a two-component mixture. The model
+two (the transition, transitions.py; the priors in priors.py), and fuses both as a
+two-component mixture. The model
 builder wires each layer's `prior` (`wire_sequence` in models/chain.py, `wire_kalman` in
 models/resnet.py); a layer without one uses (m, s) alone. The training step runs the fused
 node of kernels/fused.py, which equals `kalman_update` (kernels/reference.py) composed with
@@ -49,8 +50,11 @@ class BatchKalmanNorm(StatsNorm):
     guard (see kalman_update); guard_scope "layer" (one decision over all groups, the
     authors') | "group" (each group decides from its own channel average); running "observed"
     | "posterior" | "authors" (see running_variance); borders "exact" | "ignore" (analytic
-    transition, see transitions.py); stream "authors" | "posterior" (ResNets:
-    models/resnet.py).
+    transition, see transitions.py); stream "authors" | "posterior" and shortcut_pad "group"
+    | "flat" (ResNets: models/resnet.py); running_groups "all" | "first" (`update_own`);
+    stem_var "biased" | "unbiased" and stem_grad "flows" | "stopped" (a layer without a
+    prior: `handed_on`); one_value "refuse" | "allow" (one value per statistic). The
+    authors' choice of each is the default of `bkn-authors` (AUTHORS).
     Input (N, C) or (N, C, *spatial); output the same shape.
     """
 
