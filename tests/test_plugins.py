@@ -131,6 +131,11 @@ def test_runs_record_their_plugin_and_a_changed_source_refuses_resume(tmp_path,
     lines = refused.stderr.strip().splitlines()
     assert len(lines) == 1 and "changed since the sweep was planned" in lines[0], lines
     assert (out / "runs.csv").read_text().count("\n") == 3  # header + 2 runs, untouched
+    del plugins.LOADED[str(path.resolve())], REGISTRY["mine"]  # as in a fresh process
+    extended = runner.invoke(app, sweep_args(out, path))  # --out on it again: refused too
+    assert extended.exit_code == 2 and "holds runs of plugin" in extended.stderr
+    assert len(extended.stderr.strip().splitlines()) == 1
+    assert (out / "runs.csv").read_text().count("\n") == 3
 
 
 def test_a_worker_refuses_a_plugin_that_changed(tmp_path, plugin_sandbox):
