@@ -83,7 +83,7 @@ def run(
         f"{','.join(map(str, DEFAULT_SEEDS))}]")] = None,
     dataset: Annotated[Optional[str], typer.Option(help="mnist1d, digits, digits32, synthetic, "
         f"cifar10, cifar100, npz:PATH (your own), or a plugin's. {_default('dataset')}")] = None,
-    model: Annotated[Optional[str], typer.Option(help="cnn, mlp, resnet20/32/56/110. "
+    model: Annotated[Optional[str], typer.Option(help="cnn, mlp, resnet20/32/56/110, or a plugin's. "
         f"{_default('model')}")] = None,
     epochs: Annotated[Optional[int], typer.Option(help=_default("epochs"))] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate per 128 samples of SGD "
