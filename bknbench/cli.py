@@ -83,7 +83,7 @@ def run(
         f"{','.join(map(str, DEFAULT_SEEDS))}]")] = None,
     dataset: Annotated[Optional[str], typer.Option(help="mnist1d, digits, digits32, synthetic, "
         f"cifar10, cifar100, npz:PATH (your own), or a plugin's. {_default('dataset')}")] = None,
-    model: Annotated[Optional[str], typer.Option(help="cnn, mlp, resnet20/32/56/110; "
+    model: Annotated[Optional[str], typer.Option(help="cnn, mlp, resnet20/32/56/110, or a plugin's; "
         "options as name:key=value (resnet20:padding=tf: the authors' stride-2 padding). "
         f"{_default('model')}")] = None,
     epochs: Annotated[Optional[int], typer.Option(help=_default("epochs"))] = None,

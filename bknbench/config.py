@@ -137,7 +137,8 @@ class SweepConfig:
 
     def plugins_for(self, spec: str) -> tuple[str, ...]:
         """The plugins a run of `spec` on the base model and dataset uses."""
-        used = {f"norm:{spec.partition(':')[0].strip()}", f"model:{self.base.model}",
+        used = {f"norm:{spec.partition(':')[0].strip()}",  # names without their options
+                f"model:{self.base.model.partition(':')[0].strip()}",
                 f"dataset:{self.base.dataset}"}
         return tuple(label for label, provides in self.plugins if used & set(provides))
 

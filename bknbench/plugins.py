@@ -159,5 +159,6 @@ def load_labels(labels: tuple[str, ...]) -> None:
 
 def used_by(plugins: list[Plugin], norms: list[str], model: str, dataset: str) -> list[Plugin]:
     """The plugins that provide one of these normalizer names, the model or the dataset."""
-    wanted = {f"norm:{n}" for n in norms} | {f"model:{model}", f"dataset:{dataset}"}
+    wanted = {f"norm:{n}" for n in norms} | {f"model:{model.partition(':')[0].strip()}",
+                                              f"dataset:{dataset}"}
     return [p for p in plugins if wanted & set(p.provides)]

@@ -175,7 +175,31 @@ def build_sweep(req: RunRequest) -> tuple[SweepConfig, Path]:
                         plugins=tuple((p.label, p.provides) for p in used),
                         tune=tune, tune_seeds=tune_seeds)
     validate(sweep, req.remote_gpus)
-    return sweep, Path(req.out) if req.out is not None else default_out()
+    out = Path(req.out) if req.out is not None else default_out()
+    check_same_plugins(sweep, out)
+    return sweep, out
+
+
+def check_same_plugins(sweep: SweepConfig, out: Path) -> None:
+    """A folder whose sweep ran a plugin's other code is not extended with this one's runs:
+    old and new rows of one spec would mix in its tables."""
+    from .plugins import SHA
+
+    if not (out / "sweep.json").is_file():
+        return
+    import json
+
+    try:
+        before = {p["source"]: p["sha256"]
+                  for p in json.loads((out / "sweep.json").read_text()).get("plugins", [])}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return  # not ours to judge here: the store reports an unreadable folder
+    for label, _ in sweep.plugins:
+        source, _, sha = label.rpartition(SHA)
+        if before.get(source, sha) != sha:
+            raise ConfigError(f"{out} holds runs of plugin {source} as it was before "
+                              f"(sha256 {before[source][:12]}..., now {sha[:12]}...); "
+                              "give another --out")
 
 
 def load_plugins(given: tuple[str, ...], sweep: SweepConfig | None = None) -> list:

@@ -131,6 +131,11 @@ def test_runs_record_their_plugin_and_a_changed_source_refuses_resume(tmp_path,
     lines = refused.stderr.strip().splitlines()
     assert len(lines) == 1 and "changed since the sweep was planned" in lines[0], lines
     assert (out / "runs.csv").read_text().count("\n") == 3  # header + 2 runs, untouched
+    del plugins.LOADED[str(path.resolve())], REGISTRY["mine"]  # as in a fresh process
+    extended = runner.invoke(app, sweep_args(out, path))  # --out on it again: refused too
+    assert extended.exit_code == 2 and "holds runs of plugin" in extended.stderr
+    assert len(extended.stderr.strip().splitlines()) == 1
+    assert (out / "runs.csv").read_text().count("\n") == 3
 
 
 def test_a_worker_refuses_a_plugin_that_changed(tmp_path, plugin_sandbox):
@@ -145,3 +150,18 @@ def test_a_worker_refuses_a_plugin_that_changed(tmp_path, plugin_sandbox):
         plugins=(label,))
     row = execute_run(cfg)["row"]
     assert row["status"] == "failed" and "changed since the sweep was planned" in row["reason"]
+
+
+def test_each_run_carries_the_plugins_of_its_norm_model_and_dataset(monkeypatch):
+    from bknbench.config import RunConfig, SweepConfig
+
+    monkeypatch.setitem(REGISTRY, "mine", REGISTRY["gn"])  # a stand-in for a plugin's
+    mine, model, data = "a.py@sha256:1", "b.py@sha256:2", "c.py@sha256:3"
+    plugins_ = ((mine, ("norm:mine",)), (model, ("model:tiny",)), (data, ("dataset:waves",)))
+    sweep = SweepConfig(specs=("bn", "mine:groups=4"), batch_sizes=(2,), plugins=plugins_,
+                        base=RunConfig(spec="", model="tiny"))
+    runs = {cfg.spec: cfg for cfg in sweep.expand()}
+    assert runs["bn"].plugins == (model,) and runs["mine:groups=4"].plugins == (mine, model)
+    plain = SweepConfig(specs=("bn",), batch_sizes=(2,), plugins=plugins_).expand()[0]
+    assert plain.plugins == () and plain.run_id == RunConfig(spec="bn").run_id  # ids kept
+    assert runs["bn"].run_id != RunConfig(spec="bn", model="tiny").run_id

@@ -25,10 +25,13 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
     if not Path(path).is_file():
         raise ConfigError(f"{where}: no such file")
     try:
-        npz = np.load(path, allow_pickle=False)
-        if not isinstance(npz, np.lib.npyio.NpzFile):
+        with open(path, "rb") as f:
+            magic = f.read(6)
+        if magic == b"\x93NUMPY":
             raise ConfigError(f"{where}: not an .npz archive (a single .npy array)")
-        with npz:
+        if not magic.startswith(b"PK"):  # np.load would take it for a pickle
+            raise ConfigError(f"{where}: not an .npz archive (np.savez writes a zip file)")
+        with np.load(path, allow_pickle=False) as npz:
             missing = [k for k in REQUIRED if k not in npz.files]
             if missing:
                 raise ConfigError(f"{where}: no {', '.join(missing)} array (it has: "

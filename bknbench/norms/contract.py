@@ -159,16 +159,23 @@ def isolation(spec: NormSpec) -> Check:
 
 
 def micro_batch_one(spec: NormSpec) -> Check:
-    try:
-        layer = _warm(spec, norm_batch=1)
-        y = layer(_data((K, C, 5), 1))
-    except (ValueError, ArithmeticError) as e:  # refused, with its own message
-        return Check("micro-batch 1", True, f"refused: {(str(e).splitlines() or [''])[0]}")
-    except Exception as e:
-        return Check("micro-batch 1", False, _error(e))
-    finite = bool(torch.isfinite(y).all())
-    return Check("micro-batch 1", finite, "works, output finite" if finite
-                 else "output not finite")
+    """At norm_batch 1, on (N, C) (one value per channel per statistic) and (N, C, L)."""
+    passed, said = True, []
+    for label, spatial in (("(N, C)", ()), ("(N, C, L)", (5,))):
+        shape = (K, C, *spatial)
+        try:
+            y = _warm(spec, norm_batch=1, shape=shape)(_data(shape, 1))
+        except ValueError as e:  # refused, with its own message
+            said.append(f"{label} refused: {(str(e).splitlines() or [''])[0]}")
+            continue
+        except Exception as e:
+            passed = False
+            said.append(f"{label} {_error(e)}")
+            continue
+        finite = bool(torch.isfinite(y).all())
+        passed &= finite
+        said.append(f"{label} works" if finite else f"{label} output not finite")
+    return Check("micro-batch 1", passed, "; ".join(said))
 
 
 def compiled(spec: NormSpec, backend: str = "inductor") -> Check:

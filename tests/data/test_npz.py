@@ -2,6 +2,8 @@
 file is exit status 2 with one line naming it."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -86,7 +88,8 @@ def defect(name: str, data: dict) -> dict:
     ("sample shapes", ["x_test samples are (2, 4), x_train's (2, 8)"]),
     ("val alone", ["x_val and y_val come together"]),
     ("objects", ["not a readable NumPy .npz file", "allow_pickle"]),
-    ("not npz", ["not a readable NumPy .npz file"]),
+    ("not npz", ["not an .npz archive (np.savez writes a zip file)"]),
+    ("cut short", ["not a readable NumPy .npz file", "BadZipFile"]),
     ("npy", ["not an .npz archive"]),
     ("no file", ["no such file"]),
 ])
@@ -94,6 +97,9 @@ def test_every_defect_is_one_line_exit_2(tmp_path, name, words):
     if name == "not npz":
         path = tmp_path / "d.npz"
         path.write_text("x_train,y_train\n1,2\n")
+    elif name == "cut short":
+        path = tmp_path / "d.npz"
+        path.write_bytes(Path(saved(tmp_path, arrays())).read_bytes()[:300])
     elif name == "npy":
         path = tmp_path / "d.npy"
         np.save(path, np.zeros(3))

@@ -103,7 +103,12 @@ def test_micro_batch_one_refused_with_its_own_message(monkeypatch):
 
     monkeypatch.setitem(REGISTRY, "two", NormEntry("two", refuse, "refuses micro-batch 1"))
     check = {c.name: c for c in check_spec(parse_spec("two"), backend=None)}["micro-batch 1"]
-    assert check.passed and check.detail == "refused: needs two samples per micro-batch"
+    assert check.passed and check.detail == ("(N, C) refused: needs two samples per "
+                                             "micro-batch; (N, C, L) refused: needs two "
+                                             "samples per micro-batch")
+    bn = {c.name: c for c in check_spec(parse_spec("bn"), backend=None)}["micro-batch 1"]
+    assert bn.passed and bn.detail.startswith("(N, C) refused: BatchNorm is undefined with 1")
+    assert bn.detail.endswith("; (N, C, L) works")
 
 
 def test_a_layer_that_does_not_compile_says_so_on_its_entry(monkeypatch):

@@ -179,6 +179,25 @@ def inner_deterministic_rows_equal_on_every_executor(ray_local, tmp_path):
                     read_metrics(tmp_path / other / "metrics.csv"))
 
 
+def inner_example_plugin_on_ray(ray_local, tmp_path):
+    """examples/mean_only_bn.py's normalizer and dataset in Ray tasks, which load the
+    plugin again from its path; beside bn and gn, and reported."""
+    from typer.testing import CliRunner
+
+    from bknbench.cli import app
+
+    runner = CliRunner()
+    example = REPO / "examples" / "mean_only_bn.py"
+    result = runner.invoke(app, ["run", "--plugin", str(example), "--norms", "bn,gn,mean-bn",
+                                 "--dataset", "waves", "--batch-sizes", "16", "--epochs", "1",
+                                 "-q", "--executor", "ray", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    rows = read_rows(tmp_path / "runs.csv")
+    assert sorted(r["spec"] for r in rows.values()) == ["bn", "gn", "mean-bn"]
+    assert all(r["status"] == "ok" and "sha256" in r["plugins"] for r in rows.values())
+    assert runner.invoke(app, ["report", str(tmp_path)]).exit_code == 0
+
+
 def tiny_sweep(**base) -> SweepConfig:
     return SweepConfig(specs=("bn", "gn"), batch_sizes=(4, 16), seeds=(0,),
                        base=RunConfig(spec="", dataset="synthetic", epochs=1, **base))
