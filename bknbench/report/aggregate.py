@@ -60,8 +60,8 @@ def ratios(runs: pd.DataFrame) -> pd.DataFrame:
     s = scores(runs)
     floor = 100.0 / s["test_samples"].fillna(N_UNKNOWN)
     s["error"] = np.maximum(100.0 - s["score"], floor).fillna(math.inf)
-    err = s.pivot_table(index=["dataset", "model", "norm_batch"], columns="spec",
-                        values="error", sort=False, dropna=False).fillna(math.inf)
+    err = s.pivot(index=["dataset", "model", "norm_batch"], columns="spec",
+                  values="error").fillna(math.inf)  # a spec not run on a problem: inf
     return err.div(err.min(axis=1), axis=0)[list(dict.fromkeys(runs["spec"]))]
 
 
