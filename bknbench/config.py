@@ -137,9 +137,10 @@ class SweepConfig:
         return points
 
     def trials(self) -> list[tuple[dict[str, float], RunConfig]]:
-        """(point, run) of every tuning trial: cells x points x tuning seeds."""
-        return [(point, at_point(cfg, point)) for cfg in self._cells(self.trial_seeds)
-                for point in self.points()]
+        """(point, run) of every tuning trial: cells x points x tuning seeds, in order."""
+        runs, n = self._cells(self.trial_seeds), len(self.trial_seeds)
+        return [(point, at_point(cfg, point)) for i in range(0, len(runs), n)
+                for point in self.points() for cfg in runs[i:i + n]]
 
     def sgd_batch_for(self, spec: str, norm_batch: int) -> int:
         from .norms import parse_spec  # local: keeps config import-light
