@@ -92,13 +92,15 @@ class RunConfig:
 def run_id(cfg: RunConfig) -> str:
     """Stable id: the hash of the fully resolved configuration (eval_batch,
     evals_per_epoch and diagnose excluded: they cannot change a result — a diagnosed run
-    trains exactly as the same run without, tests/diagnose; threads only when set, so ids
-    from before it existed hold)."""
+    trains exactly as the same run without, tests/diagnose; threads only when set and
+    val_fraction only when not 0, so ids from before they existed hold)."""
     d = cfg.to_dict()
     for unhashed in ("eval_batch", "evals_per_epoch", "diagnose"):
         d.pop(unhashed)
     if d["threads"] is None:
         d.pop("threads")
+    if d["val_fraction"] == 0:  # the whole training split, as every run before the split
+        d.pop("val_fraction")
     blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 

@@ -62,7 +62,7 @@ def results_dir(tmp_path_factory):
     (["--norms", "gn", "--batch-sizes", "-2"], ["--batch-sizes", "-2"]),
     (["--norms", "gn", "--batch-sizes", "x"], ["'x' is not an integer"]),
     (["--norms", "gn", "--batch-sizes", "2.5"], ["'2.5' is not an integer"]),
-    (["--norms", "gn", "--batch-sizes", "100000"], ["100000", "512 training samples"]),
+    (["--norms", "gn", "--batch-sizes", "100000"], ["100000", "461 training samples"]),
     (["--norms", "gn", "--epochs", "0"], ["--epochs"]),
     (["--norms", "gn", "--epochs", "-1"], ["--epochs"]),
     (["--norms", "gn", "--evals-per-epoch", "-1"], ["--evals-per-epoch", ">= 0"]),

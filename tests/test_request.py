@@ -95,7 +95,7 @@ def test_verify_needs_a_cifar_dataset_and_its_folder(tmp_path):
                                verify=True))
     # on resume, the files of the sweep saved in the folder are checked
     sweep, _ = build_sweep(RunRequest(norms="gn", batch_sizes="2", run={
-        "dataset": "cifar10", "data_dir": str(tmp_path), "epochs": 1}))
+        "dataset": "cifar10", "data_dir": str(tmp_path), "epochs": 1, "val_fraction": 0}))
     Store(tmp_path / "out").root.mkdir()
     Store(tmp_path / "out").save_sweep(sweep_to_dict(sweep))
     with pytest.raises(ConfigError, match="data_batch_1 has MD5"):
