@@ -24,8 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from ..errors import ConfigError
-from .summary import N_UNKNOWN, SUMMARY_FORMATS
+from .summary import N_UNKNOWN, data_text
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -80,12 +79,9 @@ def profile_area(runs: pd.DataFrame, tau_max: float = TAU_MAX) -> pd.Series:
 
 def format_ranks(ranks: pd.DataFrame, fmt: str) -> str:
     """csv, json (records with RANK_COLUMNS) or a markdown table."""
-    if fmt == "csv":
-        return ranks.to_csv(index=False)
-    if fmt == "json":
-        return ranks.to_json(orient="records", indent=2)
-    if fmt != "markdown":
-        raise ConfigError(f"unknown format {fmt!r}; choose table, {', '.join(SUMMARY_FORMATS)}")
+    text = data_text(ranks, fmt)
+    if text is not None:
+        return text
     lines = ["| spec | batch | mean rank | workloads |", "|---|---:|---:|---:|"]
     lines += [f"| {r.spec} | {r.norm_batch} | {r.mean_rank:.2f} | {r.workloads} |"
               for r in ranks.itertuples(index=False)]

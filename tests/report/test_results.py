@@ -203,7 +203,7 @@ def test_formats(sweep):
     assert f"| bn | 128 | 3 | 92.00 [{low:.2f}, {high:.2f}] | ref |" in md
     assert "| gn | 8 | 3 | 88.00 [" in md[3] and "| -4.00 [-4.20, -3.80] P * |" in md[3]
     assert "| gn | 2 | 2 (+1 oom) |" in md[2] and md[2].endswith(" W * |")
-    with pytest.raises(ConfigError, match="unknown summary format 'html'"):
+    with pytest.raises(ConfigError, match="unknown format 'html'"):
         format_summary(s, "html")
 
 
