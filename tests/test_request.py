@@ -2,6 +2,7 @@
 --threads and --device resolution."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -112,3 +113,31 @@ def test_threads_one_with_deterministic_is_the_default_spelled_out():
     assert base(threads=1).threads == 1 and base(threads=1).run_id != base().run_id
     with pytest.raises(ConfigError, match="--threads must be at least 1, got 0"):
         base(threads=0)
+
+
+def test_workloads_make_a_sweep_each(tmp_path):
+    """--workloads: a sweep per workload in OUT/<name>, its dataset, model and epochs
+    (--epochs overrides), lr tuned over its grid unless --tune or --lr says otherwise;
+    --resume of the study folder resumes each."""
+    from bknbench.presets import WORKLOADS
+    from bknbench.request import build_study
+    from bknbench.sweep.plan import sweep_to_dict
+    from bknbench.sweep.store import Store
+
+    req = RunRequest(workloads="mnist1d-mlp,digits-cnn", norms="gn", batch_sizes="8",
+                     out=tmp_path, run={"epochs": 1})
+    study = build_study(req)
+    assert [out for _, out in study] == [tmp_path / "mnist1d-mlp", tmp_path / "digits-cnn"]
+    for (sweep, _), name in zip(study, ("mnist1d-mlp", "digits-cnn")):
+        w = WORKLOADS[name]
+        assert (sweep.base.dataset, sweep.base.model) == (w.run["dataset"], w.run["model"])
+        assert sweep.base.epochs == 1 and sweep.tune == (("lr", w.lr_grid),)
+    [(sweep, _), _] = build_study(dataclasses.replace(req, tune=("lr=0.1,0.4",)))
+    assert sweep.tune == (("lr", (0.1, 0.4)),)
+    [(sweep, _), _] = build_study(dataclasses.replace(req, run={"base_lr": 0.1}))
+    assert sweep.tune == () and sweep.base.base_lr == 0.1 and sweep.base.epochs == 6
+    for sweep, out in study:  # as `bknbench run` leaves them when it starts
+        out.mkdir()
+        Store(out).save_sweep(sweep_to_dict(sweep))
+    resumed = build_study(RunRequest(resume=tmp_path))
+    assert [s for s, _ in resumed] == [s for s, _ in reversed(study)]  # in name order
