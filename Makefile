@@ -7,18 +7,28 @@ BIN    := $(VENV)/bin
 # https://download.pytorch.org/whl/cpu takes the CPU build from PyTorch's index instead.
 TORCH_PIN   ?= torch==2.13.0
 TORCH_INDEX ?=
-# The default study (README, "What the default study shows"): three plain sweeps of the MLP
-# on mnist1d with three seeds, the fewest that give a usable 95% interval, and the
-# statistics diagnostics; then one HTML report over the three, which also writes each
-# sweep's figures into its plots/ folder. Any
-# `bknbench run` option in RUN_ARGS goes to every sweep (e.g. RUN_ARGS="--workers 1").
+# The default study (docs/study.md, docs/protocol.md): the fair protocol, small. Two
+# workloads (mnist1d-mlp, digits-cnn: `bknbench workloads`), four normalizers at micro-
+# batches 2, 8 and 128 accumulated to SGD steps of 128 (the paper's protocol); every
+# (spec, micro-batch) cell tunes its learning rate over the workload's grid (0.0125, 0.05,
+# 0.2, 0.8: 64x) on seed 0, selected on the validation split, then seeds 0, 1, 2 run at the
+# chosen rate; one report with the aggregate (mean ranks, performance profile) and each
+# workload's tables, sensitivity and figures. Any `bknbench run` option in RUN_ARGS goes to
+# the study (e.g. RUN_ARGS="--workers 1").
 STUDY    ?= results/default
 RUN_ARGS ?=
-STUDY_ARGS := --dataset mnist1d --model mlp --seeds 0,1,2 --diagnose
-# the paper's protocol: micro-batches accumulate to one SGD step of 128 samples
-PAPER := $(STUDY_ARGS) --accumulate-to 128 --epochs 6
+STUDY_ARGS := --workloads mnist1d-mlp,digits-cnn --accumulate-to 128 --seeds 0,1,2
+# The longer study (not part of `make run`; hours on 2 cores): four workloads, the rivals,
+# five micro-batch sizes.
+LONG_ARGS := --workloads mnist1d-mlp,mnist1d-cnn,digits-cnn,digits32-cnn --accumulate-to 128 \
+    --seeds 0,1,2 --batch-sizes 2,4,8,32,128 \
+    --norms bn,gn,bkn,bkn:propagate=output,brn,mabn,cbn,ws-gn,evonorm-b0
+# The fixed-rate study that was the default before the fair protocol (lr 0.2 for every
+# normalizer, mnist1d only, with the statistics diagnostics); docs/study.md compares.
+FIXED_ARGS := --dataset mnist1d --model mlp --seeds 0,1,2 --diagnose
+PAPER := $(FIXED_ARGS) --accumulate-to 128 --epochs 6
 
-.PHONY: run test mutation venv venv-test clean
+.PHONY: run study-long fixed-rate test mutation venv venv-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,13 +59,24 @@ venv: $(VENV)/.installed $(VENV)/.native
 venv-test: $(VENV)/.installed-test $(VENV)/.native
 
 run: venv
-	$(BIN)/bknbench run $(PAPER) --batch-sizes 2,4,8,32,128 \
-	    --norms bn,gn,bkn,bkn:propagate=output --out $(STUDY)/paper $(RUN_ARGS)
-	$(BIN)/bknbench run $(PAPER) --batch-sizes 2,8,128 \
-	    --norms bn,gn,brn,mabn,cbn,frn,evonorm-b0,evonorm-s0,ws-gn --out $(STUDY)/rivals $(RUN_ARGS)
-	$(BIN)/bknbench run $(STUDY_ARGS) --epochs 1 --batch-sizes 2,8,32,128 \
-	    --norms bn,gn,bkn,bkn:propagate=output --out $(STUDY)/per-step $(RUN_ARGS)
+	$(BIN)/bknbench run $(STUDY_ARGS) --norms bn,gn,bkn,mabn --batch-sizes 2,8,128 \
+	    --out $(STUDY) $(RUN_ARGS)
+	$(BIN)/bknbench compare $(STUDY) --aggregate
 	$(BIN)/bknbench report $(STUDY) --out $(STUDY)/report.html  # and each sweep's plots/
+
+study-long: venv
+	$(BIN)/bknbench run $(LONG_ARGS) --out results/long $(RUN_ARGS)
+	$(BIN)/bknbench compare results/long --aggregate
+	$(BIN)/bknbench report results/long --out results/long/report.html
+
+fixed-rate: venv
+	$(BIN)/bknbench run $(PAPER) --batch-sizes 2,4,8,32,128 \
+	    --norms bn,gn,bkn,bkn:propagate=output --out results/fixed/paper $(RUN_ARGS)
+	$(BIN)/bknbench run $(PAPER) --batch-sizes 2,8,128 \
+	    --norms bn,gn,brn,mabn,cbn,frn,evonorm-b0,evonorm-s0,ws-gn --out results/fixed/rivals $(RUN_ARGS)
+	$(BIN)/bknbench run $(FIXED_ARGS) --epochs 1 --batch-sizes 2,8,32,128 \
+	    --norms bn,gn,bkn,bkn:propagate=output --out results/fixed/per-step $(RUN_ARGS)
+	$(BIN)/bknbench report results/fixed --out results/fixed/report.html
 
 test: venv-test
 	$(BIN)/python -m pytest -q

@@ -99,14 +99,17 @@ class RunConfig:
 def run_id(cfg: RunConfig) -> str:
     """Stable id: the hash of the fully resolved configuration (eval_batch,
     evals_per_epoch and diagnose excluded: they cannot change a result — a diagnosed run
-    trains exactly as the same run without, tests/diagnose; threads only when set, so ids
-    from before it existed hold; cudnn_benchmark and plugins likewise)."""
+    trains exactly as the same run without, tests/diagnose; threads, cudnn_benchmark and
+    plugins only when set and val_fraction only when not 0, so ids from before they existed
+    hold)."""
     d = cfg.to_dict()
     for unhashed in ("eval_batch", "evals_per_epoch", "diagnose"):
         d.pop(unhashed)
     for unset in ("threads", "cudnn_benchmark", "plugins"):  # only when set
         if not d[unset]:
             d.pop(unset)
+    if d["val_fraction"] == 0:  # the whole training split, as every run before the split
+        d.pop("val_fraction")
     blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
@@ -154,9 +157,10 @@ class SweepConfig:
         return points
 
     def trials(self) -> list[tuple[dict[str, float], RunConfig]]:
-        """(point, run) of every tuning trial: cells x points x tuning seeds."""
-        return [(point, at_point(cfg, point)) for cfg in self._cells(self.trial_seeds)
-                for point in self.points()]
+        """(point, run) of every tuning trial: cells x points x tuning seeds, in order."""
+        runs, n = self._cells(self.trial_seeds), len(self.trial_seeds)
+        return [(point, at_point(cfg, point)) for i in range(0, len(runs), n)
+                for point in self.points() for cfg in runs[i:i + n]]
 
     def sgd_batch_for(self, spec: str, norm_batch: int) -> int:
         from .norms import parse_spec  # local: keeps config import-light

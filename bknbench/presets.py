@@ -54,6 +54,8 @@ _PROVENANCE = {
     "dataset": "cifar10: their scripts load tensorpack's dataset.Cifar10 (per-pixel mean "
                "subtracted, then /128); we standardize per channel. cifar100: ours, the "
                "same recipe with 100 classes (the repository has no CIFAR-100 script)",
+    "val_fraction": f"{_SRC}: trains on all 50k training images and reports the test split "
+                    "(no validation split; --val-fraction 0.1 holds out 5k)",
     "batch_sizes": f"{_SRC}: BATCH_SIZE=128 split into split_num=64 groups -> micro-batch 2; "
                    "128 (one group) is the large-batch reference of cifar-bn-largebatch.py "
                    "and cifar-kn-largebatch.py (split_num=1)",
@@ -80,6 +82,7 @@ def _paper(dataset: str, title: str) -> Preset:
         "weight_decay": 2e-4,
         "warmup_epochs": 0.0,
         "augment": True,
+        "val_fraction": 0.0,
     }
     return Preset(
         name=f"paper-{dataset}",

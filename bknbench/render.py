@@ -24,7 +24,7 @@ stdout = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
 def label(cfg: RunConfig) -> str:
     sgd = f" (sgd {cfg.sgd_batch})" if cfg.sgd_batch != cfg.norm_batch else ""
-    return f"{cfg.spec} b={cfg.norm_batch}{sgd} seed={cfg.seed}"
+    return f"{cfg.spec} b={cfg.norm_batch}{sgd} lr={cfg.base_lr:g} seed={cfg.seed}"
 
 
 def finish_text(row: dict) -> str:

@@ -87,6 +87,7 @@ def build_study(req: RunRequest) -> list[tuple[SweepConfig, Path]]:
     if req.resume is not None:
         raise ConfigError(f"--resume continues the sweep saved in {req.resume} as it was; "
                           "--workloads would change it")
+    workloads = get_workloads(req.workloads)
     fixed = [flag(k) for k in ("dataset", "model") if k in req.run] + (
         ["--preset"] if req.preset else [])
     if fixed:
@@ -94,7 +95,7 @@ def build_study(req: RunRequest) -> list[tuple[SweepConfig, Path]]:
                           "would change them")
     out = Path(req.out) if req.out is not None else default_out()
     study = []
-    for w in get_workloads(req.workloads):
+    for w in workloads:
         grid = () if req.tune or "base_lr" in req.run else (
             "lr=" + ",".join(f"{v:g}" for v in w.lr_grid),)
         study.append(build_sweep(dataclasses.replace(

@@ -37,10 +37,11 @@ def test_run_writes_csvs_and_prints_table(sweep_dir):
     assert len({r["run_id"] for r in runs}) == len(runs)
     assert all(r["status"] == "ok" for r in runs)
     # a metric row per evaluation: the default ceil(20 / 3) = 7 per epoch, at most one per
-    # step (512 samples / sgd_batch steps), the last at the end of training
+    # step (461 samples: synthetic's 512 less the 10% validation split, / sgd_batch steps),
+    # the last at the end of training
     metrics = read_rows(out / "metrics.csv")
     for r in runs:
-        steps = 512 // int(r["sgd_batch"])
+        steps = 461 // int(r["sgd_batch"])
         mine = [m for m in metrics if m["run_id"] == r["run_id"]]
         assert len(mine) == 3 * min(7, steps)
         assert int(mine[-1]["step"]) == 3 * steps and mine[-1]["epoch"] == "3"
@@ -52,13 +53,14 @@ def test_run_writes_csvs_and_prints_table(sweep_dir):
         cfg = json.loads(r["config"])
         assert cfg["spec"] == r["spec"] and cfg["norm_batch"] == int(r["norm_batch"])
     # training works: every normalizer learns the synthetic task well above chance (25%)
-    assert min(float(r["final_val_acc"]) for r in runs) > 80.0
+    assert min(float(r["final_test_acc"]) for r in runs) > 80.0
+    assert all(r["val_samples"] == "51" and r["test_samples"] == "256" for r in runs)
     assert "bkn:p=0" in stdout and "95%" in stdout
 
 
 def test_bkn_with_p0_is_bn(sweep_dir):
     out, _ = sweep_dir
-    acc = {(r["spec"], r["norm_batch"], r["seed"]): float(r["final_val_acc"])
+    acc = {(r["spec"], r["norm_batch"], r["seed"]): float(r["final_test_acc"])
            for r in read_rows(out / "runs.csv")}
     for (spec, b, seed), value in acc.items():
         if spec == "bn":

@@ -62,7 +62,7 @@ def results_dir(tmp_path_factory):
     (["--norms", "gn", "--batch-sizes", "-2"], ["--batch-sizes", "-2"]),
     (["--norms", "gn", "--batch-sizes", "x"], ["'x' is not an integer"]),
     (["--norms", "gn", "--batch-sizes", "2.5"], ["'2.5' is not an integer"]),
-    (["--norms", "gn", "--batch-sizes", "100000"], ["100000", "512 training samples"]),
+    (["--norms", "gn", "--batch-sizes", "100000"], ["100000", "461 training samples"]),
     (["--norms", "gn", "--epochs", "0"], ["--epochs"]),
     (["--norms", "gn", "--epochs", "-1"], ["--epochs"]),
     (["--norms", "gn", "--evals-per-epoch", "-1"], ["--evals-per-epoch", ">= 0"]),
@@ -112,6 +112,31 @@ def results_dir(tmp_path_factory):
     (["--norms", "gn", "--executor", "dask"], ["--executor must be local or ray, got 'dask'"]),
     (["--norms", "gn", "--address", "127.0.0.1:6379"], ["--address is for --executor ray"]),
     (["--norms", "gn", "--executor", "ray"], ["--workers is for --executor local"]),
+    # the fair protocol: validation split, tuning, workloads
+    (["--norms", "gn", "--val-fraction", "0.6"], ["--val-fraction must be in [0, 0.5], got 0.6"]),
+    (["--norms", "gn", "--val-fraction", "-0.1"], ["--val-fraction must be in [0, 0.5]"]),
+    (["--norms", "gn", "--val-fraction", "0.001"], ["leaves 1 validation samples",
+                                                    "fewer than its 4 classes"]),
+    (["--norms", "gn", "--tune", "beta=1,2"], ["--tune: unknown key 'beta'", "tunable: lr"]),
+    (["--norms", "gn", "--tune", "lr="], ["--tune lr: no value given"]),
+    (["--norms", "gn", "--tune", "lr=0.1,abc"], ["--tune lr: 'abc' is not a number"]),
+    (["--norms", "gn", "--tune", "lr"], ["expected KEY=VALUES"]),
+    (["--norms", "gn", "--tune", "lr=0.1,0.1"], ["repeats a value"]),
+    (["--norms", "gn", "--tune", "lr=0:1:log3"], ["is not a range LOW:HIGH:logN"]),
+    (["--norms", "gn", "--tune", "lr=-0.1,0.2"], ["--tune lr: every value must be positive"]),
+    (["--norms", "gn", "--tune", "momentum=0.5,1"], ["must be in [0, 1), got 1"]),
+    (["--norms", "gn", "--tune", "lr=0.1", "--tune", "lr=0.2"], ["--tune names lr twice"]),
+    (["--norms", "gn", "--tune", "lr=0.1,0.2", "--lr", "0.1"], ["either --lr or --tune lr"]),
+    (["--norms", "gn", "--tune-seeds", "0"], ["--tune-seeds needs --tune"]),
+    (["--norms", "gn", "--tune", "lr=0.1,0.2", "--tune-seeds", "x"],
+     ["--tune-seeds: 'x' is not an integer"]),
+    (["--norms", "gn", "--tune", "lr=0.1,0.2", "--val-fraction", "0"],
+     ["--val-fraction 0 leaves none"]),
+    (["--norms", "gn", "--workloads", "mnist1d-mlp,nope"], ["unknown workload 'nope'",
+                                                           "known: mnist1d-mlp"]),
+    (["--norms", "gn", "--workloads", ","], ["--workloads: no workload given"]),
+    (["--norms", "gn", "--workloads", "digits-cnn"], ["--workloads sets the dataset and model",
+                                                      "--dataset"]),
 ])
 def test_bad_run_input(tmp_path, args, words):
     out = tmp_path / "out"
@@ -167,6 +192,32 @@ def test_resume_with_flags_that_change_the_sweep(results_dir):
     result = runner.invoke(app, ["run", "--resume", str(results_dir), "--epochs", "5",
                                  "--norms", "bn", "--quiet"])
     assert_one_line_error(result, "--norms, --epochs would change it", "--out")
+
+
+def test_resume_with_tune_of_a_sweep_made_without(results_dir):
+    result = runner.invoke(app, ["run", "--resume", str(results_dir), "--tune", "lr=0.1,0.2",
+                                 "--quiet"])
+    assert_one_line_error(result, "--tune would change it")
+
+
+def test_resume_of_a_sweep_from_before_the_validation_split(tmp_path, results_dir):
+    import json
+
+    sweep = json.loads((results_dir / "sweep.json").read_text())
+    del sweep["base"]["val_fraction"]
+    (tmp_path / "sweep.json").write_text(json.dumps(sweep))
+    assert_one_line_error(runner.invoke(app, ["run", "--resume", str(tmp_path)]),
+                          "written before bknbench had a validation split", "--out")
+
+
+def test_compare_several_folders_without_aggregate(results_dir):
+    assert_one_line_error(runner.invoke(app, ["compare", str(results_dir), str(results_dir)]),
+                          "give --aggregate")
+
+
+def test_compare_aggregate_bad_format(results_dir):
+    assert_one_line_error(runner.invoke(app, ["compare", str(results_dir), "--aggregate",
+                                              "--format", "xml"]), "--format must be table")
 
 
 def test_folder_in_use_by_another_sweep(results_dir):
@@ -311,8 +362,8 @@ def test_report_errors(tmp_path, results_dir):
 
 # ---------------------------------------------------------------- diagnostics options
 @pytest.mark.parametrize("args, words", [
-    (["--metric", "nope"], ["--metric must be final_val_acc or final_val_acc_population",
-                            "'nope'"]),
+    (["--metric", "nope"], ["--metric must be final_test_acc, final_val_acc, "
+                            "final_val_acc_population", "'nope'"]),
     (["--metric", "final_val_acc_population"], ["final_val_acc_population is empty in every "
                                                 "successful run", "--diagnose"]),
     (["--metric", "final_val_acc_population", "--format", "csv"], ["is empty"]),

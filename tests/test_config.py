@@ -39,9 +39,11 @@ def test_run_id_ignores_eval_batch():
 def test_run_ids_of_earlier_versions_hold():
     """Ids computed by the release before `threads` existed (commit 809a45e): a folder it
     wrote resumes without rerunning its finished runs. threads enters the id when set."""
-    a = RunConfig(spec="bkn")
-    b = RunConfig(spec="bn", dataset="synthetic", norm_batch=8, sgd_batch=8, deterministic=True)
+    a = RunConfig(spec="bkn", val_fraction=0)  # before the validation split: all of train
+    b = RunConfig(spec="bn", dataset="synthetic", norm_batch=8, sgd_batch=8, deterministic=True,
+                  val_fraction=0)
     assert (a.run_id, b.run_id) == ("8a24112b9d99", "f1535407c316")
+    assert dataclasses.replace(a, val_fraction=0.1).run_id != a.run_id  # the default now
     assert dataclasses.replace(a, threads=2).run_id not in (a.run_id,
                                                             dataclasses.replace(a, threads=1).run_id)
 

@@ -2,6 +2,7 @@
 --threads and --device resolution."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -95,7 +96,7 @@ def test_verify_needs_a_cifar_dataset_and_its_folder(tmp_path):
                                verify=True))
     # on resume, the files of the sweep saved in the folder are checked
     sweep, _ = build_sweep(RunRequest(norms="gn", batch_sizes="2", run={
-        "dataset": "cifar10", "data_dir": str(tmp_path), "epochs": 1}))
+        "dataset": "cifar10", "data_dir": str(tmp_path), "epochs": 1, "val_fraction": 0}))
     Store(tmp_path / "out").root.mkdir()
     Store(tmp_path / "out").save_sweep(sweep_to_dict(sweep))
     with pytest.raises(ConfigError, match="data_batch_1 has MD5"):
@@ -125,6 +126,8 @@ def test_a_driver_without_a_gpu_sends_gpu_runs_to_ray_workers(device):
     assert local.base.device == "cpu"
     with pytest.raises(ConfigError, match="no CUDA device is available"):
         build_sweep(RunRequest(norms="gn", batch_sizes="16", run={**run, "device": "cuda"}))
+
+
 # ---------------------------------------------------------------- every message, in full
 SYN = {"dataset": "synthetic", "device": "cpu"}
 
@@ -181,3 +184,31 @@ def test_the_edges_of_the_ranges_are_accepted():
         run={**SYN, "threads": 1, "epochs": 1, "base_lr": 1e-12, "momentum": 0.0,
              "weight_decay": 0.0, "warmup_epochs": 0, "evals_per_epoch": 0}))
     assert sweep.batch_sizes == (1, 512) and sweep.base.momentum == 0.0
+
+
+def test_workloads_make_a_sweep_each(tmp_path):
+    """--workloads: a sweep per workload in OUT/<name>, its dataset, model and epochs
+    (--epochs overrides), lr tuned over its grid unless --tune or --lr says otherwise;
+    --resume of the study folder resumes each."""
+    from bknbench.presets import WORKLOADS
+    from bknbench.request import build_study
+    from bknbench.sweep.plan import sweep_to_dict
+    from bknbench.sweep.store import Store
+
+    req = RunRequest(workloads="mnist1d-mlp,digits-cnn", norms="gn", batch_sizes="8",
+                     out=tmp_path, run={"epochs": 1})
+    study = build_study(req)
+    assert [out for _, out in study] == [tmp_path / "mnist1d-mlp", tmp_path / "digits-cnn"]
+    for (sweep, _), name in zip(study, ("mnist1d-mlp", "digits-cnn")):
+        w = WORKLOADS[name]
+        assert (sweep.base.dataset, sweep.base.model) == (w.run["dataset"], w.run["model"])
+        assert sweep.base.epochs == 1 and sweep.tune == (("lr", w.lr_grid),)
+    [(sweep, _), _] = build_study(dataclasses.replace(req, tune=("lr=0.1,0.4",)))
+    assert sweep.tune == (("lr", (0.1, 0.4)),)
+    [(sweep, _), _] = build_study(dataclasses.replace(req, run={"base_lr": 0.1}))
+    assert sweep.tune == () and sweep.base.base_lr == 0.1 and sweep.base.epochs == 6
+    for sweep, out in study:  # as `bknbench run` leaves them when it starts
+        out.mkdir()
+        Store(out).save_sweep(sweep_to_dict(sweep))
+    resumed = build_study(RunRequest(resume=tmp_path))
+    assert [s for s, _ in resumed] == [s for s, _ in reversed(study)]  # in name order

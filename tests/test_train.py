@@ -19,7 +19,10 @@ METRICS = ("epoch", "step", "samples_seen", "train_loss", "train_acc", "val_loss
 
 @pytest.fixture(scope="module")
 def data():
-    return load_dataset("synthetic")
+    """synthetic's 512 training samples whole, its 256 test samples as the validation split
+    as well (the counts below are of these)."""
+    whole = load_dataset("synthetic", val_fraction=0)
+    return dataclasses.replace(whole, x_val=whole.x_test, y_val=whole.y_test)
 
 
 def _cfg(**kw):
@@ -139,6 +142,30 @@ def test_evaluations_change_nothing_but_the_rows(data, spec):
     assert four.epochs[0]["train_loss"] > four.epochs[3]["train_loss"]
 
 
+def test_test_split_once_after_the_last_epoch(data, monkeypatch):
+    """The curves are on the validation split; the test split is evaluated once, after the
+    last epoch; without a validation split the curves are empty, the test accuracy not."""
+    import bknbench.train
+
+    real, seen = bknbench.train.evaluate, []
+    monkeypatch.setattr(bknbench.train, "evaluate",
+                        lambda model, x, y, batch: seen.append(len(x)) or real(model, x, y, batch))
+    split = dataclasses.replace(data, x_val=data.x_train[:100], y_val=data.y_train[:100])
+    out = train_run(_cfg(evals_per_epoch=2), split)
+    assert seen == [100] * 4 + [256]  # 2 epochs x 2 on validation, then test once
+    assert (out.val_samples, out.test_samples) == (100, 256) and 0 <= out.test_acc <= 100
+    seen.clear()
+    none = dataclasses.replace(data, x_val=None, y_val=None)
+    out = train_run(_cfg(), none)
+    assert seen == [256] and out.val_samples is None
+    assert all(r["val_acc"] is None for r in out.epochs) and out.test_acc is not None
+    from bknbench.sweep.run import make_row
+
+    row = make_row(_cfg(), out)
+    assert row["final_val_acc"] is None and row["best_val_acc"] is None
+    assert row["final_test_acc"] == out.test_acc
+
+
 def test_undefined_configuration_fails_with_a_reason(data):
     out = train_run(_cfg(norm_batch=1, sgd_batch=1, epochs=1), data)
     assert out.status == "failed"
@@ -184,7 +211,7 @@ def test_chunked_evaluation_equals_one_pass(data, spec):
     assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-6)
 
 
-def test_augment_crops_and_flips_every_training_batch_of_images(monkeypatch):
+def test_augment_crops_and_flips_every_training_batch_of_images(data, monkeypatch):
     """--augment: crop_flip on every training micro-step of an image dataset, on the batch
     only; a 1-D dataset trains as without it."""
     import bknbench.data.augment as augment
@@ -206,7 +233,7 @@ def test_augment_crops_and_flips_every_training_batch_of_images(monkeypatch):
     assert seen == [(64, *digits.sample_shape)] * steps
     assert augmented.epochs[0]["train_loss"] != plain.epochs[0]["train_loss"]
     seen.clear()
-    synthetic = load_dataset("synthetic")
+    synthetic = data
     assert not synthetic.image
     flat = train_run(_cfg(epochs=1, augment=True), synthetic)
     without = train_run(_cfg(epochs=1), synthetic)

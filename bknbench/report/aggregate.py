@@ -24,8 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from ..errors import ConfigError
-from .summary import N_UNKNOWN, SUMMARY_FORMATS
+from .summary import N_UNKNOWN, data_text
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -60,8 +59,8 @@ def ratios(runs: pd.DataFrame) -> pd.DataFrame:
     s = scores(runs)
     floor = 100.0 / s["test_samples"].fillna(N_UNKNOWN)
     s["error"] = np.maximum(100.0 - s["score"], floor).fillna(math.inf)
-    err = s.pivot_table(index=["dataset", "model", "norm_batch"], columns="spec",
-                        values="error", sort=False, dropna=False).fillna(math.inf)
+    err = s.pivot(index=["dataset", "model", "norm_batch"], columns="spec",
+                  values="error").fillna(math.inf)  # a spec not run on a problem: inf
     return err.div(err.min(axis=1), axis=0)[list(dict.fromkeys(runs["spec"]))]
 
 
@@ -80,12 +79,9 @@ def profile_area(runs: pd.DataFrame, tau_max: float = TAU_MAX) -> pd.Series:
 
 def format_ranks(ranks: pd.DataFrame, fmt: str) -> str:
     """csv, json (records with RANK_COLUMNS) or a markdown table."""
-    if fmt == "csv":
-        return ranks.to_csv(index=False)
-    if fmt == "json":
-        return ranks.to_json(orient="records", indent=2)
-    if fmt != "markdown":
-        raise ConfigError(f"unknown format {fmt!r}; choose table, {', '.join(SUMMARY_FORMATS)}")
+    text = data_text(ranks, fmt)
+    if text is not None:
+        return text
     lines = ["| spec | batch | mean rank | workloads |", "|---|---:|---:|---:|"]
     lines += [f"| {r.spec} | {r.norm_batch} | {r.mean_rank:.2f} | {r.workloads} |"
               for r in ranks.itertuples(index=False)]

@@ -82,7 +82,9 @@ noisy, and they differ from the running statistics the network uses at test time
 and LayerNorm use each sample alone; Batch Kalman Normalization (BKN) fuses the
 micro-batch's statistics with a prediction from the layers before it.</p>
 <p>Each run trains one network with one normalizer, at one micro-batch size and seed, and is
-scored by its accuracy on the held-out split after the last epoch, in eval mode. A cell of
+scored by its accuracy on the <b>test</b> split after the last epoch, in eval mode (curves
+and tuning use a validation split carved out of the training data; in a tuned sweep each
+cell trained at the learning rate that was best on validation). A cell of
 the table is one normalizer at one micro-batch size, over its seeds; &Delta; compares it with
 a reference cell (BatchNorm at its largest micro-batch unless stated). The SGD batch is the
 number of samples per optimizer step: equal to the micro-batch, or larger when gradients are

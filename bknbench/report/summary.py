@@ -272,15 +272,24 @@ def n_text(r) -> str:
     return f"{r.n} (+{r.failed_statuses})" if r.failed else str(r.n)
 
 
+def data_text(frame: pd.DataFrame, fmt: str) -> str | None:
+    """A table as csv or json (records; NaN -> null); None for markdown, which each table
+    writes its own way; ConfigError for any other format."""
+    if fmt == "csv":
+        return frame.to_csv(index=False)
+    if fmt == "json":
+        return frame.to_json(orient="records", indent=2)
+    if fmt != "markdown":
+        raise ConfigError(f"unknown format {fmt!r}; choose {', '.join(SUMMARY_FORMATS)}")
+    return None
+
+
 def format_summary(summary: pd.DataFrame, fmt: str) -> str:
     """The summary as csv, json (records; NaN -> null) or a markdown pipe table with the
     method note below it."""
-    if fmt == "csv":
-        return summary.to_csv(index=False)
-    if fmt == "json":
-        return summary.to_json(orient="records", indent=2)
-    if fmt != "markdown":
-        raise ConfigError(f"unknown summary format {fmt!r}; choose {', '.join(SUMMARY_FORMATS)}")
+    text = data_text(summary, fmt)
+    if text is not None:
+        return text
     multi = "dataset" in summary.columns
     head = (["dataset", "model"] if multi else []) + [
         "spec", "batch", "n", "acc % [95% CI]", "Δ vs ref [95% CI]"]

@@ -42,6 +42,7 @@ def results_dir(tmp_path):
                              "status": "ok" if ok else "oom",
                              "reason": "" if ok else "CUDA out of memory",
                              "final_val_acc": acc if ok else "",
+                             "final_test_acc": acc if ok else "",
                              "best_val_acc": acc + 0.3 if ok else ""})
                 if ok:
                     metrics += [{"run_id": run_id, "epoch": e, "step": 125 * e,
@@ -116,7 +117,7 @@ def test_error_vs_batch_axes(results_dir):
     assert list(ax.get_xticks()) == list(BATCHES)
     assert [t.get_text() for t in ax.get_xticklabels()] == [str(b) for b in BATCHES]
     assert ax.xaxis.get_minor_locator().tick_values(1, 32) == []
-    assert "validation error" in ax.get_ylabel() and "%" in ax.get_ylabel()
+    assert "test error" in ax.get_ylabel() and "%" in ax.get_ylabel()
     lines = {line.get_label(): line for line in ax.get_lines()}
     assert list(lines) == list(SPECS)
     for spec, line in lines.items():
@@ -133,8 +134,8 @@ def test_error_axis_is_logarithmic_only_when_errors_span_ten_times(results_dir):
     # the fixture's mean errors run from 4.5% to 14.5%: a linear axis
     assert _error_vs_batch_figure(runs, colors).axes[0].get_yscale() == "linear"
     collapsed = runs.copy()
-    collapsed.loc[collapsed["spec"] == "bkn:p=0.5", "final_val_acc"] = 20.0  # 80% error
-    collapsed.loc[collapsed["spec"] == "gn:groups=8", "final_val_acc"] = 99.0  # 1% error
+    collapsed.loc[collapsed["spec"] == "bkn:p=0.5", "final_test_acc"] = 20.0  # 80% error
+    collapsed.loc[collapsed["spec"] == "gn:groups=8", "final_test_acc"] = 99.0  # 1% error
     ax = _error_vs_batch_figure(collapsed, colors).axes[0]
     assert ax.get_yscale() == "log" and "log scale" in ax.get_ylabel()
 

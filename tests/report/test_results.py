@@ -28,8 +28,9 @@ def run_row(spec, norm_batch, seed, acc, status="ok", dataset="mnist1d", model="
         "norm_batch": norm_batch, "sgd_batch": norm_batch, "seed": seed, "epochs": 3,
         "lr": 0.2 * norm_batch / 128, "status": status,
         "reason": "" if ok else f"{status}: CUDA out of memory, tried 2.0 GiB",
-        "final_val_acc": acc if ok else "", "best_val_acc": acc + 0.5 if ok else "",
-        "val_samples": 500 if ok else "",
+        "final_val_acc": acc if ok else "", "final_test_acc": acc if ok else "",
+        "best_val_acc": acc + 0.5 if ok else "", "val_samples": 500 if ok else "",
+        "test_samples": 500 if ok else "",
         "final_train_loss": 0.31 if ok else "", "train_time_s": 12.5,
         "samples_per_s": 3900.0, "peak_mem_mb": "", "device": "cpu", "amp": False,
         "compile": False, "deterministic": False, "torch_version": "2.4.0",
@@ -97,7 +98,7 @@ def test_mean_and_logit_t_interval_match_hand_computation(sweep):
     s = summarize(load_results(sweep).runs).set_index(["spec", "norm_batch"])
     bn = s.loc[("bn", 128)]
     low, high = _logit_t([90.0, 92.0, 94.0], 500, T975_DOF2)
-    assert (bn["n"], bn["mean"], bn["std"], bn["val_samples"]) == (3, 92.0, 2.0, 500)
+    assert (bn["n"], bn["mean"], bn["std"], bn["samples"]) == (3, 92.0, 2.0, 500)
     assert bn["ci_low"] == pytest.approx(low) and bn["ci_high"] == pytest.approx(high)
     assert bn["ci_method"] == "logit-t"
     # bounded above by 100 where Student-t on the raw scale gave 96.97: narrower toward it
@@ -202,7 +203,7 @@ def test_formats(sweep):
     assert f"| bn | 128 | 3 | 92.00 [{low:.2f}, {high:.2f}] | ref |" in md
     assert "| gn | 8 | 3 | 88.00 [" in md[3] and "| -4.00 [-4.20, -3.80] P * |" in md[3]
     assert "| gn | 2 | 2 (+1 oom) |" in md[2] and md[2].endswith(" W * |")
-    with pytest.raises(ConfigError, match="unknown summary format 'html'"):
+    with pytest.raises(ConfigError, match="unknown format 'html'"):
         format_summary(s, "html")
 
 
@@ -276,8 +277,8 @@ def test_bad_metrics_csv_is_a_config_error(tmp_path):
 
 def test_ok_run_without_accuracy_is_rejected(tmp_path):
     row = run_row("bn", 4, 0, 90.0)
-    row["final_val_acc"] = ""
-    with pytest.raises(ConfigError, match="is ok but has no final_val_acc"):
+    row["final_test_acc"] = ""
+    with pytest.raises(ConfigError, match="is ok but has no final_test_acc"):
         load_results(write_results(tmp_path / "r", [row], with_metrics=False))
 
 

@@ -137,14 +137,18 @@ def test_no_interval_printed_by_compare_leaves_0_100(tmp_path):
 
 def test_older_results_without_val_samples_say_what_was_assumed(tmp_path):
     runs = [run_row("bn", 128, s, a) for s, a in enumerate([90.0, 92.0, 94.0])]
+    old = ("val_samples", "test_samples", "final_test_acc")  # as before either existed
     for r in runs:
-        del r["val_samples"]
+        for k in old:
+            del r[k]
     folder = tmp_path / "old"
     folder.mkdir()
-    write_csv(folder / "runs.csv", [c for c in RUN_COLUMNS if c != "val_samples"], runs)
+    write_csv(folder / "runs.csv", [c for c in RUN_COLUMNS if c not in old], runs)
     result = runner.invoke(app, ["compare", str(folder), "--format", "markdown"])
     assert result.exit_code == 0, result.output
     assert "test-set size not recorded: N = 1000 assumed" in result.stdout
+    # the accuracies of a folder from before the validation split are the test split's
+    assert result.stderr.count("before bknbench had a validation split") == 1
     low, high = acc_interval([90.0, 92.0, 94.0], 1000)[2:]
     assert f"92.00 [{low:.2f}, {high:.2f}]" in result.stdout
 
