@@ -29,6 +29,7 @@ class RunRequest:
     resume: Path | None = None
     run: dict = field(default_factory=dict)  # RunConfig fields given as flags (not None)
     verify: bool = False  # check the CIFAR files' MD5 sums before anything reads them
+    name: str | None = None  # the output folder results/<name> (instead of a timestamp)
 
 
 DEFAULT_DEVICE = "auto"  # cuda when present, else mps, else cpu
@@ -55,8 +56,36 @@ def int_list(text: str, what: str) -> tuple[int, ...]:
     return tuple(values)
 
 
-def default_out() -> Path:
-    return Path("results") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+def default_out(name: str | None = None) -> Path:
+    """results/<name>, or results/<timestamp> without one."""
+    if name is None:
+        return Path("results") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    if not name.strip() or name in (".", "..") or "/" in name or "\\" in name:
+        raise ConfigError(f"--name {name!r}: a folder name (no slash), e.g. --name bn-vs-gn")
+    return Path("results") / name
+
+
+def read_study(path: Path) -> dict:
+    """A --config file: TOML, `key = value` per `run` option (a [run] table also works)."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+
+    try:
+        with open(path, "rb") as f:
+            study = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read --config {path}: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"--config {path} is not TOML: {e}") from None
+    if set(study) == {"run"} and isinstance(study["run"], dict):
+        study = study["run"]
+    nested = [k for k, v in study.items() if isinstance(v, dict)]
+    if nested:
+        raise ConfigError(f"--config {path}: [{nested[0]}] is not a table of `run`; give "
+                          "options as key = value, or under [run]")
+    return study
 
 
 def build_sweep(req: RunRequest) -> tuple[SweepConfig, Path]:
@@ -66,6 +95,10 @@ def build_sweep(req: RunRequest) -> tuple[SweepConfig, Path]:
     from .sweep.plan import sweep_from_dict
     from .sweep.store import Store
 
+    if req.name is not None and (req.out is not None or req.resume is not None):
+        raise ConfigError("--name names a new folder under results/; give it, or --out / "
+                          "--resume, not both")
+        default_out(req.name)  # a bad name fails before any work
     if req.resume is not None:
         if req.out is not None and Path(req.out) != Path(req.resume):
             raise ConfigError("give either --resume DIR or --out DIR, not two different folders")
@@ -110,7 +143,7 @@ def build_sweep(req: RunRequest) -> tuple[SweepConfig, Path]:
     sweep = SweepConfig(specs=tuple(specs), batch_sizes=batches, seeds=seeds, base=base,
                         accumulate_to=accumulate_to)
     validate(sweep)
-    return sweep, Path(req.out) if req.out is not None else default_out()
+    return sweep, Path(req.out) if req.out is not None else default_out(req.name)
 
 
 def check_files(base: RunConfig, verify: bool) -> None:

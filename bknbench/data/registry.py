@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ def register_dataset(name: str):
 
 def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
     if name not in DATASETS:
-        raise ConfigError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}")
+        raise ConfigError(f"unknown dataset {name!r}{did_you_mean(name, DATASETS)}; known: {', '.join(sorted(DATASETS))}")
     return DATASETS[name](data_dir)
 
 

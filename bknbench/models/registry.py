@@ -6,7 +6,7 @@ from typing import Callable
 
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, did_you_mean
 from ..norms import NormSpec
 from .chain import check_chain
 
@@ -23,7 +23,7 @@ def register_model(name: str):
 def make_model(name: str, spec: NormSpec, norm_batch: int, in_shape: tuple[int, ...],
                num_classes: int) -> nn.Module:
     if name not in MODELS:
-        raise ConfigError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
+        raise ConfigError(f"unknown model {name!r}{did_you_mean(name, MODELS)}; known: {', '.join(sorted(MODELS))}")
     model = MODELS[name](spec, norm_batch, tuple(in_shape), num_classes)
     check_chain(model)
     return model

@@ -179,9 +179,10 @@ def ctrl_c_deferred():
 
 def run_sweep(sweep: SweepConfig, out: Path, executor: Executor | None = None,
               events: SweepEvents | None = None, fail_fast: bool = False,
-              retry_failed: bool = False) -> SweepReport:
-    """Run every unfinished run of the sweep in `out`, committing each as it finishes.
-    KeyboardInterrupt is caught: finished runs are kept and the report says so."""
+              retry_failed: bool = False, log: tuple[str, ...] = ()) -> SweepReport:
+    """Run every unfinished run of the sweep in `out`, committing each as it finishes (and
+    handing its record to each logger of `log`, sweep/logs.py). KeyboardInterrupt is
+    caught: finished runs are kept and the report says so."""
     events = events or SweepEvents()
     executor = executor or SerialExecutor()
     store = Store(out)
@@ -189,6 +190,15 @@ def run_sweep(sweep: SweepConfig, out: Path, executor: Executor | None = None,
         store.prepare()
         saved = extend_sweep(store.saved_sweep(), sweep, out)
         store.save_sweep(saved)  # before a Ctrl-C may say "resume"
+        from ..report.reproduce import run_toml
+
+        store.save_config(run_toml(saved, out))
+        if log:
+            from .logs import open_logs
+
+            loggers = open_logs(log, out, saved)
+        else:
+            loggers = []
     except BaseException:
         store.close()
         raise
@@ -209,6 +219,8 @@ def run_sweep(sweep: SweepConfig, out: Path, executor: Executor | None = None,
             with ctrl_c_deferred():
                 store.commit(record)
                 report.finished.append(record["row"])
+            for logger in loggers:
+                logger.log(record)
             events.on_finish(cfg, record["row"])
             if fail_fast and record["row"]["status"] != "ok":
                 report.stopped_early = True
@@ -220,4 +232,6 @@ def run_sweep(sweep: SweepConfig, out: Path, executor: Executor | None = None,
         if close:
             close()
         store.close()
+        for logger in loggers:
+            logger.close(report.interrupted)
     return report
