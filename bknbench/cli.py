@@ -21,6 +21,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
                        "across micro-batch sizes.")
 
 _RUN_DEFAULTS = RunConfig(spec="")
+# Typer prints an argument's Python type beside its name ("FOLDER <list[Path]>"); the name
+# says it here, and an option's metavar already replaces its type.
+typer.core.TyperArgument.display_type_rich = lambda self, ctx: ""
 
 
 def _shown(value) -> str:
@@ -293,7 +296,7 @@ def plot(
 
 @app.command()
 def report(
-    results: Annotated[list[Path], typer.Argument(metavar="FOLDER...", help="Results folders "
+    results: Annotated[list[Path], typer.Argument(metavar="FOLDER", help="Results folders "
         "written by `bknbench run`, or study folders whose subfolders hold them; each is a section.")],
     out: Annotated[Optional[Path], typer.Option(metavar="FILE", help="The HTML file. [default: RESULTS/"
         "report.html; several folders: report.html in the folder holding them]")] = None,
