@@ -64,6 +64,7 @@ class SweepEvents:
     on_start: Callable[[RunConfig], None] = lambda cfg: None
     on_epoch: Callable[[RunConfig, dict], None] | None = None
     on_finish: Callable[[RunConfig, dict], None] = lambda cfg, row: None
+    on_todo: Callable[[list[RunConfig]], None] = lambda todo: None  # the runs to do, planned
 
 
 def sweep_to_dict(sweep: SweepConfig) -> dict:
@@ -212,6 +213,7 @@ def run_sweep(sweep: SweepConfig, out: Path, executor: Executor | None = None,
                                  if done.get(cfg.run_id, "ok") != "ok"
                                  and cfg.run_id not in redo]
         events.on_plan(len(runs), len(todo))
+        events.on_todo(todo)
         if not todo:
             return report
         results = executor.map(todo, store, events)
