@@ -69,33 +69,18 @@ def _load_config(ctx: typer.Context, param, path: Optional[Path]) -> Optional[Pa
     option cannot take, is one line and exit 2."""
     if path is None:
         return path
-    from .errors import did_you_mean
-    from .request import read_study
+    from .request import study_options
 
+    options = {p.name: p for p in ctx.command.params
+               if p.name not in ("config", "debug") and p.param_type_name == "option"}
     try:
-        study = read_study(path)
-        options = {p.name: p for p in ctx.command.params
-                   if p.name not in ("config", "debug") and p.param_type_name == "option"}
-        defaults = {}
-        for key, value in study.items():
-            name = key.replace("-", "_")
-            if name not in options:
-                raise ConfigError(f"{path}: unknown option {key!r}"
-                                  f"{did_you_mean(key, [o.replace('_', '-') for o in options])}"
-                                  "; options: "
-                                  f"{', '.join(sorted(o.replace('_', '-') for o in options))}")
-            option = options[name]
-            if value == []:  # an empty list: the option's default
-                continue
-            if option.multiple:  # a list option: an array or a comma-separated string
-                value = [",".join(map(str, value)) if isinstance(value, list) else str(value)]
-            elif isinstance(value, list):
-                value = ",".join(map(str, value))  # e.g. milestones = [81, 122]
+        defaults = study_options(path, {n: o.multiple for n, o in options.items()})
+        for name, value in defaults.items():
             try:
-                option.process_value(ctx, value)  # its type's check, now rather than later
+                options[name].process_value(ctx, value)  # its type's check, now, in one line
             except typer.BadParameter as e:
-                raise ConfigError(f"{path}: {key} = {value!r}: {e.message}") from None
-            defaults[name] = value
+                raise ConfigError(f"{path}: {name.replace('_', '-')} = {value!r}: "
+                                  f"{e.message}") from None
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(2)

@@ -101,6 +101,12 @@ def run_id(cfg: RunConfig) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
+# The SweepConfig fields a results folder's sweep may grow along (its grid); "tune" and
+# "tune_seeds" are the tuned grids where a SweepConfig has them. Any other difference makes
+# another experiment, which a folder never mixes in (sweep/plan.py extend_sweep).
+GRID_AXES = ("specs", "batch_sizes", "seeds", "tune", "tune_seeds")
+
+
 @dataclass(frozen=True)
 class SweepConfig:
     """The grid: specs x micro-batch sizes x seeds over one base RunConfig."""

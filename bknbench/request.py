@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import DEFAULT_BATCH_SIZES, RunConfig, SweepConfig
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 
 DEFAULT_NORMS = "bn,bn-accum,gn,bkn"
 DEFAULT_SEEDS = (0,)  # one seed: a quick look; `make run` uses 0,1,2 for intervals
@@ -86,6 +86,23 @@ def read_study(path: Path) -> dict:
         raise ConfigError(f"--config {path}: [{nested[0]}] is not a table of `run`; give "
                           "options as key = value, or under [run]")
     return study
+
+
+def study_options(path: Path, options: dict[str, bool]) -> dict:
+    """A --config file's values by option name (`options`: name -> whether it is a list
+    option, which takes several values): lists joined by commas, as the flags give them."""
+    defaults = {}
+    shown = sorted(o.replace("_", "-") for o in options)
+    for key, value in read_study(path).items():
+        name = key.replace("-", "_")
+        if name not in options:
+            raise ConfigError(f"{path}: unknown option {key!r}{did_you_mean(key, shown)}; "
+                              f"options: {', '.join(shown)}")
+        if value == []:  # an empty list: the option's default
+            continue
+        text = ",".join(map(str, value)) if isinstance(value, list) else value
+        defaults[name] = [str(text)] if options[name] else text
+    return defaults
 
 
 def build_sweep(req: RunRequest) -> tuple[SweepConfig, Path]:

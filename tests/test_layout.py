@@ -32,7 +32,7 @@ ALLOWED = {
     "request": {"config", "presets", "data", "models", "norms", "train", "sweep"},
     "render": {"config", "report", "sweep"},
     "commands": {"config", "request", "norms", "kernels", "sweep", "report", "render"},
-    "cli": {"config", "presets", "request", "commands", "norms", "data"},
+    "cli": {"bknbench", "config", "presets", "request", "commands", "norms", "data"},
     "__main__": {"cli"},
     "errors": set(),
     "bknbench": set(),

@@ -23,8 +23,8 @@ import os
 import time
 from pathlib import Path
 
+from ..config import GRID_AXES
 from ..errors import ConfigError, did_you_mean
-from .plan import GRID_AXES
 
 INSTALL_HINT = "pip install '.[mlflow]' in a bknbench checkout (or: pip install mlflow-skinny)"
 SWEEP_TAG = "bknbench.sweep"  # the parent run's results folder, to find it on resume

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
-from ..config import RunConfig, SweepConfig
+from ..config import GRID_AXES, RunConfig, SweepConfig
 from ..errors import ConfigError
 from .run import execute_run
 from .store import Store
@@ -102,10 +102,6 @@ def plan(sweep: SweepConfig, store: Store, retry_failed: bool = False,
 
 
 # ---------------------------------------------------------------- one sweep per folder
-# The SweepConfig fields a folder's sweep may grow along (the grid's axes; "tune" and
-# "tune_seeds" are the tuned grids where a SweepConfig has them). Any other difference
-# makes another experiment, which a folder never mixes in.
-GRID_AXES = ("specs", "batch_sizes", "seeds", "tune", "tune_seeds")
 
 
 def _settings(d: dict) -> dict:
