@@ -176,11 +176,21 @@ def summary_table(summary: pd.DataFrame, title: str) -> Table:
     """A rich table for the terminal: mean [95% CI], Δ vs ref [95% CI] (P paired, W Welch;
     bold when its interval excludes 0), with the method in the caption."""
     multi = "dataset" in summary.columns
-    table = Table(title=title, caption=method_note(summary) + "; n = successful seeds")
+    # the SGD batch and the learning rate where a row steps other than once per micro-batch
+    # (bn@2, a step per 2 samples, and bn-accum@2, steps of 128, must not look alike under
+    # "batch"), or its lr is not the base lr scaled by its SGD batch (a tuned lr)
+    accumulates = bool((summary["sgd_batch"] != summary["norm_batch"]).any())
+    scaled = "lr" in summary and (summary["lr"] / summary["sgd_batch"]).round(12).nunique() <= 1
+    steps = ["sgd_batch", "lr"] if accumulates else [] if scaled else ["lr"]
+    table = Table(title=title, caption=method_note(summary) + "; n = successful seeds" + (
+        "; batch = micro-batch (samples per statistic), sgd = samples per step, lr = peak "
+        "learning rate" if steps else ""))
     for name in (["dataset", "model"] if multi else []) + ["spec"]:
         table.add_column(name)
-    for name in ("batch", "n", "acc %", "95% CI", "Δ vs ref [95% CI]", "failed"):
-        table.add_column(name, justify="right" if name in ("batch", "n") else "left")
+    for name in ("batch", *("sgd" if c == "sgd_batch" else c for c in steps), "n", "acc %",
+                 "95% CI", "Δ vs ref [95% CI]", "failed"):
+        table.add_column(name, justify="left" if name in ("acc %", "95% CI", "Δ vs ref [95% CI]",
+                                                          "failed") else "right")
     for r in summary.itertuples(index=False):
         acc = "[red]all failed[/]" if r.n == 0 else f"{r.mean:.2f}"
         ci = "" if r.n == 0 else "n/a" if r.n == 1 else f"[{r.ci_low:.2f}, {r.ci_high:.2f}]"
@@ -189,6 +199,7 @@ def summary_table(summary: pd.DataFrame, title: str) -> Table:
             delta = f"[bold]{delta}[/]"
         failed = f"[red]✗ {r.failed_statuses}[/]" if r.failed else ""
         table.add_row(*([r.dataset, r.model] if multi else []), escape(r.spec),
-                      str(r.norm_batch), str(r.n), acc, escape(ci), delta, failed,
+                      str(r.norm_batch), *(f"{getattr(r, c):g}" for c in steps), str(r.n),
+                      acc, escape(ci), delta, failed,
                       style="bold" if r.is_ref else None)
     return table

@@ -67,3 +67,28 @@ def test_help_shows_no_internal_reprs(command):
     for internal in ("<str>", "<int>", "<float>", "<path>", "list[", "()", "Presets: 400"):
         assert internal not in result.stdout, internal
     assert not re.search(r"default: \(|default: True|default: False", result.stdout)
+
+
+def table_header(sgd_batches, lrs) -> str:
+    import pandas as pd
+    from rich.console import Console
+
+    from bknbench.render import summary_table
+    from bknbench.report.summary import summarize
+
+    runs = pd.DataFrame([{"dataset": "d", "model": "m", "spec": f"s{i}", "norm_batch": 2,
+                          "sgd_batch": sgd, "lr": lr, "seed": 0, "status": "ok",
+                          "final_val_acc": 90.0, "best_val_acc": 90.0}
+                         for i, (sgd, lr) in enumerate(zip(sgd_batches, lrs))])
+    console = Console(width=200, record=True)
+    console.print(summary_table(summarize(runs), "t"))
+    return console.export_text().splitlines()[2]
+
+
+def test_the_table_shows_sgd_batch_and_lr_where_a_row_accumulates_or_is_tuned():
+    plain = table_header([2, 2], [0.2 * 2 / 128] * 2)
+    assert "sgd" not in plain and "lr" not in plain
+    accumulated = table_header([2, 128], [0.2 * 2 / 128, 0.2])  # bn@2 beside bn-accum@2
+    assert "sgd" in accumulated and "lr" in accumulated
+    tuned = table_header([2, 2], [0.1, 0.2])
+    assert "sgd" not in tuned and "lr" in tuned
