@@ -38,24 +38,29 @@ def make_executor(workers: int | None, device: str, executor: str = "local",
 
 
 def run_study(study: list[tuple[SweepConfig, Path]], workers, fail_fast, retry_failed,
-              strict, quiet, executor_opts: dict | None = None) -> int:
+              strict, quiet, executor_opts: dict | None = None, log: str | None = None) -> int:
     """Each sweep of a study (--workloads: one per workload) in turn; stops at the first
     that does not end with exit status 0."""
     for sweep, out in study:
         code = run_command(sweep, out, workers, fail_fast, retry_failed, strict, quiet,
-                           executor_opts)
+                           executor_opts, log)
         if code:
             return code
     return 0
 
 
 def run_command(sweep: SweepConfig, out: Path, workers, fail_fast, retry_failed, strict,
-                quiet, executor_opts: dict | None = None) -> int:
+                quiet, executor_opts: dict | None = None, log: str | None = None) -> int:
     from .kernels import native
     from .render import Progress, stderr
     from .sweep.plan import run_sweep
     from .sweep.run import wants_kernels
 
+    logs = tuple(n.strip() for n in (log or "").split(",") if n.strip())
+    if logs:
+        from .sweep.logs import check_logs
+
+        check_logs(list(logs))
     executor = make_executor(workers, sweep.base.device, **(executor_opts or {}),
                              threads=sweep.base.threads)
     local = (executor_opts or {}).get("executor", "local") == "local"
@@ -65,7 +70,7 @@ def run_command(sweep: SweepConfig, out: Path, workers, fail_fast, retry_failed,
                      "slower", highlight=False, soft_wrap=True)
     with Progress(quiet) as events:
         report = run_sweep(sweep, out, executor, events, fail_fast=fail_fast,
-                           retry_failed=retry_failed)
+                           retry_failed=retry_failed, log=logs)
 
     def say(text: str) -> None:  # one line each, unwrapped: a resume command must paste whole
         stderr.print(text, highlight=False, soft_wrap=True)

@@ -119,6 +119,11 @@ def run_id(cfg: RunConfig) -> str:
 TUNABLE = {"lr": "base_lr", "weight_decay": "weight_decay", "momentum": "momentum",
            "warmup_epochs": "warmup_epochs"}
 
+# The SweepConfig fields a results folder's sweep may grow along (its grid); "tune" and
+# "tune_seeds" are the tuned grids. Any other difference makes another experiment, which a
+# folder never mixes in (sweep/plan.py extend_sweep).
+GRID_AXES = ("specs", "batch_sizes", "seeds", "tune", "tune_seeds")
+
 
 @dataclass(frozen=True)
 class SweepConfig:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import DEFAULT_BATCH_SIZES, RunConfig, SweepConfig
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 
 DEFAULT_NORMS = "bn,bn-accum,gn,bkn"
 DEFAULT_SEEDS = (0,)  # one seed: a quick look; `make run` uses 0,1,2 for intervals
@@ -36,6 +36,7 @@ class RunRequest:
     tune: tuple[str, ...] = ()  # --tune KEY=GRID, one per key
     tune_seeds: str | None = None  # comma-separated seeds of the tuning trials
     workloads: str | None = None  # comma-separated workload names (presets.WORKLOADS)
+    name: str | None = None  # the output folder results/<name> (instead of a timestamp)
 
 
 DEFAULT_DEVICE = "auto"  # cuda when present, else mps, else cpu
@@ -62,8 +63,53 @@ def int_list(text: str, what: str) -> tuple[int, ...]:
     return tuple(values)
 
 
-def default_out() -> Path:
-    return Path("results") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+def default_out(name: str | None = None) -> Path:
+    """results/<name>, or results/<timestamp> without one."""
+    if name is None:
+        return Path("results") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    if not name.strip() or name in (".", "..") or "/" in name or "\\" in name:
+        raise ConfigError(f"--name {name!r}: a folder name (no slash), e.g. --name bn-vs-gn")
+    return Path("results") / name
+
+
+def read_study(path: Path) -> dict:
+    """A --config file: TOML, `key = value` per `run` option (a [run] table also works)."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+
+    try:
+        with open(path, "rb") as f:
+            study = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read --config {path}: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"--config {path} is not TOML: {e}") from None
+    if set(study) == {"run"} and isinstance(study["run"], dict):
+        study = study["run"]
+    nested = [k for k, v in study.items() if isinstance(v, dict)]
+    if nested:
+        raise ConfigError(f"--config {path}: [{nested[0]}] is not a table of `run`; give "
+                          "options as key = value, or under [run]")
+    return study
+
+
+def study_options(path: Path, options: dict[str, bool]) -> dict:
+    """A --config file's values by option name (`options`: name -> whether it is a list
+    option, which takes several values): lists joined by commas, as the flags give them."""
+    defaults = {}
+    shown = sorted(o.replace("_", "-") for o in options)
+    for key, value in read_study(path).items():
+        name = key.replace("-", "_")
+        if name not in options:
+            raise ConfigError(f"{path}: unknown option {key!r}{did_you_mean(key, shown)}; "
+                              f"options: {', '.join(shown)}")
+        if value == []:  # an empty list: the option's default
+            continue
+        text = ",".join(map(str, value)) if isinstance(value, list) else value
+        defaults[name] = [str(text)] if options[name] else text
+    return defaults
 
 
 def build_study(req: RunRequest) -> list[tuple[SweepConfig, Path]]:
@@ -93,13 +139,13 @@ def build_study(req: RunRequest) -> list[tuple[SweepConfig, Path]]:
     if fixed:
         raise ConfigError(f"--workloads sets the dataset and model; {', '.join(fixed)} "
                           "would change them")
-    out = Path(req.out) if req.out is not None else default_out()
+    out = Path(req.out) if req.out is not None else default_out(req.name)
     study = []
     for w in workloads:
         grid = () if req.tune or "base_lr" in req.run else (
             "lr=" + ",".join(f"{v:g}" for v in w.lr_grid),)
         study.append(build_sweep(dataclasses.replace(
-            req, workloads=None, out=out / w.name, run={**w.run, **req.run},
+            req, workloads=None, out=out / w.name, name=None, run={**w.run, **req.run},
             tune=req.tune or grid)))
     return study
 
@@ -112,6 +158,10 @@ def build_sweep(req: RunRequest) -> tuple[SweepConfig, Path]:
     from .sweep.plan import sweep_from_dict
     from .sweep.store import Store
 
+    if req.name is not None and (req.out is not None or req.resume is not None):
+        raise ConfigError("--name names a new folder under results/; give it, or --out / "
+                          "--resume, not both")
+        default_out(req.name)  # a bad name fails before any work
     if req.resume is not None:
         if req.out is not None and Path(req.out) != Path(req.resume):
             raise ConfigError("give either --resume DIR or --out DIR, not two different folders")
@@ -176,7 +226,7 @@ def build_sweep(req: RunRequest) -> tuple[SweepConfig, Path]:
                         plugins=tuple((p.label, p.provides) for p in used),
                         tune=tune, tune_seeds=tune_seeds)
     validate(sweep, req.remote_gpus)
-    out = Path(req.out) if req.out is not None else default_out()
+    out = Path(req.out) if req.out is not None else default_out(req.name)
     check_same_plugins(sweep, out)
     return sweep, out
 
@@ -216,7 +266,6 @@ def load_plugins(given: tuple[str, ...], sweep: SweepConfig | None = None) -> li
             raise ConfigError(f"cannot resume: {e}; restore it, or start a new sweep with "
                               "--out") from None
     return load_all(given)
-
 
 
 # What each tuned key's values must be (the checks of their flags in validate).

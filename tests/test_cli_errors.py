@@ -137,6 +137,16 @@ def results_dir(tmp_path_factory):
     (["--norms", "gn", "--workloads", ","], ["--workloads: no workload given"]),
     (["--norms", "gn", "--workloads", "digits-cnn"], ["--workloads sets the dataset and model",
                                                       "--dataset"]),
+    (["--norms", "gm"], ["unknown normalizer 'gm' (did you mean 'gn'?)"]),
+    (["--norms", "BN"], ["unknown normalizer 'BN' (did you mean 'bn'?)"]),
+    (["--norms", "bkn:pp=0.5"], ["unknown option 'pp' for bkn (did you mean 'p'?)"]),
+    (["--norms", "gn", "--dataset", "mnist"], ["unknown dataset 'mnist' (did you mean 'mnist1d'?)"]),
+    (["--norms", "gn", "--model", "resnet21"], ["unknown model 'resnet21' (did you mean 'resnet20'?)"]),
+    (["--norms", "gn", "--norms", "gn"], ["--norms names the same spec twice"]),
+    (["--norms", "gn", "--seeds", "0", "--seeds", "0"], ["--seeds", "repeats a value"]),
+    (["--norms", "gn", "--name", "x"], ["--name", "not both"]),
+    (["--norms", "gn", "--log", "mlflo"], ["--log 'mlflo' (did you mean 'mlflow'?)", "known: mlflow"]),
+    (["--norms", "gn", "--log", "mlflow", "--log", "mlflow"], ["--log", "repeats"]),
 ])
 def test_bad_run_input(tmp_path, args, words):
     out = tmp_path / "out"
@@ -386,3 +396,48 @@ def test_plot_truncated_stats(tmp_path, results_dir):
     (tmp_path / "stats.csv").write_text("run_id,epoch,layer,layer_name,metric,value\n"
                                         f"{run_id},1,0,1,mean_err_used,0.5\n{run_id},1,0")
     assert_one_line_error(runner.invoke(app, ["plot", str(tmp_path)]), "stats.csv")
+
+
+@pytest.mark.parametrize("text, words", [
+    ("epoch = 3\n", ["unknown option 'epoch' (did you mean 'epochs'?)", "options: "]),
+    ("epochs = 'many'\n", ["epochs = 'many'", "integer"]),
+    ("epochs = \n", ["is not TOML"]),
+    ("[sweep]\nepochs = 3\n", ["[sweep] is not a table of `run`"]),
+    (None, ["cannot read --config", "No such file"]),
+])
+def test_bad_config_file(tmp_path, text, words):
+    study = tmp_path / "study.toml"
+    if text is not None:
+        study.write_text(text)
+    result = runner.invoke(app, RUN + ["--config", str(study), "--out", str(tmp_path / "out")])
+    assert_one_line_error(result, *words)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", " "])
+def test_bad_name(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, RUN + ["--norms", "gn", "--name", name])
+    assert_one_line_error(result, "--name", "a folder name")
+    assert not (tmp_path / "results").exists()
+
+
+def test_log_mlflow_without_mlflow(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "mlflow" else real(name, *a))
+    result = runner.invoke(app, RUN + ["--norms", "gn", "--log", "mlflow",
+                                       "--out", str(tmp_path / "out")])
+    assert_one_line_error(result, "--log mlflow needs mlflow", "pip install")
+    assert not (tmp_path / "out" / "runs.csv").exists()
+
+
+def test_another_sweep_in_the_folder(results_dir):
+    before = (results_dir / "runs.csv").read_bytes()
+    result = runner.invoke(app, RUN + ["--norms", "gn", "--batch-sizes", "16", "--epochs", "2",
+                                       "--out", str(results_dir)])
+    assert_one_line_error(result, "holds another sweep", "--epochs 1 there, 2 here",
+                          f"--resume {results_dir}")
+    assert (results_dir / "runs.csv").read_bytes() == before

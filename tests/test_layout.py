@@ -36,7 +36,7 @@ ALLOWED = {
     "commands": {"config", "request", "norms", "kernels", "sweep", "report", "render",
                  "plugins"},
     "plugins": {"norms", "models", "data"},
-    "cli": {"config", "presets", "request", "commands", "norms", "data"},
+    "cli": {"bknbench", "config", "presets", "request", "commands", "norms", "data"},
     "__main__": {"cli"},
     "errors": set(),
     "bknbench": set(),

@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -91,8 +91,8 @@ def load_dataset(name: str, data_dir: str | None = None,
     elif name in DATASETS:
         data = DATASETS[name](data_dir)
     else:
-        raise ConfigError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}, "
-                          "or npz:PATH")
+        raise ConfigError(f"unknown dataset {name!r}{did_you_mean(name, DATASETS)}; known: "
+                          f"{', '.join(sorted(DATASETS))}, or npz:PATH")
     if data.x_val is not None or val_fraction == 0:
         return data
     return split_validation(data, val_fraction)

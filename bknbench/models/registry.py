@@ -11,7 +11,7 @@ from typing import Callable
 
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, did_you_mean
 from ..norms import NormSpec, Option
 from .chain import check_chain
 
@@ -38,7 +38,8 @@ def parse_model(text: str) -> tuple[str, dict]:
     name, _, rest = text.strip().partition(":")
     name = name.strip()
     if name not in MODELS:
-        raise ConfigError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
+        raise ConfigError(f"unknown model {name!r}{did_you_mean(name, MODELS)}; known: "
+                          f"{', '.join(sorted(MODELS))}")
     declared = MODEL_OPTIONS[name]
     options = {k: o.default for k, o in declared.items()}
     for item in filter(None, (i.strip() for i in rest.split(","))):

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, did_you_mean
 
 
 # ---------------------------------------------------------------- the registry
@@ -160,7 +160,7 @@ def parse_spec(text: str) -> NormSpec:
     name, _, rest = text.partition(":")
     name = name.strip()
     if name not in REGISTRY:
-        raise ConfigError(f"unknown normalizer {name!r}; known: {', '.join(sorted(REGISTRY))}")
+        raise ConfigError(f"unknown normalizer {name!r}{did_you_mean(name, REGISTRY)}; known: {', '.join(sorted(REGISTRY))}")
     entry = REGISTRY[name]
     options = {k: o.default for k, o in entry.options.items()}
     given = []
@@ -172,7 +172,8 @@ def parse_spec(text: str) -> NormSpec:
             raise ConfigError(f"bad option {item!r} in {text!r}: expected key=value")
         if key not in entry.options:
             known = ", ".join(sorted(entry.options)) or "none"
-            raise ConfigError(f"unknown option {key!r} for {name}; options: {known}")
+            raise ConfigError(f"unknown option {key!r} for {name}"
+                              f"{did_you_mean(key, entry.options)}; options: {known}")
         if key in given:
             raise ConfigError(f"option {key!r} given twice in {text!r}")
         options[key] = entry.options[key].parse(key, value)

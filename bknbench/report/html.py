@@ -34,6 +34,13 @@ MAIN_FIGURES = {
     "convergence": "Validation error at each evaluation against training samples seen, a "
                    "panel per micro-batch size: mean over seeds, band: best to worst seed.",
 }
+EXTRA_FIGURES = {
+    "stats_error": "Per layer (columns), how far the statistics of the batch-dependent norms "
+                   "are from the population's, against micro-batch size: mean error (top "
+                   "row) and log-variance error (bottom); solid: the statistics training "
+                   "normalizes with, dashed: the running statistics evaluation uses; last "
+                   "epoch, mean over seeds (runs made with --diagnose).",
+}
 
 
 def find_sweeps(paths: list[Path]) -> list[Path]:
@@ -160,7 +167,8 @@ def _sweep_section(i: int, folder: Path, results: Results) -> str:
     summary = summarize(runs)
     figures, why = _figures(results)
     main = [_figure_html(n, figures[n], c) for n, c in MAIN_FIGURES.items() if n in figures]
-    extra = [_figure_html(n, d, escape(n.replace("_", " "))) for n, d in figures.items()
+    extra = [_figure_html(n, d, EXTRA_FIGURES.get(n, escape(n.replace("_", " "))))
+             for n, d in figures.items()
              if n not in MAIN_FIGURES and not n.startswith("sensitivity_")]
     failed = failed_runs(runs)
     fail_rows = [f"<tr>{''.join(_cell(v) for v in row)}</tr>"

@@ -57,13 +57,51 @@ def _dashes(colors: dict[str, str]) -> dict[str, str]:
 
 def _error_scale(axes, errors: list[float]) -> str:
     """Log error axes when the plotted mean errors (%) span a factor of 10 or more and are
-    all positive; returns the label suffix."""
+    all positive; returns the label suffix. Either way every tick is labelled as a plain
+    number (3, 4, 5, not 10^0.5 or 6x10^1), so a value can be read off between decades."""
     errors = [e for e in errors if pd.notna(e)]
-    if not errors or min(errors) <= 0 or max(errors) / min(errors) < 10:
-        return ""
+    log = bool(errors) and min(errors) > 0 and max(errors) / min(errors) >= 10
     for ax in axes:
-        ax.set_yscale("log")
-    return ", log scale"
+        if log:
+            ax.set_yscale("log")
+        _plain_ticks(ax.yaxis, log)
+    return ", log scale" if log else ""
+
+
+def _plain_ticks(axis, log: bool) -> None:
+    """Ticks labelled as plain numbers: on a log axis 1, 2, 3, 5 of each decade (minor
+    ticks between them unlabelled), on a linear one matplotlib's, without offset or
+    scientific notation."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, ScalarFormatter
+
+    if log:
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0), numticks=15))
+        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.set_minor_locator(LogLocator(base=10, subs=tuple(range(1, 10)), numticks=15))
+        axis.set_minor_formatter(NullFormatter())
+    else:
+        plain = ScalarFormatter(useOffset=False)
+        plain.set_scientific(False)
+        axis.set_major_formatter(plain)
+
+
+def _gaps(tested: list[int], sizes: list[int]) -> list[tuple[int, int]]:
+    """Neighbouring sizes of a line with a tested size of the sweep between them, where
+    this line has no result: (left, right) pairs."""
+    return [(a, b) for a, b in zip(sizes, sizes[1:]) if any(a < t < b for t in tested)]
+
+
+def _untested(tested: list[int]) -> list[int]:
+    """Powers of two between the smallest and largest tested size that were not tested
+    (a line crosses them straight)."""
+    if not tested:
+        return []
+    powers, p = [], 1
+    while p < max(tested):
+        if p > min(tested) and p not in tested:
+            powers.append(p)
+        p *= 2
+    return powers
 
 
 def _groups(runs: pd.DataFrame) -> list[tuple[tuple[str, str], pd.DataFrame]]:
@@ -81,21 +119,26 @@ def _error_vs_batch_figure(runs: pd.DataFrame, colors: dict[str, str]) -> "Figur
     dashes = _dashes(colors)
     fig = Figure(figsize=(6.4 * len(groups), 4.6), layout="constrained")
     axes = fig.subplots(1, len(groups), squeeze=False)[0]
-    errors = []
+    errors, few, gapped, untested = [], set(), False, set()
     for ax, ((dataset, model), part) in zip(axes, groups):
         summary = summarize(part)
+        batches = sorted(set(part["norm_batch"]))  # failed-only sizes keep their tick
+        untested.update(_untested(batches))
         for spec in colors:
             line = summary[(summary["spec"] == spec) & (summary["n"] > 0)]
             if line.empty:
                 continue
             x = line["norm_batch"].to_numpy()
             errors += list(100 - line["mean"])
+            few.update(int(n) for n in line["n"] if 1 < n < 3)
             ax.plot(x, 100 - line["mean"], marker="o", color=colors[spec], label=spec,
                     linestyle=dashes[spec])
+            for a, b in _gaps(batches, list(x)):  # a size tested, but not ok for this spec
+                gapped = True
+                ax.axvspan(a, b, color=colors[spec], alpha=0.06, linewidth=0)
             # NaN bounds (n = 1) leave a gap in the band rather than a fake zero-width one.
             ax.fill_between(x, 100 - line["ci_high"], 100 - line["ci_low"],
                             color=colors[spec], alpha=0.2, linewidth=0)
-        batches = sorted(set(part["norm_batch"]))  # failed-only sizes keep their tick
         ax.set_xscale("log", base=2)
         ax.set_xticks(batches, labels=[str(b) for b in batches])
         ax.xaxis.set_minor_locator(NullLocator())
@@ -109,9 +152,18 @@ def _error_vs_batch_figure(runs: pd.DataFrame, colors: dict[str, str]) -> "Figur
         ax.set_ylabel(f"test error after training (%{scale})")
     n_failed = int((runs["status"] != "ok").sum())
     excluded = f"; {n_failed} failed run(s) excluded" if n_failed else ""
-    fig.suptitle(f"Test error vs micro-batch size\n"
-                 f"mean over seeds; band: 95% CI, Student-t on the logit scale{excluded}",
-                 fontsize="medium")
+    notes = []
+    if few:
+        notes.append(f"bands from {'/'.join(map(str, sorted(few)))} seeds: too few for a "
+                     "95% CI to mean much (3 or more)")
+    if untested:
+        notes.append(f"markers: tested sizes; lines join them straight across the untested "
+                     f"{', '.join(map(str, sorted(untested)))}")
+    if gapped:
+        notes.append("shaded: a size where that spec has no successful run, bridged")
+    fig.suptitle("Test error vs micro-batch size\n"
+                 f"mean over seeds; band: 95% CI, Student-t on the logit scale{excluded}"
+                 + "".join(f"\n{n}" for n in notes), fontsize="medium")
     return fig
 
 
@@ -181,8 +233,10 @@ def _convergence_figure(runs: pd.DataFrame, metrics: pd.DataFrame,
     order = [s for s in colors if s in handles]  # the same order as the other figure
     fig.legend([handles[s] for s in order], order, title="spec", loc="outside right upper")
     seeds = "/".join(map(str, sorted(n_seeds)))
-    fig.suptitle(f"{split.capitalize()} error during training\nmean over {seeds} seed(s); "
-                 "band: best to worst seed", fontsize="medium")
+    band = ("band: best to worst seed" if max(n_seeds) > 1
+            else "one seed: no band")
+    fig.suptitle(f"{split.capitalize()} error during training\nmean over {seeds} seed(s); {band}",
+                 fontsize="medium")
     return fig
 
 

@@ -139,6 +139,31 @@ def run_command(folder: Path, runs: pd.DataFrame) -> str:
 AXES = ("specs", "batch_sizes", "seeds")
 
 
+def run_toml(sweep: dict, folder: Path) -> str:
+    """The sweep (sweep.json's fields) as a `bknbench run --config` file: every run option
+    resolved, so `bknbench run --config FILE` makes the same runs (the latest grid of a grown
+    sweep; its sweep.json lists every grid)."""
+    items = [("norms", list(sweep["specs"])), ("batch-sizes", list(sweep["batch_sizes"])),
+             ("seeds", list(sweep["seeds"])), ("accumulate-to", sweep.get("accumulate_to"))]
+    items += [(flag_name(k)[2:], v) for k, v in sweep.get("base", {}).items()
+              if k not in PER_RUN and k not in NO_FLAG]
+    items.append(("out", str(folder)))
+    lines = ["# bknbench run --config this file: the resolved configuration of this folder's",
+             "# sweep (flags given with it override a key)"]
+    lines += [f"{key} = {_toml(value)}" for key, value in items if value not in (None, [])]
+    return "\n".join(lines) + "\n"
+
+
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(_toml, value)) + "]"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a TOML basic string: JSON's escapes are TOML's
+
+
 def merged_grids(grids: list[dict]) -> list[dict]:
     """The grids of a sweep's history, fewest commands first: a grid inside another is
     dropped, two grids equal but on one axis become one with that axis joined."""

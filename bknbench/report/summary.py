@@ -44,7 +44,7 @@ from ..errors import ConfigError
 SUMMARY_FORMATS = ("csv", "json", "markdown")
 CI_METHOD = "logit-t"
 N_UNKNOWN = 1000  # held-out samples assumed for the half-sample correction when not recorded
-COLUMNS = ["dataset", "model", "spec", "norm_batch", "sgd_batch", "n", "mean", "std",
+COLUMNS = ["dataset", "model", "spec", "norm_batch", "sgd_batch", "lr", "n", "mean", "std",
            "ci_low", "ci_high", "ci_method", "samples", "failed", "failed_statuses",
            "is_ref", "ref_diff", "ref_diff_low", "ref_diff_high", "ref_diff_method",
            "ref_diff_n", "ref_diff_excludes_0", "best_mean"]
@@ -142,6 +142,7 @@ def _cells(part: pd.DataFrame, metric: str = "final_test_acc") -> list[dict]:
                                                 None if math.isnan(n_test) else n_test)
             cells.append(dict(
                 spec=spec, norm_batch=int(nb), sgd_batch=int(cell["sgd_batch"].iloc[0]),
+                lr=float(cell["lr"].iloc[0]) if "lr" in cell else math.nan,  # peak, scaled
                 n=len(ok), mean=mean, std=std, ci_low=low, ci_high=high,
                 ci_method=CI_METHOD if len(ok) > 1 else "", samples=n_test,
                 failed=len(bad), failed_statuses=_status_counts(bad["status"]),

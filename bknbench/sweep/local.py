@@ -20,6 +20,7 @@ alone; a run that breaks the pool when alone is recorded as failed.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import multiprocessing as mp
 import os
 import signal
@@ -28,8 +29,12 @@ import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.managers import SyncManager
+from queue import Empty
 
 from .run import execute_run, failed_record
+
+WAIT_S = 0.5  # how often the driver passes on the epochs workers sent, at most
 
 
 def cpu_cores() -> int:
@@ -79,8 +84,13 @@ def _sigint_blocked():
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
-def _init_worker(threads: int, gpus) -> None:
+_EPOCHS = None  # in a worker: the driver's queue of (run id, epoch row), when it wants them
+
+
+def _init_worker(threads: int, gpus, epochs=None) -> None:
+    global _EPOCHS
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # first: importing torch takes seconds
+    _EPOCHS = epochs
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     if gpus is not None:  # before torch sees CUDA: this worker's GPU becomes its cuda:0
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus.get()
@@ -88,6 +98,35 @@ def _init_worker(threads: int, gpus) -> None:
 
     torch.set_num_threads(threads)
     torch.set_num_interop_threads(1)
+
+
+def _run(fn, cfg, run_dir):
+    """In a worker: fn(cfg, run_dir), its epochs sent to the driver when it wants them and
+    fn takes on_epoch. Progress is best effort: a lost message never fails a run."""
+    queue = _EPOCHS
+    if queue is None or "on_epoch" not in inspect.signature(fn).parameters:
+        return fn(cfg, run_dir)
+
+    def on_epoch(row: dict) -> None:
+        try:
+            queue.put((cfg.run_id, row))
+        except Exception:  # the driver is gone or stopping: nobody is watching
+            pass
+
+    return fn(cfg, run_dir, on_epoch=on_epoch)
+
+
+def _drain(queue, running: dict, events) -> None:
+    """Hand the epoch rows the workers sent to events.on_epoch (runs still running)."""
+    while queue is not None:
+        try:
+            run_id, row = queue.get_nowait()
+        except Empty:
+            return
+        except (OSError, EOFError):  # the manager is gone
+            return
+        if run_id in running:
+            events.on_epoch(running[run_id], row)
 
 
 class ProcessExecutor:
@@ -102,7 +141,7 @@ class ProcessExecutor:
         self.fn = fn
         self.device = device
 
-    def _pool(self, workers: int) -> ProcessPoolExecutor:
+    def _pool(self, workers: int, epochs=None) -> ProcessPoolExecutor:
         ctx = mp.get_context("spawn")
         slots = gpu_slots(workers) if self.device == "cuda" else []
         gpus = ctx.Queue() if slots else None
@@ -110,11 +149,17 @@ class ProcessExecutor:
             gpus.put(slot)
         threads = self.threads or max(1, cpu_cores() // workers)
         return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                   initargs=(threads, gpus))
+                                   initargs=(threads, gpus, epochs))
 
     def map(self, tasks, store, events):
         workers = max(1, min(self.workers, len(tasks)))
-        pool = self._pool(workers)
+        manager = epochs = None
+        if events.on_epoch is not None:  # epoch rows come back through a manager's queue
+            manager = SyncManager(ctx=mp.get_context("spawn"))
+            with _sigint_blocked():  # Ctrl-C is the driver's to handle, never the manager's
+                manager.start()
+            epochs = manager.Queue()
+        pool = self._pool(workers, epochs)
         pending = {}  # future -> cfg
         queue = deque(tasks)
         suspects = set()  # run ids in flight when a worker died: rerun alone
@@ -132,8 +177,11 @@ class ProcessExecutor:
                     cfg = queue.popleft()
                     events.on_start(cfg)
                     with _sigint_blocked():  # submit spawns the workers
-                        pending[pool.submit(self.fn, cfg, str(store.run_dir(cfg.run_id)))] = cfg
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                        pending[pool.submit(_run, self.fn, cfg,
+                                            str(store.run_dir(cfg.run_id)))] = cfg
+                done, _ = wait(pending, timeout=WAIT_S if epochs else None,
+                               return_when=FIRST_COMPLETED)
+                _drain(epochs, {c.run_id: c for c in pending.values()}, events)
                 broken = []
                 for fut in done:
                     cfg = pending.pop(fut)
@@ -156,7 +204,7 @@ class ProcessExecutor:
                         broken.append(cfg)
                 pending.clear()
                 pool.shutdown(wait=False, cancel_futures=True)
-                pool = self._pool(workers)
+                pool = self._pool(workers, epochs)
                 for cfg in reversed(broken):
                     if cfg.run_id in suspects:  # it ran alone: it is the one that died
                         yield cfg, failed_record(cfg, "its worker process died (killed, "
@@ -173,3 +221,5 @@ class ProcessExecutor:
             # closing its pipe while Python 3.11's exit handler writes to it, which prints
             # "OSError: [Errno 9] Bad file descriptor" after a clean exit
             pool.shutdown(wait=True, cancel_futures=True)
+            if manager is not None:
+                manager.shutdown()

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
-from ..config import RunConfig, SweepConfig
+from ..config import GRID_AXES, RunConfig, SweepConfig
 from ..errors import ConfigError
 from ..plugins import SHA
 from .run import execute_run
@@ -65,6 +65,7 @@ class SweepEvents:
     on_start: Callable[[RunConfig], None] = lambda cfg: None
     on_epoch: Callable[[RunConfig, dict], None] | None = None
     on_finish: Callable[[RunConfig, dict], None] = lambda cfg, row: None
+    on_todo: Callable[[list[RunConfig]], None] = lambda todo: None  # the runs to do, planned
 
 
 def sweep_to_dict(sweep: SweepConfig) -> dict:
@@ -106,10 +107,6 @@ def plan(sweep: SweepConfig | list[RunConfig], store: Store, retry_failed: bool 
 
 
 # ---------------------------------------------------------------- one sweep per folder
-# The SweepConfig fields a folder's sweep may grow along (the grid's axes; "tune" and
-# "tune_seeds" are the tuned grids where a SweepConfig has them). Any other difference
-# makes another experiment, which a folder never mixes in.
-GRID_AXES = ("specs", "batch_sizes", "seeds", "tune", "tune_seeds")
 
 
 def _settings(d: dict) -> dict:
@@ -184,12 +181,12 @@ def ctrl_c_deferred():
 
 def run_sweep(sweep: SweepConfig, out: Path, executor: Executor | None = None,
               events: SweepEvents | None = None, fail_fast: bool = False,
-              retry_failed: bool = False) -> SweepReport:
-    """Run every unfinished run of the sweep in `out`, committing each as it finishes.
-    A tuned sweep first runs its trials in `out`/trials, writes `out`/tuning.csv and then
-    the runs at the chosen points in `out` (a tuning seed's trial at its cell's chosen point
-    is copied, not trained again). KeyboardInterrupt is caught: finished runs are kept and
-    the report says so."""
+              retry_failed: bool = False, log: tuple[str, ...] = ()) -> SweepReport:
+    """Run every unfinished run of the sweep in `out`, committing each as it finishes (and
+    handing its record to each logger of `log`, sweep/logs.py). A tuned sweep first runs
+    its trials in `out`/trials, writes `out`/tuning.csv and then the runs at the chosen
+    points in `out` (a tuning seed's trial at its cell's chosen point is copied, not trained
+    again). KeyboardInterrupt is caught: finished runs are kept and the report says so."""
     events = events or SweepEvents()
     executor = executor or SerialExecutor()
     store = Store(out)
@@ -197,6 +194,15 @@ def run_sweep(sweep: SweepConfig, out: Path, executor: Executor | None = None,
         store.prepare()
         saved = extend_sweep(store.saved_sweep(), sweep, out)
         store.save_sweep(saved)  # before a Ctrl-C may say "resume"
+        from ..report.reproduce import run_toml
+
+        store.save_config(run_toml(saved, out))
+        if log:
+            from .logs import open_logs
+
+            loggers = open_logs(log, out, saved)
+        else:
+            loggers = []
     except BaseException:
         store.close()
         raise
@@ -211,9 +217,11 @@ def run_sweep(sweep: SweepConfig, out: Path, executor: Executor | None = None,
                     return report
             runs.update((cfg.run_id, cfg) for cfg in grid.expand(chosen))
         _execute(list(runs.values()), store, executor, events, report, fail_fast,
-                 retry_failed)
+                 retry_failed, loggers)
     finally:
         store.close()
+        for logger in loggers:
+            logger.close(report.interrupted)
     return report
 
 
@@ -243,8 +251,10 @@ def _tune(sweep, store: Store, executor, events, report, fail_fast, retry_failed
 
 
 def _execute(runs: list[RunConfig], store: Store, executor: Executor, events: SweepEvents,
-             report: SweepReport, fail_fast: bool, retry_failed: bool) -> None:
-    """Run the runs not finished in `store`, committing each; adds to `report`."""
+             report: SweepReport, fail_fast: bool, retry_failed: bool,
+             loggers: list = ()) -> None:
+    """Run the runs not finished in `store`, committing each (and logging it to
+    `loggers`); adds to `report`."""
     results = None
     try:
         runs, todo = plan(runs, store, retry_failed)
@@ -255,6 +265,7 @@ def _execute(runs: list[RunConfig], store: Store, executor: Executor, events: Sw
                                   if done.get(cfg.run_id, "ok") != "ok"
                                   and cfg.run_id not in redo]
         events.on_plan(len(runs), len(todo))
+        events.on_todo(todo)
         if not todo:
             return
         results = executor.map(todo, store, events)
@@ -262,6 +273,8 @@ def _execute(runs: list[RunConfig], store: Store, executor: Executor, events: Sw
             with ctrl_c_deferred():
                 store.commit(record)
                 report.finished.append(record["row"])
+            for logger in loggers:
+                logger.log(record)
             events.on_finish(cfg, record["row"])
             if fail_fast and record["row"]["status"] != "ok":
                 report.stopped_early = True

@@ -37,15 +37,36 @@ def import_ray():
     return ray
 
 
-def bknbench_run(cfg, run_dir: str | None, threads: int) -> dict:
+def bknbench_run(cfg, run_dir: str | None, threads: int, epochs=None) -> dict:
     """The Ray task (its worker shows as `ray::bknbench_run`): one run, with as many
-    torch threads as CPUs it reserved."""
+    torch threads as CPUs it reserved; each epoch's row put on `epochs` (a Ray queue the
+    driver reads), when given. Progress is best effort: a lost row never fails a run."""
     import torch
 
     torch.set_num_threads(threads)
     if run_dir is not None and not Path(run_dir).parent.is_dir():
         run_dir = None  # the output folder is not on this node: run without checkpoints
-    return execute_run(cfg, run_dir)
+
+    def on_epoch(row: dict) -> None:
+        try:
+            epochs.put_nowait((cfg.run_id, row))
+        except Exception:  # the queue is full or gone: nobody is watching
+            pass
+
+    return execute_run(cfg, run_dir, on_epoch if epochs is not None else None)
+
+
+def _drain(epochs, running: dict, events) -> None:
+    """Hand the epoch rows the tasks sent to events.on_epoch (runs still running)."""
+    from ray.util.queue import Empty
+
+    while epochs is not None:
+        try:
+            run_id, row = epochs.get_nowait()
+        except Empty:
+            return
+        if run_id in running:
+            events.on_epoch(running[run_id], row)
 
 
 class RayExecutor:
@@ -101,7 +122,12 @@ class RayExecutor:
             num_cpus=self.cpus_per_run, num_gpus=self.gpus_per_run,
             max_retries=self.retries, retry_exceptions=False)  # run errors are records
         queue, pending = list(tasks), {}
+        epochs = None
         try:
+            if events.on_epoch is not None:  # an actor holding the tasks' epoch rows
+                from ray.util.queue import Queue
+
+                epochs = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
             room = self.capacity(ray)
             if room < 1:
                 total = ray.cluster_resources()
@@ -113,9 +139,11 @@ class RayExecutor:
                 while queue and len(pending) < room:
                     cfg = queue.pop(0)
                     events.on_start(cfg)
-                    ref = task.remote(cfg, str(store.run_dir(cfg.run_id)), self.cpus_per_run)
+                    ref = task.remote(cfg, str(store.run_dir(cfg.run_id)), self.cpus_per_run,
+                                      epochs)
                     pending[ref] = cfg
                 done, _ = ray.wait(list(pending), num_returns=1, timeout=WAIT_S)
+                _drain(epochs, {c.run_id: c for c in pending.values()}, events)
                 for ref in done:
                     cfg = pending.pop(ref)
                     yield cfg, self._record(ray, ref, cfg)
@@ -123,6 +151,8 @@ class RayExecutor:
         finally:
             for ref in pending:  # Ctrl-C, --fail-fast or an error: stop what still runs
                 ray.cancel(ref, force=True)
+            if epochs is not None:
+                epochs.shutdown()
             if connected_here:
                 ray.shutdown()
 

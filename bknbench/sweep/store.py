@@ -234,6 +234,10 @@ class Store:
     def save_sweep(self, sweep: dict) -> None:
         atomic_write(self.root / "sweep.json", json.dumps(sweep, indent=1))
 
+    def save_config(self, toml: str) -> None:
+        """config.toml: the sweep as a `bknbench run --config` file."""
+        atomic_write(self.root / "config.toml", toml)
+
     def saved_sweep(self) -> dict | None:
         """sweep.json, or None in a folder without one."""
         if not (self.root / "sweep.json").exists():

@@ -210,3 +210,32 @@ def test_several_datasets_get_a_panel_each(results_dir, tmp_path, drawn_colours)
         "mnist1d / cnn, micro-batch 32", "cifar10 / cnn, micro-batch 1"]
     for p in plot_results(res, tmp_path / "figs"):
         assert set(colors.values()) <= drawn_colours(p), p.name
+
+
+
+def test_error_ticks_read_as_numbers_and_the_title_says_what_is_missing(results_dir):
+    """Log axes labelled between decades as plain numbers; the title names the untested
+    powers of two a line crosses (16: the fixture runs 8 then 32), a size where a spec has
+    no successful run is shaded (bn at 1 failed: not bridged, it is the line's end), and
+    bands of 2 seeds are flagged."""
+    runs = load_results(results_dir).runs
+    colors = spec_colors(runs["spec"])
+    collapsed = runs.copy()
+    collapsed.loc[collapsed["spec"] == "bkn:p=0.5", "final_val_acc"] = 20.0  # 80% error
+    collapsed.loc[collapsed["spec"] == "gn:groups=8", "final_val_acc"] = 99.0  # 1% error
+    fig = _error_vs_batch_figure(collapsed, colors)
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+    assert {"1", "2", "3", "5", "10", "20", "30", "50"} <= set(labels), labels
+    assert not any("10^" in t or "\\times" in t or "{" in t for t in labels), labels
+    title = fig.get_suptitle()
+    assert "untested 16" in title and "bands from 2 seeds" in title
+    assert "no successful run" not in title  # no spec misses an inner size
+    gappy = runs[~((runs["spec"] == "gn:groups=8") & (runs["norm_batch"] == 4))]  # 2 -> 8
+    title = _error_vs_batch_figure(gappy, colors).get_suptitle()
+    assert "no successful run, bridged" in title
+    linear = _error_vs_batch_figure(runs, colors)
+    linear.canvas.draw()
+    labels = [t.get_text() for t in linear.axes[0].get_yticklabels() if t.get_text()]
+    assert all(t.replace(".", "").replace("−", "").isdigit() for t in labels), labels

@@ -11,6 +11,7 @@ The child's tests are the functions named `inner_*`, which only the child collec
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import re
@@ -311,3 +312,27 @@ def inner_retried_run_continues_from_its_checkpoint(ray_local, tmp_path):
     assert len(metrics) == 4
     assert_same(metrics, read_metrics(tmp_path / "ref" / "metrics.csv"))
     assert json.loads(row["config"])["epochs"] == 4
+
+
+def inner_epochs_and_mlflow_from_ray_tasks(ray_local, tmp_path, monkeypatch):
+    """Each task's epochs come back to the driver's events as they happen, and --log
+    mlflow logs every run the tasks trained."""
+    from bknbench.sweep.plan import SweepEvents, run_sweep
+    from bknbench.sweep.ray import RayExecutor
+
+    epochs, finished = [], []
+    events = SweepEvents(on_epoch=lambda cfg, row: epochs.append((cfg.run_id, row["epoch"])),
+                         on_finish=lambda cfg, row: finished.append(cfg.run_id))
+    sweep = SweepConfig(specs=("bn", "gn"), batch_sizes=(16,), seeds=(0,),
+                        base=RunConfig(spec="", dataset="synthetic", epochs=2))
+    log = ("mlflow",) if importlib.util.find_spec("mlflow") else ()
+    report = run_sweep(sweep, tmp_path, RayExecutor(), events, log=log)
+    assert len(report.finished) == 2 and not report.failed
+    assert sorted(epochs) == sorted((i, e) for i in finished for e in (1, 2))
+    if log:
+        import mlflow
+
+        monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+        mlflow.set_tracking_uri((tmp_path / "mlruns").as_uri())
+        runs = mlflow.search_runs(experiment_names=["bknbench"])
+        assert sorted(runs["tags.bknbench.run_id"].dropna()) == sorted(finished)
