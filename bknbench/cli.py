@@ -366,9 +366,8 @@ def check(
         "check (inductor, aot_eager, eager), or none to leave it out.")] = "inductor",
     debug: Debug = False,
 ):
-    """The normalizer contract on the layer SPEC builds: shapes, train/eval, finite outputs
-    and gradients, dtype, state_dict, pickling, eval batch-independence, micro-batch
-    isolation, micro-batch 1, torch.compile. Exit 1 when a check fails."""
+    """The normalizer contract of SPEC's layer (shapes, state, pickling, micro-batch
+    isolation, ...; docs/extending.md) as a table; exit 1 when a check fails."""
     with errors(debug):
         from .commands import check_command
 
