@@ -84,6 +84,7 @@ def check_arrays(where: str, arrays: dict[str, np.ndarray]) -> int:
 def load_npz(path: str, data_dir: str | None = None) -> Dataset:
     arrays = read_npz(path)
     k = check_arrays(f"npz:{path}", arrays)
-    # x_val, y_val are checked here; the Dataset takes them where it has a validation split
+    # the file's own validation split, when it has one (else load_dataset carves one)
     return as_dataset(f"npz:{path}", arrays["x_train"], arrays["y_train"], arrays["x_test"],
-                      arrays["y_test"], k, image=arrays["x_train"].ndim == 4)
+                      arrays["y_test"], k, image=arrays["x_train"].ndim == 4,
+                      x_val=arrays.get("x_val"), y_val=arrays.get("y_val"))

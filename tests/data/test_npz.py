@@ -32,9 +32,22 @@ def saved(tmp_path, data: dict) -> str:
 def test_a_users_file_loads_standardized(tmp_path, shape):
     path = saved(tmp_path, arrays(shape))
     data = load_dataset(f"npz:{path}")
-    assert data.x_train.shape == (64, *shape) and data.num_classes == 3
+    assert data.x_train.shape[1:] == shape and data.num_classes == 3
+    assert len(data.x_train) + len(data.x_val) == 64  # the validation split carved from train
     assert data.image == (len(shape) == 3)
     assert abs(float(data.x_train.mean())) < 1e-5
+    whole = load_dataset(f"npz:{path}", val_fraction=0)
+    assert whole.x_train.shape == (64, *shape) and whole.x_val is None
+
+
+def test_a_users_validation_split_is_kept(tmp_path):
+    """x_val, y_val in the file: the validation split as given, none carved from train."""
+    data = arrays()
+    data["x_val"], data["y_val"] = data["x_test"][:10] + 100.0, data["y_test"][:10]
+    loaded = load_dataset(f"npz:{saved(tmp_path, data)}")
+    assert len(loaded.x_train) == 64 and len(loaded.x_val) == 10
+    assert loaded.y_val.tolist() == data["y_val"].tolist()
+    assert float(loaded.x_val.mean()) > 10  # standardized with train's statistics, not its own
 
 
 def test_a_users_file_trains(tmp_path):
