@@ -39,7 +39,7 @@ def test_flag_over_preset_over_default(cifar_dir):
     for name, value in preset.run.items():  # the preset, over RunConfig's defaults
         if name not in ("epochs", "momentum"):
             assert getattr(base, name) == value, name
-    assert base.model == "resnet32" != DEFAULTS.model and base.base_lr == 0.1 != DEFAULTS.base_lr
+    assert base.model == "resnet32:padding=tf" and base.base_lr == 0.1 != DEFAULTS.base_lr
     assert base.eval_batch == DEFAULTS.eval_batch and base.amp == DEFAULTS.amp  # neither
     assert (sweep.specs, sweep.batch_sizes, sweep.accumulate_to) == (
         preset.specs, preset.batch_sizes, preset.accumulate_to)
@@ -129,7 +129,7 @@ def test_a_driver_without_a_gpu_sends_gpu_runs_to_ray_workers(device):
 
 
 # ---------------------------------------------------------------- every message, in full
-SYN = {"dataset": "synthetic", "device": "cpu"}
+SYN = {"dataset": "synthetic", "device": "cpu", "val_fraction": 0.0}  # all 512 to train
 
 
 @pytest.mark.parametrize("req, message", [
