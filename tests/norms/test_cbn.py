@@ -219,7 +219,8 @@ def test_checkpointed_run_resumes_the_window(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train_run(cfg, data, on_epoch=interrupt, checkpoint=ckpt)
     state = torch.load(ckpt, weights_only=True)["model"]
-    assert int(state["1.micro_batches"]) == 64 and bool(state["1.ring_kept"].all())
+    # one epoch of 461 training samples (synthetic less its validation split) in 8s: 57
+    assert int(state["1.micro_batches"]) == 57 and bool(state["1.ring_kept"].all())
     resumed = train_run(cfg, data, checkpoint=ckpt)
     keys = ("train_loss", "train_acc", "val_loss", "val_acc")
     assert [[r[k] for k in keys] for r in resumed.epochs] == [[r[k] for k in keys]
