@@ -285,3 +285,46 @@ def test_shortcut_pooling_rule_equals_the_exact_border_rule(size):
     torch.testing.assert_close(m, m_x, rtol=1e-14, atol=1e-14)
     torch.testing.assert_close(v, v_x, rtol=1e-14, atol=1e-14)
     assert shape == shape_x == sc(torch.zeros(1, 3, size, size)).shape[2:]
+
+
+# ---------------------------------------------------------------- the authors' padding, flat stream
+def test_tf_same_pads():
+    assert resnet.tf_same_pads((8, 8), (3, 3), (2, 2)) == ((0, 1), (0, 1))
+    assert resnet.tf_same_pads((5,), (3,), (2,)) == ((1, 1),)
+    assert resnet.tf_same_pads((8,), (3,), (1,)) == ((1, 1),)
+
+
+def test_padding_tf_pads_stride_2_after_the_map():
+    torch.manual_seed(0)
+    conv = resnet.conv3x3(4, 8, 2, padding="tf")
+    x = torch.randn(2, 4, 8, 8)
+    want = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (0, 1, 0, 1)), conv.weight,
+                                      stride=2)
+    torch.testing.assert_close(conv(x), want)
+    assert isinstance(resnet.conv3x3(4, 8, 1, padding="tf"), torch.nn.Conv2d)  # same as torch
+    model = make_model("resnet20:padding=tf", parse_spec("bn"), 2, (3, 8, 8), 10)
+    assert sum(isinstance(m, resnet.SamePadConv2d) for m in model.modules()) == 2
+
+
+def test_analytic_transition_sees_the_tf_padding():
+    from bknbench.kernels.reference import conv_moments_by_maps
+    from bknbench.norms.transitions import op_moments
+    torch.manual_seed(0)
+    conv = resnet.conv3x3(3, 5, 2, padding="tf")
+    mean, var = torch.randn(2, 3, dtype=torch.float64), torch.rand(2, 3, dtype=torch.float64)
+    conv = conv.double()
+    got = op_moments(conv, mean, var, (8, 8))
+    want = conv_moments_by_maps(mean, var, (8, 8), conv.weight, None, (2, 2),
+                                ((0, 1), (0, 1)), (1, 1))
+    torch.testing.assert_close(got[:2], want)
+    assert got[2] == (4, 4)
+
+
+def test_flat_stream_padding_moves_channels_across_groups():
+    sc = resnet.Shortcut(2, 4, stride=2)
+    mean = torch.tensor([[1.0, 2.0], [3.0, 4.0]])  # (G=2, C=2)
+    flat = sc.moments(mean, mean, (4, 4), pool_variance=False, flat=True)[0]
+    # the authors: pad the flat [1, 2, 3, 4] by C G / 2 = 2 each side, cut into 2 groups of 4
+    torch.testing.assert_close(flat, torch.tensor([[0.0, 0.0, 1.0, 2.0], [3.0, 4.0, 0.0, 0.0]]))
+    aligned = sc.moments(mean, mean, (4, 4), pool_variance=False)[0]
+    torch.testing.assert_close(aligned, torch.tensor([[0.0, 1.0, 2.0, 0.0], [0.0, 3.0, 4.0, 0.0]]))
