@@ -284,6 +284,19 @@ def test_layer_forward_matches_a_by_hand_computation(spec):
     torch.testing.assert_close(second.running_var, r_var.detach(), rtol=1e-10, atol=1e-10)
 
 
+def test_a_sampled_prediction_is_the_monte_carlo_estimate():
+    """transition=sampled on a path through ReLU and a convolution: the prediction is
+    sampled_moments of the source's posterior through the path's ops, with the same draws."""
+    first, lin, second = _chain("bkn:transition=sampled")
+    second(lin(torch.relu(first(torch.randn(8, 4, 6, dtype=D)))))
+    path = second.prior
+    torch.manual_seed(11)
+    got = path.predict("raw", "sampled", 3)
+    torch.manual_seed(11)
+    want = sampled_moments(first.posterior.mu, first.posterior.var, path.ops, first.in_shape, 3)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("n0, n_values", [(64.0, 2), (64.0, 64), (10.0, 500)])
 def test_adaptive_gain_is_n0_over_n0_plus_n(n0, n_values):
     layer = BatchKalmanNorm(4, 2, gain="adaptive", n0=n0)
