@@ -266,7 +266,7 @@ def test_layer_forward_matches_a_by_hand_computation(spec):
         logit = second.gain_logit.item()  # float32: p is 0.7 to about 1e-7
         assert logit == pytest.approx(math.log(0.3 / 0.7), abs=1e-6)
         p = 1 - 1 / (1 + math.exp(-logit))
-    p_used = float(torch.as_tensor(second.weight_on_prediction(12)))
+    p_used = float(torch.as_tensor(second.weight_on_prediction(12)).detach())
     assert p_used == pytest.approx(p, abs=1e-7)
     mu, var = kalman_update(m2, s2, mu_hat, var_hat, p)
     assert not torch.allclose(mu, m2)  # the prediction was used (guard not triggered)
