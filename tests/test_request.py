@@ -170,3 +170,13 @@ def test_the_edges_of_the_ranges_are_accepted():
         run={**SYN, "threads": 1, "epochs": 1, "base_lr": 1e-12, "momentum": 0.0,
              "weight_decay": 0.0, "warmup_epochs": 0, "evals_per_epoch": 0}))
     assert sweep.batch_sizes == (1, 512) and sweep.base.momentum == 0.0
+
+
+def test_lists_skip_empty_pieces_and_the_default_folder_is_a_timestamp():
+    import re
+
+    from bknbench.request import int_list
+
+    assert int_list(" 4, ,8,", "--seeds") == (4, 8)
+    _, out = build_sweep(RunRequest(norms="gn", run=SYN))
+    assert out.parent.name == "results" and re.fullmatch(r"\d{8}-\d{6}", out.name), out
