@@ -212,3 +212,13 @@ def test_workloads_make_a_sweep_each(tmp_path):
         Store(out).save_sweep(sweep_to_dict(sweep))
     resumed = build_study(RunRequest(resume=tmp_path))
     assert [s for s, _ in resumed] == [s for s, _ in reversed(study)]  # in name order
+
+
+def test_lists_skip_empty_pieces_and_the_default_folder_is_a_timestamp():
+    import re
+
+    from bknbench.request import int_list
+
+    assert int_list(" 4, ,8,", "--seeds") == (4, 8)
+    _, out = build_sweep(RunRequest(norms="gn", run=SYN))
+    assert out.parent.name == "results" and re.fullmatch(r"\d{8}-\d{6}", out.name), out

@@ -204,7 +204,8 @@ class CrossIterationBatchNorm(CountsMicroBatches, StatsNorm):
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", window={self.window}, burnin={self.burnin}, "
-                f"rho={self.rho}, total={self.total}, attached={self.feed is not None}")
+                f"rho={self.rho}, total={self.total}, weight_init={self.weight_init}, "
+                f"attached={self.feed is not None}")
 
 
 @register("cbn", "Cross-Iteration BN (Yao 2021): statistics over the last micro-batches, "

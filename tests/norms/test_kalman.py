@@ -266,7 +266,7 @@ def test_layer_forward_matches_a_by_hand_computation(spec):
         logit = second.gain_logit.item()  # float32: p is 0.7 to about 1e-7
         assert logit == pytest.approx(math.log(0.3 / 0.7), abs=1e-6)
         p = 1 - 1 / (1 + math.exp(-logit))
-    p_used = float(torch.as_tensor(second.weight_on_prediction(12)))
+    p_used = float(torch.as_tensor(second.weight_on_prediction(12)).detach())
     assert p_used == pytest.approx(p, abs=1e-7)
     mu, var = kalman_update(m2, s2, mu_hat, var_hat, p)
     assert not torch.allclose(mu, m2)  # the prediction was used (guard not triggered)
@@ -282,6 +282,19 @@ def test_layer_forward_matches_a_by_hand_computation(spec):
         r_var = 0.9 * r_var + 0.1 * (var[g] + (1 - p) ** 2 * s2[g] / 11)
     torch.testing.assert_close(second.running_mean, r_mean.detach(), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(second.running_var, r_var.detach(), rtol=1e-10, atol=1e-10)
+
+
+def test_a_sampled_prediction_is_the_monte_carlo_estimate():
+    """transition=sampled on a path through ReLU and a convolution: the prediction is
+    sampled_moments of the source's posterior through the path's ops, with the same draws."""
+    first, lin, second = _chain("bkn:transition=sampled")
+    second(lin(torch.relu(first(torch.randn(8, 4, 6, dtype=D)))))
+    path = second.prior
+    torch.manual_seed(11)
+    got = path.predict("raw", "sampled", 3)
+    torch.manual_seed(11)
+    want = sampled_moments(first.posterior.mu, first.posterior.var, path.ops, first.in_shape, 3)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("n0, n_values", [(64.0, 2), (64.0, 64), (10.0, 500)])

@@ -303,11 +303,18 @@ def test_reset_parameters_gives_a_fresh_layers_parameters(name):
 
 
 def test_class_defaults_are_the_registry_defaults():
+    """A layer made in code, without options, is the one `--norms NAME` makes."""
+    from bknbench.norms.cbn import CrossIterationBatchNorm
+    from bknbench.norms.frn import FilterResponseNorm
     from bknbench.norms.gkn import GroupKalmanNorm
     from bknbench.norms.kalman import BatchKalmanNorm
+    from bknbench.norms.mabn import MovingAverageBatchNorm
+    from bknbench.norms.renorm import BatchRenorm
 
-    for cls, name in ((GroupKalmanNorm, "gkn"), (BatchKalmanNorm, "bkn")):
+    for cls, name in ((GroupKalmanNorm, "gkn"), (BatchKalmanNorm, "bkn"), (BatchRenorm, "brn"),
+                      (MovingAverageBatchNorm, "mabn"), (CrossIterationBatchNorm, "cbn")):
         assert repr(cls(C, 2)) == repr(parse_spec(name).build(C, 2)), name
+    assert repr(FilterResponseNorm(C)) == repr(parse_spec("frn").build(C, 2))
 
 
 def test_printed_layers_show_their_settings():
