@@ -32,12 +32,13 @@ ALLOWED = {
     "request": {"config", "presets", "data", "models", "norms", "train", "sweep"},
     "render": {"config", "report", "sweep"},
     "commands": {"config", "request", "norms", "kernels", "sweep", "report", "render"},
-    "cli": {"bknbench", "config", "presets", "request", "commands", "norms", "data"},
+    "options": {"bknbench", "config", "presets", "request"},
+    "cli": {"config", "presets", "request", "commands", "norms", "data", "options"},
     "__main__": {"cli"},
     "errors": set(),
     "bknbench": set(),
 }
-PRINTS_ALLOWED = {"bknbench.cli", "bknbench.commands", "bknbench.kernels.native"}
+PRINTS_ALLOWED = {"bknbench.cli", "bknbench.options", "bknbench.commands", "bknbench.kernels.native"}
 
 
 def modules() -> dict[str, Path]:
