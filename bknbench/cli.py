@@ -10,8 +10,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from .config import DEFAULT_BATCH_SIZES, RunConfig
+from .config import DEFAULT_BATCH_SIZES
 from .errors import ConfigError
+from .options import (Config, Debug, Only, OnlySizes, Plugins, Quiet, default, joined,
+                      print_version)
 from .presets import PRESETS
 from .request import DEFAULT_NORMS, DEFAULT_SEEDS
 
@@ -20,95 +22,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
                   help="Benchmark normalization layers (BN, GN, Batch Kalman Normalization, ...) "
                        "across micro-batch sizes.")
 
-_RUN_DEFAULTS = RunConfig(spec="")
-# Typer prints an argument's Python type beside its name ("FOLDER <list[Path]>"); the name
-# says it here, and an option's metavar already replaces its type.
-typer.core.TyperArgument.display_type_rich = lambda self, ctx: ""
-
-
-def _shown(value) -> str:
-    """A default as a user types it: 81,122 not (81, 122); none not (); on/off not True."""
-    if isinstance(value, (tuple, list)):
-        return ",".join(map(str, value)) or "none"
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    return "none" if value is None else str(value)
-
-
-def _preset_note(field: str) -> str:
-    values = {p.name: _shown(p.run[field]) for p in PRESETS.values() if field in p.run}
-    if not values:
-        return ""
-    if len(set(values.values())) == 1:
-        return f"; with --preset: {next(iter(values.values()))}"
-    return f"; with --preset {', '.join(f'{k}: {v}' for k, v in values.items())}"
-
-
-def _default(field: str) -> str:
-    return f"[default: {_shown(getattr(_RUN_DEFAULTS, field))}{_preset_note(field)}]"
-
-
-def _version(value: bool) -> None:
-    if value:
-        from . import __version__
-
-        print(f"bknbench {__version__}")
-        raise typer.Exit()
-
-
 @app.callback()
 def main_options(version: Annotated[Optional[bool], typer.Option(
-        "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None):
+        "--version", callback=print_version, is_eager=True, help="Print the version and exit.")] = None):
     """Benchmark normalization layers (BN, GN, Batch Kalman Normalization, ...) across
     micro-batch sizes."""
-
-
-def _load_config(ctx: typer.Context, param, path: Optional[Path]) -> Optional[Path]:
-    """--config FILE: its keys become the defaults of `run`'s options (ctx.default_map), so
-    a flag on the command line overrides them; a key that is no option, or a value its
-    option cannot take, is one line and exit 2."""
-    if path is None:
-        return path
-    from .request import study_options
-
-    options = {p.name: p for p in ctx.command.params
-               if p.name not in ("config", "debug") and p.param_type_name == "option"}
-    try:
-        defaults = study_options(path, {n: o.multiple for n, o in options.items()})
-        for name, value in defaults.items():
-            try:
-                options[name].process_value(ctx, value)  # its type's check, now, in one line
-            except typer.BadParameter as e:
-                raise ConfigError(f"{path}: {name.replace('_', '-')} = {value!r}: "
-                                  f"{e.message}") from None
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise typer.Exit(2)
-    ctx.default_map = {**(ctx.default_map or {}), **defaults}
-    return path
-
-
-Config = Annotated[Optional[Path], typer.Option(
-    callback=_load_config, is_eager=True, metavar="FILE",
-    help="A TOML file of `run` options (key = value, keys as the flags without --: norms = "
-         "[\"bn\", \"gn\"], batch-sizes = [2, 32], epochs = 5); flags given too override it. "
-         "Each run writes the resolved configuration to OUT/config.toml.")]
-
-
-def _joined(values: Optional[list[str]]) -> Optional[str]:
-    """A list option given several times: every value, comma-joined (never only the last)."""
-    return ",".join(values) if values else None
-
-
-Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")]
-Plugins = Annotated[Optional[list[str]], typer.Option("--plugin", help="A plugin: a .py file "
-    "or a module that registers normalizers, models or datasets (repeatable; also "
-    "$BKNBENCH_PLUGINS, separated by ':', and installed entry points bknbench.plugins). "
-    "See docs/extending.md.")]
-Only = Annotated[Optional[list[str]], typer.Option(metavar="SPECS", help="Only these specs.")]
-OnlySizes = Annotated[Optional[list[str]], typer.Option(metavar="SIZES",
-                                                        help="Only these micro-batch sizes.")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")]
 
 
 @contextlib.contextmanager
@@ -151,40 +69,47 @@ def run(
     seeds: Annotated[Optional[list[str]], typer.Option(metavar="SEEDS", help="Comma-separated "
         "seeds (a list option may be repeated). [default: "
         f"{','.join(map(str, DEFAULT_SEEDS))}]")] = None,
-    dataset: Annotated[Optional[str], typer.Option(metavar="NAME", help="mnist1d, digits, "
-        "digits32, synthetic, cifar10, cifar100, npz:PATH (your own), or a plugin's. "
-        f"{_default('dataset')}")] = None,
-    model: Annotated[Optional[str], typer.Option(metavar="NAME", help="cnn, mlp, "
-        "resnet20/32/56/110, or a plugin's; options as name:key=value (resnet20:padding=tf: "
-        "the authors' stride-2 padding). "
-        f"{_default('model')}")] = None,
-    epochs: Annotated[Optional[int], typer.Option(metavar="N", help=_default("epochs"))] = None,
-    lr: Annotated[Optional[float], typer.Option(metavar="LR", help="Peak learning rate per 128 samples of SGD "
-        f"batch (linear scaling). {_default('base_lr')}")] = None,
-    momentum: Annotated[Optional[float], typer.Option(metavar="X", help=_default("momentum"))] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(metavar="X", help=_default("weight_decay"))] = None,
-    schedule: Annotated[Optional[str], typer.Option(metavar="NAME", help=f"cosine or step. {_default('schedule')}")] = None,
-    milestones: Annotated[Optional[list[str]], typer.Option(metavar="EPOCHS", help="Epochs at which `step` divides the "
-        f"lr by 10, comma-separated. {_default('milestones')}")] = None,
-    warmup_epochs: Annotated[Optional[float], typer.Option(metavar="EPOCHS", help=_default("warmup_epochs"))] = None,
-    evals_per_epoch: Annotated[Optional[int], typer.Option(metavar="K", help="Held-out evaluations per "
+    dataset: Annotated[Optional[str], typer.Option(metavar="NAME",
+        help="mnist1d, digits, digits32, synthetic, cifar10, cifar100, npz:PATH (your own), "
+        f"or a plugin's. {default('dataset')}")] = None,
+    model: Annotated[Optional[str], typer.Option(metavar="NAME",
+        help="cnn, mlp, resnet20/32/56/110, or a plugin's; options as name:key=value "
+        f"(resnet20:padding=tf: the authors' stride-2 padding). {default('model')}")] = None,
+    epochs: Annotated[Optional[int], typer.Option(metavar="N", help=default("epochs"))] = None,
+    lr: Annotated[Optional[float], typer.Option(metavar="LR",
+        help="Peak learning rate per 128 samples of SGD "
+        f"batch (linear scaling). {default('base_lr')}")] = None,
+    momentum: Annotated[Optional[float], typer.Option(metavar="X",
+        help=default("momentum"))] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(metavar="X",
+        help=default("weight_decay"))] = None,
+    schedule: Annotated[Optional[str], typer.Option(metavar="NAME",
+        help=f"cosine or step. {default('schedule')}")] = None,
+    milestones: Annotated[Optional[list[str]], typer.Option(metavar="EPOCHS",
+        help="Epochs at which `step` divides the "
+        f"lr by 10, comma-separated. {default('milestones')}")] = None,
+    warmup_epochs: Annotated[Optional[float], typer.Option(metavar="EPOCHS",
+        help=default("warmup_epochs"))] = None,
+    evals_per_epoch: Annotated[Optional[int], typer.Option(metavar="K",
+        help="Held-out evaluations per "
         "epoch, evenly spaced in optimizer steps (convergence curves; the training is the "
         "same). [default: ceil(20 / epochs), at least 20 per run]")] = None,
-    val_fraction: Annotated[Optional[float], typer.Option(help="Share of the training split "
+    val_fraction: Annotated[Optional[float], typer.Option(metavar="X", help="Share of the training split "
         "held out for validation (stratified, a fixed seed of its own; 0: none, e.g. to "
         "train on all of CIFAR's 50k), in [0, 0.5]; the curves and tuning use it, the final "
-        f"comparison is on the test split. {_default('val_fraction')}")] = None,
+        f"comparison is on the test split. {default('val_fraction')}")] = None,
     augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment",
-        help=f"Random crop + flip (image datasets). {_default('augment')}")] = None,
-    tune: Annotated[Optional[list[str]], typer.Option(metavar="KEY=VALUES", help="KEY=VALUES: tune KEY (lr, "
-        "weight_decay, momentum, warmup_epochs) over a grid, e.g. lr=0.05,0.2,0.8 or "
-        "lr=0.0125:0.8:log4; repeatable (the cartesian product). Every spec x micro-batch "
-        "trains every point on --tune-seeds, the best mean validation accuracy is chosen "
-        "(ties: the smaller lr), then every seed runs there (tuning.csv, trials/). lr is "
-        "per 128 samples, as --lr.")] = None,
-    tune_seeds: Annotated[Optional[str], typer.Option(metavar="SEEDS", help="Seeds of the tuning trials. "
-        "[default: the first of --seeds]")] = None,
-    accumulate_to: Annotated[Optional[int], typer.Option(metavar="N", help="SGD batch: micro-batches "
+        help=f"Random crop + flip (image datasets). {default('augment')}")] = None,
+    tune: Annotated[Optional[list[str]], typer.Option(metavar="KEY=VALUES",
+        help="Tune KEY (lr, weight_decay, momentum, warmup_epochs) over a grid, e.g. "
+        "lr=0.05,0.2,0.8 or lr=0.0125:0.8:log4; repeatable (the cartesian product). Every "
+        "spec x micro-batch trains every point on --tune-seeds, the best mean validation "
+        "accuracy is chosen (ties: the smaller lr), then every seed runs there (tuning.csv, "
+        "trials/). lr is per 128 samples, as --lr.")] = None,
+    tune_seeds: Annotated[Optional[str], typer.Option(metavar="SEEDS",
+        help="Seeds of the tuning trials. [default: the first of --seeds]")] = None,
+    accumulate_to: Annotated[Optional[int], typer.Option(metavar="N",
+        help="SGD batch: micro-batches "
         "accumulate to this many samples per step. Unset: 128 for accumulating specs "
         "(bn-accum), one step per micro-batch for the others. Presets: 128.")] = None,
     workloads: Annotated[Optional[str], typer.Option(metavar="NAMES", help="Comma-separated workloads "
@@ -192,9 +117,11 @@ def run(
         "the workload's grid unless --tune or --lr is given.")] = None,
     preset: Annotated[Optional[str], typer.Option(metavar="NAME", help="A published setup: "
         f"{', '.join(PRESETS)}; every value can be overridden by its flag.")] = None,
-    data_dir: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Local copy of a dataset (CIFAR).")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(metavar="DIR",
+        help="Local copy of a dataset (CIFAR).")] = None,
     verify: Annotated[bool, typer.Option(help="Check the CIFAR files' MD5 sums first.")] = False,
-    device: Annotated[Optional[str], typer.Option(metavar="DEVICE", help="auto, cpu, cuda, cuda:N or mps. "
+    device: Annotated[Optional[str], typer.Option(metavar="DEVICE",
+        help="auto, cpu, cuda, cuda:N or mps. "
         "[default: auto]")] = None,
     amp: Annotated[Optional[bool], typer.Option("--amp", help="bf16 autocast.")] = None,
     compile: Annotated[Optional[bool], typer.Option("--compile", help="torch.compile the "
@@ -202,33 +129,41 @@ def run(
     deterministic: Annotated[Optional[bool], typer.Option("--deterministic", help="Bitwise "
         "repeatable runs, the same on every executor (1 torch thread per run unless "
         "--threads).")] = None,
-    cudnn_benchmark: Annotated[Optional[bool], typer.Option("--cudnn-benchmark", help="cuDNN "
-        "times its convolution algorithms and keeps the fastest (CUDA; not with "
+    cudnn_benchmark: Annotated[Optional[bool], typer.Option("--cudnn-benchmark",
+        help="cuDNN times its convolution algorithms and keeps the fastest (CUDA; not with "
         "--deterministic).")] = None,
-    threads: Annotated[Optional[int], typer.Option(metavar="N", help="Torch threads per run. [default: 1 "
+    threads: Annotated[Optional[int], typer.Option(metavar="N",
+        help="Torch threads per run. [default: 1 "
         "with --deterministic, else the executor's share: all cores when serial, cores / "
         "workers, --cpus-per-run on Ray]")] = None,
     diagnose: Annotated[Optional[bool], typer.Option("--diagnose/--no-diagnose",
         help="After every epoch, per-layer statistics of the batch-dependent norms against "
         "their population statistics (stats.csv), and final_val_acc_population; training is "
-        f"unchanged. {_default('diagnose')}")] = None,
-    workers: Annotated[Optional[int], typer.Option(metavar="N", help="Parallel runs. [default: one per "
+        f"unchanged. {default('diagnose')}")] = None,
+    workers: Annotated[Optional[int], typer.Option(metavar="N",
+        help="Parallel runs. [default: one per "
         "CPU core; with --device cuda one per GPU]")] = None,
-    executor: Annotated[str, typer.Option(metavar="NAME", help="local (this machine) or ray (each run a Ray "
+    executor: Annotated[str, typer.Option(metavar="NAME",
+        help="local (this machine) or ray (each run a Ray "
         "task; needs pip install '.[ray]' from a checkout).")] = "local",
-    address: Annotated[Optional[str], typer.Option(metavar="HOST:PORT", help="Ray cluster to use, e.g. HEAD:6379. "
+    address: Annotated[Optional[str], typer.Option(metavar="HOST:PORT",
+        help="Ray cluster to use, e.g. HEAD:6379. "
         "[default: $RAY_ADDRESS, else a local Ray]")] = None,
-    cpus_per_run: Annotated[int, typer.Option(metavar="N", help="Ray: CPUs (and torch threads) per run.")] = 1,
-    gpus_per_run: Annotated[float, typer.Option(metavar="X", help="Ray: GPUs per run; a fraction lets runs "
+    cpus_per_run: Annotated[int, typer.Option(metavar="N",
+        help="Ray: CPUs (and torch threads) per run.")] = 1,
+    gpus_per_run: Annotated[float, typer.Option(metavar="X",
+        help="Ray: GPUs per run; a fraction lets runs "
         "share a GPU.")] = 0.0,
-    retries: Annotated[int, typer.Option(metavar="N", help="Ray: times a run is retried when its worker "
+    retries: Annotated[int, typer.Option(metavar="N",
+        help="Ray: times a run is retried when its worker "
         "dies; then it is recorded as failed.")] = 0,
     out: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Output folder, one sweep "
         "per folder: rerunning on it skips finished runs, and may grow its grid (norms, batch "
         "sizes, seeds). [default: results/NAME, else results/<timestamp>]")] = None,
     name: Annotated[Optional[str], typer.Option(metavar="NAME", help="Name the output folder "
         "results/NAME.")] = None,
-    resume: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Continue the sweep in this folder.")] = None,
+    resume: Annotated[Optional[Path], typer.Option(metavar="DIR",
+        help="Continue the sweep in this folder.")] = None,
     retry_failed: Annotated[bool, typer.Option(help="On resume, rerun failed runs too.")] = False,
     fail_fast: Annotated[bool, typer.Option(help="Stop at the first failed run.")] = False,
     strict: Annotated[bool, typer.Option(help="Exit with status 1 when any run failed.")] = False,
@@ -251,13 +186,13 @@ def run(
                            evals_per_epoch=evals_per_epoch, diagnose=diagnose,
                            val_fraction=val_fraction,
                            data_dir=str(data_dir) if data_dir else None,
-                           milestones=int_list(_joined(milestones), "--milestones")
+                           milestones=int_list(joined(milestones), "--milestones")
                            if milestones else None,
                            device=device, amp=amp, compile=compile,
                            deterministic=deterministic, threads=threads,
                            cudnn_benchmark=cudnn_benchmark)
-        req = RunRequest(norms=_joined(norms), batch_sizes=_joined(batch_sizes),
-                         seeds=_joined(seeds), preset=preset, accumulate_to=accumulate_to,
+        req = RunRequest(norms=joined(norms), batch_sizes=joined(batch_sizes),
+                         seeds=joined(seeds), preset=preset, accumulate_to=accumulate_to,
                          out=out, resume=resume, run=run_flags, verify=verify, name=name,
                          remote_gpus=executor == "ray" and gpus_per_run > 0,
                          plugins=tuple(plugin or ()), tune=tuple(tune or ()),
@@ -268,25 +203,28 @@ def run(
         raise typer.Exit(run_study(
             study, workers, fail_fast, retry_failed, strict, quiet,
             dict(executor=executor, address=address, cpus_per_run=cpus_per_run,
-                 gpus_per_run=gpus_per_run, retries=retries), log=_joined(log)))
+                 gpus_per_run=gpus_per_run, retries=retries), log=joined(log)))
 
 
 @app.command()
 def compare(
-    results: Annotated[list[Path], typer.Argument(metavar="FOLDER...", help="A results folder "
-        "written by `bknbench run`; with --aggregate several, or study folders whose "
-        "subfolders hold them.")],
-    format: Annotated[str, typer.Option("--format", "-f", metavar="FORMAT", help="table, csv, json or markdown.")] = "table",
+    results: Annotated[list[Path], typer.Argument(metavar="FOLDER...",
+        help="A results folder written by `bknbench run`; with --aggregate several, or "
+        "study folders whose subfolders hold them.")],
+    format: Annotated[str, typer.Option("--format", "-f", metavar="FORMAT",
+        help="table, csv, json or markdown.")] = "table",
     aggregate: Annotated[bool, typer.Option("--aggregate", help="Rank the specs within each "
         "(workload, micro-batch) by mean test accuracy (1 = best, ties share the mean rank); "
         "print per spec and micro-batch the mean rank over workloads and their number.")] = False,
-    reference: Annotated[Optional[str], typer.Option(metavar="SPEC@BATCH", help="SPEC@BATCH to compare against. "
+    reference: Annotated[Optional[str], typer.Option(metavar="SPEC@BATCH",
+        help="SPEC@BATCH to compare against. "
         "[default: bn at its largest batch]")] = None,
     norms: Only = None,
     batch_sizes: OnlySizes = None,
-    metric: Annotated[str, typer.Option(metavar="METRIC", help="final_test_acc (the test split), "
-        "final_val_acc (the validation split), or final_val_acc_population (validation, eval "
-        "with population statistics; runs made with --diagnose).")] = "final_test_acc",
+    metric: Annotated[str, typer.Option(metavar="METRIC",
+        help="final_test_acc (the test split), final_val_acc (the validation split), or "
+        "final_val_acc_population (validation, eval with population statistics; runs made "
+        "with --diagnose).")] = "final_test_acc",
     debug: Debug = False,
 ):
     """Final test accuracy (or --metric) per spec x micro-batch: mean, 95% CI over seeds, n,
@@ -295,12 +233,12 @@ def compare(
         from .commands import aggregate_command, compare_command
 
         if aggregate:
-            aggregate_command(results, format, _joined(norms), _joined(batch_sizes))
+            aggregate_command(results, format, joined(norms), joined(batch_sizes))
         elif len(results) > 1:
             raise ConfigError("several results folders: give --aggregate to rank the specs "
                               "over them, or compare one folder at a time")
         else:
-            compare_command(results[0], format, reference, _joined(norms), _joined(batch_sizes),
+            compare_command(results[0], format, reference, joined(norms), joined(batch_sizes),
                             metric)
 
 
@@ -308,8 +246,10 @@ def compare(
 def plot(
     results: Annotated[Path, typer.Argument(metavar="FOLDER", help="A results folder written by "
                                             "`bknbench run`.")],
-    out: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Figure folder. [default: RESULTS/plots]")] = None,
-    format: Annotated[str, typer.Option("--format", "-f", metavar="FORMATS", help="Comma-separated: png, svg, pdf.")] = "png",
+    out: Annotated[Optional[Path], typer.Option(metavar="DIR",
+        help="Figure folder. [default: RESULTS/plots]")] = None,
+    format: Annotated[str, typer.Option("--format", "-f", metavar="FORMATS",
+        help="Comma-separated: png, svg, pdf.")] = "png",
     norms: Only = None,
     batch_sizes: OnlySizes = None,
     debug: Debug = False,
@@ -319,14 +259,15 @@ def plot(
     with errors(debug):
         from .commands import plot_command
 
-        plot_command(results, out, format, _joined(norms), _joined(batch_sizes))
+        plot_command(results, out, format, joined(norms), joined(batch_sizes))
 
 
 @app.command()
 def report(
     results: Annotated[list[Path], typer.Argument(metavar="FOLDER", help="Results folders "
         "written by `bknbench run`, or study folders whose subfolders hold them; each is a section.")],
-    out: Annotated[Optional[Path], typer.Option(metavar="FILE", help="The HTML file. [default: RESULTS/"
+    out: Annotated[Optional[Path], typer.Option(metavar="FILE",
+        help="The HTML file. [default: RESULTS/"
         "report.html; several folders: report.html in the folder holding them]")] = None,
     debug: Debug = False,
 ):

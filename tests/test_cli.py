@@ -97,6 +97,10 @@ def test_compare_formats(sweep_dir, fmt):
         header, rule, *cells = cells
         assert header[:3] == ["spec", "batch", "n"] and len(rule) == len(header)
         assert all(set(c) <= set("-:") for c in rule)
+    else:  # bn-accum steps every 128 samples: the table shows each row's sgd batch and lr
+        assert [c[2] for c in cells] == [str(r["sgd_batch"]) for r in summary]
+        assert [float(c[3]) for c in cells] == [pytest.approx(r["lr"]) for r in summary]
+        cells = [c[:2] + c[4:] for c in cells]
     assert [c[:3] for c in cells] == [[r["spec"], str(r["norm_batch"]), str(r["n"])]
                                       for r in summary]
     for c, r in zip(cells, summary):

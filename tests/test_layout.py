@@ -36,12 +36,13 @@ ALLOWED = {
     "commands": {"config", "request", "norms", "kernels", "sweep", "report", "render",
                  "plugins"},
     "plugins": {"norms", "models", "data"},
-    "cli": {"bknbench", "config", "presets", "request", "commands", "norms", "data"},
+    "options": {"bknbench", "config", "presets", "request"},
+    "cli": {"config", "presets", "request", "commands", "norms", "data", "options"},
     "__main__": {"cli"},
     "errors": set(),
     "bknbench": set(),
 }
-PRINTS_ALLOWED = {"bknbench.cli", "bknbench.commands", "bknbench.kernels.native"}
+PRINTS_ALLOWED = {"bknbench.cli", "bknbench.options", "bknbench.commands", "bknbench.kernels.native"}
 
 
 def modules() -> dict[str, Path]:

@@ -30,9 +30,8 @@ from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.managers import SyncManager
-from queue import Empty
 
-from .run import execute_run, failed_record
+from .run import epoch_sender, execute_run, failed_record, pass_epochs
 
 WAIT_S = 0.5  # how often the driver passes on the epochs workers sent, at most
 
@@ -102,31 +101,10 @@ def _init_worker(threads: int, gpus, epochs=None) -> None:
 
 def _run(fn, cfg, run_dir):
     """In a worker: fn(cfg, run_dir), its epochs sent to the driver when it wants them and
-    fn takes on_epoch. Progress is best effort: a lost message never fails a run."""
-    queue = _EPOCHS
-    if queue is None or "on_epoch" not in inspect.signature(fn).parameters:
+    fn takes on_epoch."""
+    if _EPOCHS is None or "on_epoch" not in inspect.signature(fn).parameters:
         return fn(cfg, run_dir)
-
-    def on_epoch(row: dict) -> None:
-        try:
-            queue.put((cfg.run_id, row))
-        except Exception:  # the driver is gone or stopping: nobody is watching
-            pass
-
-    return fn(cfg, run_dir, on_epoch=on_epoch)
-
-
-def _drain(queue, running: dict, events) -> None:
-    """Hand the epoch rows the workers sent to events.on_epoch (runs still running)."""
-    while queue is not None:
-        try:
-            run_id, row = queue.get_nowait()
-        except Empty:
-            return
-        except (OSError, EOFError):  # the manager is gone
-            return
-        if run_id in running:
-            events.on_epoch(running[run_id], row)
+    return fn(cfg, run_dir, on_epoch=epoch_sender(_EPOCHS.put, cfg.run_id))
 
 
 class ProcessExecutor:
@@ -181,7 +159,7 @@ class ProcessExecutor:
                                             str(store.run_dir(cfg.run_id)))] = cfg
                 done, _ = wait(pending, timeout=WAIT_S if epochs else None,
                                return_when=FIRST_COMPLETED)
-                _drain(epochs, {c.run_id: c for c in pending.values()}, events)
+                pass_epochs(epochs, {c.run_id: c for c in pending.values()}, events)
                 broken = []
                 for fut in done:
                     cfg = pending.pop(fut)

@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 
 from ..errors import ConfigError
-from .run import execute_run, failed_record
+from .run import epoch_sender, execute_run, failed_record, pass_epochs
 
 INSTALL_HINT = 'pip install ".[ray]" in a bknbench checkout (or: pip install "ray[default]>=2.9")'
 WAIT_S = 1.0  # how often the driver wakes to notice Ctrl-C and nodes that joined
@@ -40,33 +40,15 @@ def import_ray():
 def bknbench_run(cfg, run_dir: str | None, threads: int, epochs=None) -> dict:
     """The Ray task (its worker shows as `ray::bknbench_run`): one run, with as many
     torch threads as CPUs it reserved; each epoch's row put on `epochs` (a Ray queue the
-    driver reads), when given. Progress is best effort: a lost row never fails a run."""
+    driver reads), when given."""
     import torch
 
     torch.set_num_threads(threads)
     if run_dir is not None and not Path(run_dir).parent.is_dir():
         run_dir = None  # the output folder is not on this node: run without checkpoints
 
-    def on_epoch(row: dict) -> None:
-        try:
-            epochs.put_nowait((cfg.run_id, row))
-        except Exception:  # the queue is full or gone: nobody is watching
-            pass
-
-    return execute_run(cfg, run_dir, on_epoch if epochs is not None else None)
-
-
-def _drain(epochs, running: dict, events) -> None:
-    """Hand the epoch rows the tasks sent to events.on_epoch (runs still running)."""
-    from ray.util.queue import Empty
-
-    while epochs is not None:
-        try:
-            run_id, row = epochs.get_nowait()
-        except Empty:
-            return
-        if run_id in running:
-            events.on_epoch(running[run_id], row)
+    on_epoch = epoch_sender(epochs.put_nowait, cfg.run_id) if epochs is not None else None
+    return execute_run(cfg, run_dir, on_epoch)
 
 
 class RayExecutor:
@@ -143,7 +125,7 @@ class RayExecutor:
                                       epochs)
                     pending[ref] = cfg
                 done, _ = ray.wait(list(pending), num_returns=1, timeout=WAIT_S)
-                _drain(epochs, {c.run_id: c for c in pending.values()}, events)
+                pass_epochs(epochs, {c.run_id: c for c in pending.values()}, events)
                 for ref in done:
                     cfg = pending.pop(ref)
                     yield cfg, self._record(ray, ref, cfg)

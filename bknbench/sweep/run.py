@@ -135,3 +135,30 @@ def execute_run(cfg: RunConfig, run_dir: str | None = None,
         torch.set_num_threads(share)  # the next run of this process starts from the share
     return {"row": make_row(cfg, outcome, threads), "metrics": outcome.epochs,
             "stats": outcome.stats, "finished_at": time.time()}
+
+
+# ---------------------------------------------------------------- epochs back to the driver
+def epoch_sender(put: Callable[[tuple], None], run_id: str) -> Callable[[dict], None]:
+    """The on_epoch of a run in a worker or a task: each row put on the driver's queue.
+    Progress is best effort: a row that cannot be sent never fails the run."""
+    def on_epoch(row: dict) -> None:
+        try:
+            put((run_id, row))
+        except Exception:  # the queue is full or gone: the driver is stopping
+            pass
+    return on_epoch
+
+
+def pass_epochs(queue, running: dict, events) -> None:
+    """In the driver: hand the rows waiting on `queue` (a multiprocessing or Ray queue) to
+    events.on_epoch, for runs still running (`running`: run id -> cfg)."""
+    import queue as queues
+
+    while queue is not None:
+        try:
+            run_id, row = queue.get_nowait()
+        except (queues.Empty, OSError, EOFError):  # Ray's Empty is one; or the queue is gone
+            return
+        if run_id in running:
+            events.on_epoch(running[run_id], row)
+
