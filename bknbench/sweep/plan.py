@@ -246,6 +246,9 @@ def _tune(sweep, store: Store, executor, events, report, fail_fast, retry_failed
                 with ctrl_c_deferred():
                     store.commit(trials.load_record(cfg.run_id))
         return chosen
+    except KeyboardInterrupt:  # between two copies: the next run copies the rest
+        report.interrupted = True
+        return None
     finally:
         trials.close()
 
