@@ -313,7 +313,7 @@ def test_class_defaults_are_the_registry_defaults():
 
     for cls, name in ((GroupKalmanNorm, "gkn"), (BatchKalmanNorm, "bkn"), (BatchRenorm, "brn"),
                       (MovingAverageBatchNorm, "mabn"), (CrossIterationBatchNorm, "cbn")):
-        # 72 channels: every group count up to 9 divides it, so a default of 8 shows as 8
+        # 72 channels: 8 and 9 divide it, so gkn's default of 8 groups shows (12: 6 either way)
         assert repr(cls(72, 2)) == repr(parse_spec(name).build(72, 2)), name
     assert repr(FilterResponseNorm(C)) == repr(parse_spec("frn").build(C, 2))
 
