@@ -184,6 +184,12 @@ def test_the_edges_of_the_ranges_are_accepted():
         run={**SYN, "threads": 1, "epochs": 1, "base_lr": 1e-12, "momentum": 0.0,
              "weight_decay": 0.0, "warmup_epochs": 0, "evals_per_epoch": 0}))
     assert sweep.batch_sizes == (1, 512) and sweep.base.momentum == 0.0
+    # build_sweep resolves evals 0 ("auto") first; validate accepts it unresolved too
+    from bknbench.config import SweepConfig
+    from bknbench.request import validate
+
+    validate(SweepConfig(specs=("gn",), batch_sizes=(4,), seeds=(0,),
+                         base=RunConfig(spec="", dataset="synthetic", evals_per_epoch=0)))
 
 
 def test_workloads_make_a_sweep_each(tmp_path):
