@@ -140,8 +140,7 @@ class Progress:
             self.sweep_task = self.bar.add_task("sweep", total=total, completed=self.done,
                                                 eta="")
         else:
-            stderr.print(f"sweep: {total} runs, {self.done} already finished, {todo} to run",
-                         highlight=False)
+            self.say(f"sweep: {total} runs, {self.done} already finished, {todo} to run")
 
     def on_start(self, cfg: RunConfig) -> None:
         self.eta.start(cfg)

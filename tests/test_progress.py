@@ -46,7 +46,8 @@ def test_plain_lines_have_count_time_and_eta_and_worker_epochs(tmp_path):
                                       "--workers", "2", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     lines = result.stderr.strip().splitlines()
-    progress = [ln for ln in lines if not ln.startswith(("sweep:", "results in", "note:"))]
+    progress = [ln for ln in lines if not ln.startswith(("results in", "note:"))]
+    assert "sweep: 2 runs, 0 already finished, 2 to run" in progress[0]
     stamp = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[(\d)/2\] "
     for line in progress:
         assert re.match(stamp + r".*  ETA (--|\d+s|\d+m\d\ds)$", line), line
