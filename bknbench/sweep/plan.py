@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import signal
 import threading
 from dataclasses import dataclass, field
@@ -119,8 +120,9 @@ def _settings(d: dict) -> dict:
 
 
 def grid_of(d: dict) -> dict:
-    """The grid axes of a saved sweep."""
-    return {k: d[k] for k in GRID_AXES if k in d}
+    """The grid axes of a sweep as sweep.json holds them (lists, not tuples: a grid compares
+    equal before and after the round trip through JSON)."""
+    return json.loads(json.dumps({k: d[k] for k in GRID_AXES if k in d}))
 
 
 def extend_sweep(saved: dict | None, sweep: SweepConfig, out: Path) -> dict:
@@ -208,8 +210,8 @@ def run_sweep(sweep: SweepConfig, out: Path, executor: Executor | None = None,
         raise
     report = SweepReport(out=Path(out))
     try:
-        runs = {}  # the folder's earlier grids first, then this one; each run once
-        for grid in (*earlier_grids(saved), sweep):
+        runs = {}  # every grid of the folder (this one last), each run once
+        for grid in earlier_grids(saved):
             chosen = None
             if grid.tune:
                 chosen = _tune(grid, store, executor, events, report, fail_fast, retry_failed)

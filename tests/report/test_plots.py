@@ -221,8 +221,8 @@ def test_error_ticks_read_as_numbers_and_the_title_says_what_is_missing(results_
     runs = load_results(results_dir).runs
     colors = spec_colors(runs["spec"])
     collapsed = runs.copy()
-    collapsed.loc[collapsed["spec"] == "bkn:p=0.5", "final_val_acc"] = 20.0  # 80% error
-    collapsed.loc[collapsed["spec"] == "gn:groups=8", "final_val_acc"] = 99.0  # 1% error
+    collapsed.loc[collapsed["spec"] == "bkn:p=0.5", "final_test_acc"] = 20.0  # 80% error
+    collapsed.loc[collapsed["spec"] == "gn:groups=8", "final_test_acc"] = 99.0  # 1% error
     fig = _error_vs_batch_figure(collapsed, colors)
     ax = fig.axes[0]
     fig.canvas.draw()

@@ -47,7 +47,7 @@ def test_another_sweep_is_refused_and_a_grown_grid_is_rebuilt(tmp_path):
         grown = runner.invoke(app, BASE + args + ["--epochs", "2", "--out", str(out)])
         assert grown.exit_code == 0, grown.output
     saved = json.loads((out / "sweep.json").read_text())
-    assert saved["history"] == [
+    assert [{k: g[k] for k in ("specs", "batch_sizes", "seeds")} for g in saved["history"]] == [
         {"specs": ["bn"], "batch_sizes": [32], "seeds": [0]},
         {"specs": ["bn"], "batch_sizes": [32], "seeds": [0, 1]},
         {"specs": ["gn"], "batch_sizes": [16], "seeds": [0]}]
@@ -90,7 +90,8 @@ def test_a_folder_mixing_settings_is_split_not_pooled():
                "eval_batch": 1024 * (seed + 1)}  # eval_batch cannot change a result
         return {"run_id": f"{seed}-{epochs}", "dataset": "d", "model": "m", "spec": "bn",
                 "norm_batch": 32, "sgd_batch": 32, "seed": seed, "status": "ok",
-                "final_val_acc": acc, "best_val_acc": acc, "config": json.dumps(cfg)}
+                "final_val_acc": acc, "final_test_acc": acc, "best_val_acc": acc,
+                "config": json.dumps(cfg)}
 
     runs = pd.DataFrame([row(0, 2, 80.0), row(1, 2, 82.0), row(0, 1, 60.0), row(1, 1, 62.0)])
     split, keys = split_settings(runs)
