@@ -78,7 +78,7 @@ def table_header(sgd_batches, lrs) -> str:
 
     runs = pd.DataFrame([{"dataset": "d", "model": "m", "spec": f"s{i}", "norm_batch": 2,
                           "sgd_batch": sgd, "lr": lr, "seed": 0, "status": "ok",
-                          "final_val_acc": 90.0, "best_val_acc": 90.0}
+                          "final_val_acc": 90.0, "final_test_acc": 90.0, "best_val_acc": 90.0}
                          for i, (sgd, lr) in enumerate(zip(sgd_batches, lrs))])
     console = Console(width=200, record=True)
     console.print(summary_table(summarize(runs), "t"))

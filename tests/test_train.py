@@ -314,9 +314,10 @@ def test_sgd_batch_not_a_multiple_of_norm_batch_is_a_config_error(norm_batch, sg
 
 def test_csv_metrics_with_accumulation_against_a_hand_count(tmp_path):
     """gn (batch-independent: train mode is eval mode) at micro-batch 8 accumulated to SGD
-    batches of 32, lr 1e-30 (the weights stay where the seed put them): the written
-    train_acc, train_loss and val_acc are counts of the initial model's predictions over all
-    512 training samples (16 whole steps) and the 256 test samples."""
+    batches of 32, lr 1e-30 (the weights stay where the seed put them), a validation split
+    of a quarter: the written train_acc, train_loss, val_acc and test accuracy are counts of
+    the initial model's predictions over the 384 training samples (12 whole steps), the 128
+    validation samples and the 256 test samples."""
     import csv
 
     import torch.nn.functional as F
@@ -328,25 +329,28 @@ def test_csv_metrics_with_accumulation_against_a_hand_count(tmp_path):
         "run", "--dataset", "synthetic", "--model", "mlp", "--norms", "gn", "--batch-sizes",
         "8", "--accumulate-to", "32", "--seeds", "3", "--epochs", "1", "--evals-per-epoch",
         "1", "--lr", "1e-30", "--momentum", "0", "--weight-decay", "0", "--warmup-epochs",
-        "0", "--workers", "1", "--device", "cpu", "--quiet", "--out", str(tmp_path)])
+        "0", "--val-fraction", "0.25", "--workers", "1", "--device", "cpu", "--quiet",
+        "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     with open(tmp_path / "metrics.csv", newline="") as f:
         [metrics] = list(csv.DictReader(f))
     with open(tmp_path / "runs.csv", newline="") as f:
         [run] = list(csv.DictReader(f))
-    data = load_dataset("synthetic")
+    data = load_dataset("synthetic", val_fraction=0.25)
     torch.manual_seed(3)
     model = make_model("mlp", parse_spec("gn"), 8, data.sample_shape, data.num_classes).eval()
     with torch.no_grad():
-        train_logits, test_logits = model(data.x_train), model(data.x_test)
-    train_hits = int((train_logits.argmax(1) == data.y_train).sum())
-    test_hits = int((test_logits.argmax(1) == data.y_test).sum())
-    assert (len(data.x_train), len(data.x_test)) == (512, 256) and 0 < train_hits < 512
-    assert (run["norm_batch"], run["sgd_batch"], metrics["samples_seen"]) == ("8", "32", "512")
-    assert float(metrics["train_acc"]) == pytest.approx(100 * train_hits / 512, abs=1e-9)
-    assert float(metrics["val_acc"]) == pytest.approx(100 * test_hits / 256, abs=1e-9)
-    assert float(run["final_val_acc"]) == pytest.approx(100 * test_hits / 256, abs=1e-9)
-    # equal steps: the mean of the 16 step losses is the mean over the 512 samples
-    loss = float(F.cross_entropy(train_logits, data.y_train))
+        logits = {s: model(getattr(data, f"x_{s}")) for s in ("train", "val", "test")}
+    hits = {s: int((logits[s].argmax(1) == getattr(data, f"y_{s}")).sum()) for s in logits}
+    assert {s: len(getattr(data, f"x_{s}")) for s in logits} == {"train": 384, "val": 128,
+                                                                  "test": 256}
+    assert 0 < hits["train"] < 384
+    assert (run["norm_batch"], run["sgd_batch"], metrics["samples_seen"]) == ("8", "32", "384")
+    assert float(metrics["train_acc"]) == pytest.approx(100 * hits["train"] / 384, abs=1e-9)
+    assert float(metrics["val_acc"]) == pytest.approx(100 * hits["val"] / 128, abs=1e-9)
+    assert float(run["final_val_acc"]) == pytest.approx(100 * hits["val"] / 128, abs=1e-9)
+    assert float(run["final_test_acc"]) == pytest.approx(100 * hits["test"] / 256, abs=1e-9)
+    # equal steps: the mean of the 12 step losses is the mean over the 384 samples
+    loss = float(F.cross_entropy(logits["train"], data.y_train))
     assert float(metrics["train_loss"]) == pytest.approx(loss, rel=1e-5)
     assert float(run["final_train_loss"]) == pytest.approx(loss, rel=1e-5)

@@ -31,8 +31,8 @@ SWEEP_TAG = "bknbench.sweep"  # the parent run's results folder, to find it on r
 RUN_TAG = "bknbench.run_id"
 CURVES = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")  # metrics.csv columns
 GRID = (*GRID_AXES, "history")
-FINAL = ("final_val_acc", "final_val_acc_population", "best_val_acc", "final_train_loss",
-         "train_time_s", "samples_per_s", "peak_mem_mb")  # runs.csv columns
+FINAL = ("final_val_acc", "final_test_acc", "final_val_acc_population", "best_val_acc",
+         "final_train_loss", "train_time_s", "samples_per_s", "peak_mem_mb")  # runs.csv columns
 
 
 def tracking_uri(out: Path) -> str:

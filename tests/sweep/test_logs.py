@@ -46,7 +46,7 @@ def test_mlflow_holds_every_run_as_runs_csv_does(tmp_path, monkeypatch):
         csv_row = rows[row["tags.bknbench.run_id"]]
         for key in ("spec", "norm_batch", "sgd_batch", "seed", "epochs", "dataset", "lr"):
             assert row[f"params.{key}"] == csv_row[key], key
-        for key in ("final_val_acc", "best_val_acc", "final_train_loss"):
+        for key in ("final_val_acc", "final_test_acc", "best_val_acc", "final_train_loss"):
             assert row[f"metrics.{key}"] == pytest.approx(float(csv_row[key]), abs=1e-9), key
         assert row["status"] == "FINISHED"
         # the curve: every metrics.csv row, stepped by samples seen
