@@ -162,3 +162,37 @@ def used_by(plugins: list[Plugin], norms: list[str], model: str, dataset: str) -
     wanted = {f"norm:{n}" for n in norms} | {f"model:{model.partition(':')[0].strip()}",
                                               f"dataset:{dataset}"}
     return [p for p in plugins if wanted & set(p.provides)]
+
+
+# ---------------------------------------------------------------- a sweep's plugins
+def check_same_plugins(sweep, out: Path) -> None:
+    """A folder whose sweep ran a plugin's other code is not extended with this one's runs:
+    old and new rows of one spec would mix in its tables."""
+    if not (out / "sweep.json").is_file():
+        return
+    import json
+
+    try:
+        before = {p["source"]: p["sha256"]
+                  for p in json.loads((out / "sweep.json").read_text()).get("plugins", [])}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return  # not ours to judge here: the store reports an unreadable folder
+    for label, _ in sweep.plugins:
+        source, _, sha = label.rpartition(SHA)
+        if before.get(source, sha) != sha:
+            raise ConfigError(f"{out} holds runs of plugin {source} as it was before "
+                              f"(sha256 {before[source][:12]}..., now {sha[:12]}...); "
+                              "give another --out")
+
+
+def load_plugins(given: tuple[str, ...], sweep=None) -> list:
+    """Load the plugins asked for (installed entry points, $BKNBENCH_PLUGINS, --plugin);
+    resuming `sweep`, also the plugins it recorded, refusing one whose source changed."""
+    for label, _ in sweep.plugins if sweep else ():
+        source, _, sha = label.rpartition(SHA)
+        try:
+            load(source, sha)
+        except ConfigError as e:
+            raise ConfigError(f"cannot resume: {e}; restore it, or start a new sweep with "
+                              "--out") from None
+    return load_all(given)

@@ -152,8 +152,9 @@ def build_study(req: RunRequest) -> list[tuple[SweepConfig, Path]]:
 
 def build_sweep(req: RunRequest) -> tuple[SweepConfig, Path]:
     """Resolve and validate; returns the sweep and its output folder."""
+    from .grids import parse_tune
     from .norms import parse_spec, split_specs
-    from .plugins import used_by
+    from .plugins import check_same_plugins, load_plugins, used_by
     from .presets import get_preset
     from .sweep.plan import sweep_from_dict
     from .sweep.store import Store
@@ -229,106 +230,6 @@ def build_sweep(req: RunRequest) -> tuple[SweepConfig, Path]:
     out = Path(req.out) if req.out is not None else default_out(req.name)
     check_same_plugins(sweep, out)
     return sweep, out
-
-
-def check_same_plugins(sweep: SweepConfig, out: Path) -> None:
-    """A folder whose sweep ran a plugin's other code is not extended with this one's runs:
-    old and new rows of one spec would mix in its tables."""
-    from .plugins import SHA
-
-    if not (out / "sweep.json").is_file():
-        return
-    import json
-
-    try:
-        before = {p["source"]: p["sha256"]
-                  for p in json.loads((out / "sweep.json").read_text()).get("plugins", [])}
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return  # not ours to judge here: the store reports an unreadable folder
-    for label, _ in sweep.plugins:
-        source, _, sha = label.rpartition(SHA)
-        if before.get(source, sha) != sha:
-            raise ConfigError(f"{out} holds runs of plugin {source} as it was before "
-                              f"(sha256 {before[source][:12]}..., now {sha[:12]}...); "
-                              "give another --out")
-
-
-def load_plugins(given: tuple[str, ...], sweep: SweepConfig | None = None) -> list:
-    """Load the plugins asked for (installed entry points, $BKNBENCH_PLUGINS, --plugin);
-    resuming `sweep`, also the plugins it recorded, refusing one whose source changed."""
-    from .plugins import SHA, load, load_all
-
-    for label, _ in sweep.plugins if sweep else ():
-        source, _, sha = label.rpartition(SHA)
-        try:
-            load(source, sha)
-        except ConfigError as e:
-            raise ConfigError(f"cannot resume: {e}; restore it, or start a new sweep with "
-                              "--out") from None
-    return load_all(given)
-
-
-# What each tuned key's values must be (the checks of their flags in validate).
-TUNE_CHECKS = {"lr": (lambda v: v > 0, "positive"),
-               "weight_decay": (lambda v: v >= 0, ">= 0"),
-               "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
-               "warmup_epochs": (lambda v: v >= 0, ">= 0")}
-
-
-def parse_tune(texts) -> tuple[tuple[str, tuple[float, ...]], ...]:
-    """--tune KEY=GRID (repeatable) -> ((key, values), ...). GRID: comma-separated numbers,
-    or LOW:HIGH:logN (N values spaced evenly on a log scale, ends included) or LOW:HIGH:linN."""
-    from .config import TUNABLE
-
-    tune = {}
-    for text in texts:
-        key, sep, grid = (p.strip() for p in text.partition("="))
-        if not sep:
-            raise ConfigError(f"--tune {text!r}: expected KEY=VALUES, e.g. lr=0.05,0.2,0.8")
-        if key not in TUNABLE:
-            raise ConfigError(f"--tune: unknown key {key!r}; tunable: {', '.join(TUNABLE)}")
-        if key in tune:
-            raise ConfigError(f"--tune names {key} twice")
-        values = _grid(grid, f"--tune {key}")
-        ok, what = TUNE_CHECKS[key]
-        bad = [v for v in values if not ok(v)]
-        if bad:
-            raise ConfigError(f"--tune {key}: every value must be {what}, got {bad[0]:g}")
-        tune[key] = values
-    return tuple(tune.items())
-
-
-def _grid(text: str, what: str) -> tuple[float, ...]:
-    import numpy as np
-
-    pieces = text.split(":")
-    if len(pieces) == 3 and pieces[2][:3] in ("log", "lin") and pieces[2][3:].isdigit():
-        low, high = (_number(p, what) for p in pieces[:2])
-        n = int(pieces[2][3:])
-        if n < 1 or low > high or (pieces[2][:3] == "log" and low <= 0):
-            raise ConfigError(f"{what}: {text!r} is not a range LOW:HIGH:logN with "
-                              "0 < LOW <= HIGH and N >= 1")
-        space = np.geomspace if pieces[2][:3] == "log" else np.linspace
-        values = [float(f"{v:.6g}") for v in space(low, high, n)]
-    else:
-        values = [_number(p, what) for p in text.split(",") if p.strip()]
-    if not values:
-        raise ConfigError(f"{what}: no value given")
-    if len(set(values)) != len(values):
-        raise ConfigError(f"{what}: {text!r} repeats a value")
-    return tuple(values)
-
-
-def _number(text: str, what: str) -> float:
-    import math
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise ConfigError(f"{what}: {text.strip()!r} is not a number") from None
-    if not math.isfinite(value):
-        raise ConfigError(f"{what}: {text.strip()!r} is not a finite number")
-    return value
 
 
 def check_files(base: RunConfig, verify: bool) -> None:

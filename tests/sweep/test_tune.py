@@ -5,7 +5,7 @@ import csv
 import pytest
 
 from bknbench.config import RunConfig, SweepConfig
-from bknbench.request import parse_tune
+from bknbench.grids import parse_tune
 from bknbench.sweep.plan import run_sweep, sweep_from_dict, sweep_to_dict
 from bknbench.sweep.tune import choose
 
