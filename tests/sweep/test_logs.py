@@ -33,7 +33,9 @@ def test_mlflow_holds_every_run_as_runs_csv_does(tmp_path, monkeypatch):
     assert len(rows) == 6
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    mlflow.set_tracking_uri((out / "mlruns").as_uri())
+    # mlflow.set_tracking_uri would also set $MLFLOW_TRACKING_URI for the rest of the
+    # session (and every child process: the Ray test's logger then wrote to this store)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (out / "mlruns").as_uri())
     found = mlflow.search_runs(experiment_names=["bknbench"])
     parents = found[found["tags.bknbench.sweep"].notna()]
     children = found[found["tags.bknbench.run_id"].notna()]
