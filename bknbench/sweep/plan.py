@@ -210,11 +210,12 @@ def run_sweep(sweep: SweepConfig, out: Path, executor: Executor | None = None,
         raise
     report = SweepReport(out=Path(out))
     try:
-        runs = {}  # every grid of the folder (this one last), each run once
+        runs, tables = {}, []  # every grid of the folder (this one last), each run once
         for grid in earlier_grids(saved):
             chosen = None
             if grid.tune:
-                chosen = _tune(grid, store, executor, events, report, fail_fast, retry_failed)
+                chosen = _tune(grid, store, executor, events, report, fail_fast, retry_failed,
+                               tables)
                 if chosen is None:
                     return report
             runs.update((cfg.run_id, cfg) for cfg in grid.expand(chosen))
@@ -227,9 +228,11 @@ def run_sweep(sweep: SweepConfig, out: Path, executor: Executor | None = None,
     return report
 
 
-def _tune(sweep, store: Store, executor, events, report, fail_fast, retry_failed):
+def _tune(sweep, store: Store, executor, events, report, fail_fast, retry_failed,
+          tables: list):
     """The trials (sweep/tune.py); {(spec, norm_batch): chosen point}, or None when they
-    did not all finish (interrupted, --fail-fast)."""
+    did not all finish (interrupted, --fail-fast). tuning.csv holds the trials of this
+    grid and of the tuned grids before it in `tables`, to which this one is added."""
     from .tune import TRIALS, choose, write_tuning
 
     trials = Store(store.root / TRIALS)
@@ -241,7 +244,8 @@ def _tune(sweep, store: Store, executor, events, report, fail_fast, retry_failed
             return None
         rows = {run_id: trials.load_record(run_id)["row"] for run_id in trials.finished()}
         chosen, table = choose(sweep, rows)
-        write_tuning(store.root, sweep, table)
+        tables.append((sweep, table))
+        write_tuning(store.root, tables)
         done = store.finished()  # the tuning seeds' trials at the chosen points are final
         for cfg in sweep.expand(chosen):
             if cfg.run_id in rows and cfg.run_id not in done:

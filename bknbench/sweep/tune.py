@@ -59,8 +59,11 @@ def choose(sweep: SweepConfig, rows: dict[str, dict]
     return chosen, table
 
 
-def write_tuning(out: Path, sweep: SweepConfig, table: list[dict]) -> None:
-    """tuning.csv, written whole (atomically) once every trial has finished."""
-    keys = tuple(k for k, _ in sweep.tune)
+def write_tuning(out: Path, tables: list[tuple[SweepConfig, list[dict]]]) -> None:
+    """tuning.csv, written whole (atomically) once every trial has finished: the rows of
+    every tuned grid of the folder (a grown sweep: the grids of its history), each trial
+    once, the last grid's row where two grids ran the same trial."""
+    keys = tuple(dict.fromkeys(k for sweep, _ in tables for k, _ in sweep.tune))
+    rows = {row["run_id"]: row for _, table in tables for row in table}
     columns = TUNING_REQUIRED[:2] + keys + TUNING_REQUIRED[2:]
-    atomic_write(Path(out) / TUNING_FILE, to_csv(columns, table))
+    atomic_write(Path(out) / TUNING_FILE, to_csv(columns, list(rows.values())))

@@ -1,6 +1,7 @@
 """Tuning with an equal budget (sweep/tune.py): the choice by hand, and a tuned sweep end
 to end: trials as runs, tuning.csv, the final runs at the chosen points, resume."""
 import csv
+import dataclasses
 
 import pytest
 
@@ -92,3 +93,18 @@ def test_tuned_sweep_end_to_end(tmp_path):
     assert {r["run_id"] for r in trials} == {r["run_id"] for r in tuning}
     again = run_sweep(sweep, tmp_path)
     assert again.finished == [] and again.skipped == 4
+
+
+def test_a_grown_tuned_sweep_keeps_every_grids_trials(tmp_path):
+    """A tuned folder grown by another spec: tuning.csv holds the first spec's trials as
+    well as the new one's, each trial once, and runs.csv both cells at their chosen rate."""
+    first = _sweep(specs=("gn",), batch_sizes=(32,), seeds=(0,), tune=(("lr", (0.05, 0.8)),))
+    run_sweep(first, tmp_path)
+    grown = dataclasses.replace(first, specs=("bn",))
+    report = run_sweep(grown, tmp_path)
+    assert len(report.finished) == 2  # bn's two trials; gn's are found done
+    tuning = _read(tmp_path / "tuning.csv")
+    assert sorted((r["spec"], r["lr"]) for r in tuning) == [
+        ("bn", "0.05"), ("bn", "0.8"), ("gn", "0.05"), ("gn", "0.8")]
+    assert sorted(r["spec"] for r in tuning if r["chosen"] == "1") == ["bn", "gn"]
+    assert sorted(r["spec"] for r in _read(tmp_path / "runs.csv")) == ["bn", "gn"]
