@@ -56,7 +56,7 @@ def parse_args(description: str, threads: int | tuple[int, ...] | None = 1,
         ap.error("--repeats must be at least 5: the median of fewer is not a figure")
     if device:
         from bknbench.errors import ConfigError
-        from bknbench.train import resolve_device
+        from bknbench.device import resolve_device
 
         try:
             args.device = resolve_device(args.device)
@@ -70,7 +70,7 @@ def stopwatch(device: str) -> Callable[[], float]:
     asynchronously: without the sync a timer measures the launches, not the work)."""
     import torch
 
-    from bknbench.train import sync
+    from bknbench.device import sync
 
     dev = torch.device(device)
 

@@ -7,7 +7,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bknbench.train import sync
+from bknbench.device import sync
 from gpu_sections import Ctx, batch, build, each, error, row, sgd, state, step
 
 TRIO = ("bn", "bkn", "bn-accum")

@@ -30,7 +30,7 @@ class RunRequest:
     run: dict = field(default_factory=dict)  # RunConfig fields given as flags (not None)
     verify: bool = False  # check the CIFAR files' MD5 sums before anything reads them
     # the runs go to Ray workers with GPUs (--gpus-per-run > 0): their device, not this
-    # machine's (`train.resolve_device`)
+    # machine's (`device.resolve_device`)
     remote_gpus: bool = False
     plugins: tuple[str, ...] = ()  # --plugin: files or modules (plus $BKNBENCH_PLUGINS, entry points)
     tune: tuple[str, ...] = ()  # --tune KEY=GRID, one per key
@@ -197,7 +197,7 @@ def build_sweep(req: RunRequest) -> tuple[SweepConfig, Path]:
     unknown = set(run) - names
     if unknown:
         raise ConfigError(f"unknown run setting(s): {', '.join(sorted(unknown))}")
-    from .train import resolve_device
+    from .device import resolve_device
 
     run["device"] = resolve_device(run.get("device", DEFAULT_DEVICE), req.remote_gpus)
     if run.get("deterministic") and run.get("threads") == 1:
@@ -250,11 +250,11 @@ def check_files(base: RunConfig, verify: bool) -> None:
 def validate(sweep: SweepConfig, remote_gpus: bool = False) -> None:
     """Check every value a run would trip over later, and that each spec builds on the
     model (an analytic transition the model has no rule for fails here); the device where
-    the runs go (remote_gpus: Ray workers', `train.resolve_device`)."""
+    the runs go (remote_gpus: Ray workers', `device.resolve_device`)."""
     from .data import load_dataset
     from .models import make_model
     from .norms import parse_spec
-    from .train import resolve_device
+    from .device import resolve_device
 
     base = sweep.base
     if base.threads is not None and base.threads < 1:

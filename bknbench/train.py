@@ -20,8 +20,7 @@ import torch.nn.functional as F
 
 from .config import RunConfig
 from .data import Dataset, load_dataset
-from .device import TrainingMemory, compiled, resolve_device, sync  # noqa: F401 (resolve_device:
-# request, sweep/run.py and benchmarks import it from here)
+from .device import TrainingMemory, compiled, sync
 from .diagnose import Diagnostics
 from .errors import ConfigError
 from .models import make_model
@@ -143,8 +142,8 @@ def train_run(cfg: RunConfig, data: Dataset | None = None,
     memory) become a non-ok status, so a sweep goes on."""
     t0 = time.perf_counter()
     if data is None:
-        data = load_dataset(cfg.dataset, cfg.data_dir, cfg.val_fraction)  # before seeding:
-        # mnist1d reseeds
+        # before seeding: mnist1d reseeds
+        data = load_dataset(cfg.dataset, cfg.data_dir, cfg.val_fraction)
     n_train = len(data.x_train)
     if cfg.sgd_batch > n_train:
         raise ConfigError(f"batch {cfg.sgd_batch} is larger than the {n_train} training "

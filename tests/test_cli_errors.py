@@ -254,10 +254,10 @@ def test_bad_ray_input(tmp_path, monkeypatch, args, words):
     """Checked before Ray is imported or started (a stand-in module proves it)."""
     import types
 
-    import bknbench.train
+    import bknbench.device
 
     monkeypatch.setitem(sys.modules, "ray", types.ModuleType("ray"))
-    monkeypatch.setattr(bknbench.train, "resolve_device",
+    monkeypatch.setattr(bknbench.device, "resolve_device",
                         lambda name, remote_gpus=False: name)  # cuda or not
     i = RUN.index("--workers")
     base = RUN[:i] + RUN[i + 2:]  # --workers is for the local executor

@@ -45,7 +45,7 @@ def provenance() -> dict:
 def wants_kernels(cfg: RunConfig) -> bool:
     """Whether the C++ kernels of kernels/native.py serve the run when built: on the CPU, eager
     (the compiler traces the reference functions instead)."""
-    from ..train import resolve_device
+    from ..device import resolve_device
 
     try:
         return resolve_device(cfg.device) == "cpu" and not cfg.compile
